@@ -1,1 +1,1 @@
-"""gaussians."""
+"""Gaussian parameters, initialisation, appearance model, 3D filter and densification."""

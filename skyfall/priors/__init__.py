@@ -1,1 +1,1 @@
-"""priors."""
+"""Learned priors behind small protocols: depth estimators and image refiners."""

@@ -1,1 +1,1 @@
-"""storage."""
+"""On-disk formats: checkpoints and PLY files."""

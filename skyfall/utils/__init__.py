@@ -1,1 +1,1 @@
-"""utils."""
+"""Small shared utilities (optional-dependency loading, seeding, timers)."""
