@@ -1,0 +1,243 @@
+"""Configuration dataclasses: the single source of truth for every hyper-parameter.
+
+Attribute docstrings are the CLI help (tyro). Defaults are the reference's Stage 1 values for the
+JAX scenes (reference-pipeline.md §2); named presets live in ``skyfall.presets``. This module must
+not import torch, so that ``skyfall --help`` stays instant.
+
+Step-valued fields can be rescaled together with ``Stage1Config.scale_steps`` for smoke runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+EstimatorName = Literal["ground-truth", "tiny", "moge", "depth-anything"]
+
+
+@dataclass
+class OptimConfig:
+    """Learning rates and the position-LR schedule (reference-pipeline.md §2.5)."""
+
+    means_lr_init: float = 1.6e-4
+    """Initial position LR, multiplied by the scene extent (original flag: --position_lr_init)."""
+    means_lr_final: float = 1.6e-6
+    """Final position LR, multiplied by the scene extent (--position_lr_final)."""
+    means_lr_delay_mult: float = 0.01
+    """Position-LR warm-up multiplier (--position_lr_delay_mult); inactive while delay steps is 0."""
+    means_lr_delay_steps: int = 0
+    """Position-LR warm-up length in steps (reference: 0, i.e. no warm-up)."""
+    means_lr_max_steps: int = 30_000
+    """Steps over which the position LR decays log-linearly (--position_lr_max_steps)."""
+    sh0_lr: float = 2.5e-3
+    """LR of the SH DC coefficients (--feature_lr)."""
+    shN_lr: float = 2.5e-3 / 20
+    """LR of the higher SH bands (feature_lr / 20)."""
+    opacities_lr: float = 0.05
+    """LR of the opacity logits (--opacity_lr)."""
+    scales_lr: float = 1e-3
+    """LR of the log scales (--scaling_lr; the README value 0.001, not the 0.005 default)."""
+    quats_lr: float = 1e-3
+    """LR of the rotations (--rotation_lr)."""
+    adam_eps: float = 1e-15
+    """Adam epsilon for every Gaussian parameter."""
+
+
+@dataclass
+class AppearanceConfig:
+    """WildGaussians-style appearance model (reference-pipeline.md §2.3)."""
+
+    enabled: bool = True
+    """Per-image x per-Gaussian embeddings -> MLP -> affine on the SH coefficients (--appearance_enabled)."""
+    image_dim: int = 32
+    """Per-image embedding size (--appearance_embedding_dim)."""
+    n_fourier_freqs: int = 4
+    """Fourier frequencies of the per-Gaussian embedding; its size is 6x this (--appearance_n_fourier_freqs)."""
+    gaussian_lr: float = 5e-3
+    """LR of the per-Gaussian embeddings (--embedding_lr)."""
+    image_lr: float = 1e-3
+    """LR of the per-image embeddings (--appearance_embedding_lr)."""
+    mlp_lr: float = 5e-4
+    """LR of the appearance MLP (--appearance_mlp_lr)."""
+    test_embedding: str = "mean"
+    """Embedding for novel views (evaluation, pseudo/IDU renders, export): 'mean' of the trained
+    per-image embeddings, or an integer index. The reference hard-codes index 6 (clamped to N-1);
+    '6' reproduces it (reference-pipeline.md §8 #5, a deliberate fix)."""
+
+
+@dataclass
+class DensifyConfig:
+    """GOF densification and opacity reset (reference-pipeline.md §2.5)."""
+
+    start: int = 1000
+    """Densify only after this step (--densify_from_iter)."""
+    until: int = 21_000
+    """Densify only before this step (--densify_until_iter)."""
+    interval: int = 100
+    """Densify every this many steps (--densification_interval)."""
+    grad_threshold: float = 1e-4
+    """Mean NDC-space gradient threshold tau (--densify_grad_threshold; 1e-4 JAX, 2e-4 NYC)."""
+    percent_dense: float = 0.01
+    """Clone when max scale <= this x scene extent, else split (--percent_dense)."""
+    min_opacity: float = 0.005
+    """Prune Gaussians whose opacity is below this."""
+    size_threshold: float = 20.0
+    """Prune Gaussians whose max 2D radius exceeds this many pixels (--size_threshold); 0 disables."""
+    max_world_scale_frac: float = 0.1
+    """Prune Gaussians whose max scale exceeds this x scene extent."""
+    opacity_reset_interval: int = 3000
+    """Reset opacities every this many steps while densifying (--opacity_reset_interval; NYC 4000)."""
+    opacity_reset_value: float = 0.01
+    """Effective opacity ceiling after a reset (filter-aware)."""
+    filter_recompute_interval: int = 100
+    """After densification stops, recompute the 3D filter every this many steps."""
+
+
+@dataclass
+class PseudoDepthConfig:
+    """Pseudo-camera depth supervision (reference-pipeline.md §2.4, §8 #1)."""
+
+    enabled: bool = True
+    """Render oblique pseudo views and match a monocular depth prior with a Pearson loss."""
+    weight: float = 0.5
+    """Loss weight (--lambda_pseudo_depth)."""
+    interval: int = 10
+    """Use a pseudo view every this many steps (--sample_pseudo_interval)."""
+    start: int = 1000
+    """First step (exclusive) with pseudo supervision (--start_sample_pseudo)."""
+    end: int = 21_000
+    """Last step (exclusive) with pseudo supervision (--end_sample_pseudo)."""
+    ramp: int = 500
+    """Linear ramp of the weight over this many steps after start."""
+    num_cams: int = 24
+    """Cameras drawn per refill of the pseudo-camera stack (--num_pseudo_cams)."""
+    n_azimuths: int = 12
+    """Orbit azimuths per look-at target; one is picked at random."""
+    target_std: float = 64.0
+    """Std of the look-at target's x, y around the tile centre, metres (--target_std; NYC 32)."""
+    elevation_start: float = 80.0
+    """Elevation (degrees) at the start of the window."""
+    elevation_end: float = 45.0
+    """Elevation (degrees) at the end of the window."""
+    radius_start: float = 300.0
+    """Orbit radius (world units) at the start of the window."""
+    radius_end: float = 250.0
+    """Orbit radius (world units) at the end of the window."""
+    size: int = 1024
+    """Pseudo-view width and height in pixels."""
+    fov: float = 60.0
+    """Pseudo-view field of view (degrees, x and y)."""
+    estimator: EstimatorName = "moge"
+    """Depth prior: 'moge' (reference), 'depth-anything', 'ground-truth' (synthetic tiles: exact depth),
+    'tiny' (random tiny network, tests only)."""
+    invalid_policy: Literal["valid_only", "skip_if_any"] = "valid_only"
+    """'valid_only' computes Pearson r over valid pixels (our fix); 'skip_if_any' reproduces the
+    reference, which drops the term whenever any pixel is invalid (reference-pipeline.md §8 #1)."""
+    min_valid_fraction: float = 0.01
+    """Skip the term when fewer than this fraction of pixels are valid."""
+    alpha_threshold: float = 0.5
+    """Pixels whose rendered alpha is below this are invalid (nothing rendered there)."""
+
+
+@dataclass
+class Stage1Config:
+    """Stage 1: fit 3D Gaussians to the satellite views (reference-pipeline.md §2)."""
+
+    steps: int = 30_000
+    """Training steps (--iterations)."""
+    resolution: int = 1
+    """Image downscale factor: 1 = native, 2 = half, ... (--resolution)."""
+    sh_degree: int = 1
+    """Maximum SH degree (--sh_degree)."""
+    sh_increase_every: int = 1000
+    """Raise the active SH degree by one every this many steps."""
+    scene_extent: float = 128.0
+    """Scene extent: spatial LR scale and densify/prune thresholds (reference hard-codes 128)."""
+    lambda_dssim: float = 0.2
+    """Weight of (1 - SSIM) in the photometric loss (--lambda_dssim)."""
+    lambda_opacity: float = 10.0
+    """Weight of the binary-entropy opacity regulariser (--lambda_opacity)."""
+    opacity_cooldown_lambda: float = 0.01
+    """Opacity-regulariser weight right after an opacity reset (Stage 1 reference: 0.01)."""
+    opacity_cooldown_steps: int = 500
+    """Length of the cool-down after an opacity reset."""
+    eps2d: float = 0.1
+    """Mip-Splatting 2D filter (px^2) with opacity compensation (--kernel_size)."""
+    filter_rule: Literal["per_camera", "reference"] = "per_camera"
+    """3D filter size rule. 'per_camera' = sqrt(0.2) min_c z_c/f_c over the cameras that see the
+    Gaussian (Mip-Splatting's definition); 'reference' = min depth / max focal over all cameras,
+    which collapses with mixed cameras (reference-pipeline.md §8 #6)."""
+    init_max_scale: float = 10.0
+    """Cap (world units) on the initial KNN scales."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    appearance: AppearanceConfig = field(default_factory=AppearanceConfig)
+    densify: DensifyConfig = field(default_factory=DensifyConfig)
+    pseudo: PseudoDepthConfig = field(default_factory=PseudoDepthConfig)
+    checkpoint_every: int = 1000
+    """Write an atomic checkpoint every this many steps (and always at the end)."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep (the final one is always kept)."""
+    eval_every: int = 5000
+    """Evaluate held-out PSNR every this many steps (and at the end)."""
+    log_every: int = 10
+    """Write metrics.jsonl every this many steps."""
+    min_gaussians: int = 100
+    """Stop with an error when the Gaussian count falls below this (collapse guard)."""
+    seed: int = 0
+    """Random seed (Python, NumPy, torch)."""
+    device: str = "auto"
+    """'auto' (CUDA when available), 'cpu' or 'cuda'."""
+    tensorboard: bool = False
+    """Also log scalars to TensorBoard (needs the tensorboard package)."""
+
+    def scale_steps(self, factor: float) -> Stage1Config:
+        """A copy with every step-valued field multiplied by ``factor`` (for quick runs)."""
+
+        def s(v: int) -> int:
+            return max(1, round(v * factor))
+
+        d, p, o = self.densify, self.pseudo, self.optim
+        return dataclasses.replace(
+            self,
+            steps=s(self.steps),
+            sh_increase_every=s(self.sh_increase_every),
+            opacity_cooldown_steps=s(self.opacity_cooldown_steps),
+            checkpoint_every=s(self.checkpoint_every),
+            eval_every=s(self.eval_every),
+            optim=dataclasses.replace(o, means_lr_max_steps=s(o.means_lr_max_steps)),
+            densify=dataclasses.replace(
+                d,
+                start=s(d.start),
+                until=s(d.until),
+                interval=s(d.interval),
+                opacity_reset_interval=s(d.opacity_reset_interval),
+                filter_recompute_interval=s(d.filter_recompute_interval),
+            ),
+            pseudo=dataclasses.replace(p, start=s(p.start), end=s(p.end), ramp=s(p.ramp)),
+        )
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain-dict form of a config dataclass (for YAML/JSON and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Rebuild a config dataclass from ``to_dict`` output, rejecting unknown keys."""
+    from skyfall.errors import ConfigError
+
+    kwargs = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key {cls.__name__}.{key}")
+        ftype = fields[key].type
+        sub = _DATACLASSES.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
+        kwargs[key] = from_dict(sub, value) if sub is not None and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+_DATACLASSES = {
+    c.__name__: c for c in (OptimConfig, AppearanceConfig, DensifyConfig, PseudoDepthConfig, Stage1Config)
+}

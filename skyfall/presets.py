@@ -1,0 +1,89 @@
+"""Named Stage 1 presets, as code (style-guide §4.3). No torch import here.
+
+* ``paper-jax`` / ``paper-nyc``: the reference's Stage 1 values for the JAX (DFC2019) and NYC (GES)
+  scenes, from its run scripts (reference-pipeline.md §2.6 table).
+* ``demo``: a CPU-sized run on the synthetic default tile that finishes in minutes on 2 cores.
+* ``tiny``: tens of steps on the ``tiny`` synthetic tile, for tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from skyfall.config import DensifyConfig, PseudoDepthConfig, Stage1Config
+
+
+def _paper_jax() -> Stage1Config:
+    return Stage1Config()
+
+
+def _paper_nyc() -> Stage1Config:
+    cfg = Stage1Config()
+    return dataclasses.replace(
+        cfg,
+        densify=dataclasses.replace(cfg.densify, grad_threshold=2e-4, opacity_reset_interval=4000),
+        pseudo=dataclasses.replace(cfg.pseudo, target_std=32.0),
+    )
+
+
+def _demo() -> Stage1Config:
+    # CPU budget: a few minutes on 2 cores. Half-resolution satellite views, a short schedule with the
+    # reference's proportions, small pseudo views with the synthetic tile's exact depth as the prior.
+    steps = 2000
+    return Stage1Config(
+        steps=steps,
+        resolution=2,
+        sh_increase_every=300,
+        opacity_cooldown_steps=100,
+        checkpoint_every=500,
+        eval_every=1000,
+        log_every=10,
+        optim=dataclasses.replace(Stage1Config().optim, means_lr_max_steps=steps),
+        densify=DensifyConfig(
+            start=200, until=1400, interval=100, opacity_reset_interval=600, filter_recompute_interval=50
+        ),
+        pseudo=PseudoDepthConfig(
+            start=200, end=1400, ramp=100, size=128, estimator="ground-truth", num_cams=24
+        ),
+        device="cpu",
+    )
+
+
+def _tiny() -> Stage1Config:
+    steps = 40
+    return Stage1Config(
+        steps=steps,
+        sh_increase_every=10,
+        opacity_cooldown_steps=5,
+        checkpoint_every=10,
+        eval_every=20,
+        log_every=5,
+        min_gaussians=10,
+        optim=dataclasses.replace(Stage1Config().optim, means_lr_max_steps=steps),
+        densify=DensifyConfig(
+            start=10, until=30, interval=5, opacity_reset_interval=20, filter_recompute_interval=5
+        ),
+        pseudo=PseudoDepthConfig(
+            start=5, end=35, ramp=5, interval=5, size=32, num_cams=4, estimator="ground-truth"
+        ),
+        device="cpu",
+    )
+
+
+PRESETS = {
+    "paper-jax": ("Reference Stage 1 for DFC2019/JAX tiles (30k steps, GPU).", _paper_jax),
+    "paper-nyc": ("Reference Stage 1 for NYC/GES tiles (tau 2e-4, reset 4000, target std 32).", _paper_nyc),
+    "demo": ("CPU-sized run on the synthetic default tile (minutes on 2 cores).", _demo),
+    "tiny": ("Tens of steps on the tiny synthetic tile (tests).", _tiny),
+}
+
+PresetName = str
+
+
+def get_preset(name: str) -> Stage1Config:
+    """A fresh Stage1Config for a named preset; raises ConfigError for an unknown name."""
+    from skyfall.errors import ConfigError
+
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name][1]()
