@@ -1,0 +1,96 @@
+"""Gaussian initialisation from a coloured point cloud (reference-pipeline.md §1.5, gsplat-notes.md §6).
+
+Positions are stored as float32: tile coordinates are local ENU metres within about ±300 m of the
+tile centre, where float32 still resolves ~3e-5 m, far below any splat size that matters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+from torch import Tensor
+
+SH_C0 = 0.28209479177387814
+"""Degree-0 real spherical-harmonic constant: colour = 0.5 + SH_C0 * sh0 (Inria / gsplat convention)."""
+
+
+def knn_mean_sq_dist(xyz: np.ndarray, k: int = 3) -> np.ndarray:
+    """Mean squared distance of each point to its ``k`` nearest *other* points (simple-knn ``distCUDA2``).
+
+    Self is removed by index, not by a zero distance, so exact duplicates still count as neighbours
+    (distance 0), as in simple-knn.
+
+    Args:
+        xyz: [P, 3] float64 points, P >= 2.
+        k: number of neighbours.
+
+    Returns:
+        [P] float64 mean squared distances (not clamped).
+    """
+    p = xyz.shape[0]
+    if p < 2:
+        raise ValueError(f"need at least 2 points for the KNN scale initialisation, got {p}")
+    kk = min(k, p - 1)
+    tree = cKDTree(xyz)
+    dist, idx = tree.query(xyz, k=kk + 1)
+    # With duplicates, cKDTree may list a twin before the point itself: drop exactly the column
+    # that holds the point's own index; if self is not among the k+1 (many duplicates), drop the last.
+    own = idx == np.arange(p)[:, None]
+    drop = np.where(own.any(axis=1), own.argmax(axis=1), kk)
+    keep = np.ones_like(own)
+    keep[np.arange(p), drop] = False
+    d = dist[keep].reshape(p, kk)
+    return (d * d).mean(axis=1)
+
+
+def init_from_points(
+    xyz: np.ndarray | Tensor,  # [P, 3] float64
+    rgb: np.ndarray | Tensor,  # [P, 3] uint8
+    *,
+    sh_degree: int = 1,
+    init_opacity: float = 0.5,
+    max_scale: float | None = None,
+) -> dict[str, Tensor]:
+    """Initial Gaussian parameters from points, as the reference's ``create_from_pcd``.
+
+    Args:
+        xyz: [P, 3] positions (float64, local ENU metres).
+        rgb: [P, 3] uint8 colours.
+        sh_degree: maximum SH degree; shN gets ``(sh_degree + 1)^2 - 1`` zero coefficients.
+        init_opacity: initial opacity in (0, 1); the reference uses 0.5 (logit 0).
+        max_scale: optional cap on the initial standard deviation (metres), for isolated points.
+
+    Returns:
+        gsplat-named float32 CPU tensors: ``means`` [P, 3], ``scales`` [P, 3] (log),
+        ``quats`` [P, 4] (wxyz identity), ``opacities`` [P] (logit), ``sh0`` [P, 1, 3], ``shN`` [P, K-1, 3].
+    """
+    xyz_np = np.asarray(xyz.detach().cpu().numpy() if isinstance(xyz, Tensor) else xyz, dtype=np.float64)
+    rgb_np = np.asarray(rgb.detach().cpu().numpy() if isinstance(rgb, Tensor) else rgb)
+    if xyz_np.ndim != 2 or xyz_np.shape[1] != 3 or rgb_np.shape != xyz_np.shape:
+        raise ValueError(f"expected xyz and rgb of shape [P, 3], got {xyz_np.shape} and {rgb_np.shape}")
+    if not 0.0 < init_opacity < 1.0:
+        raise ValueError(f"init_opacity must be in (0, 1), got {init_opacity}")
+    p = xyz_np.shape[0]
+
+    dist2 = np.maximum(knn_mean_sq_dist(xyz_np), 1e-7)
+    log_scale = np.log(np.sqrt(dist2))
+    if max_scale is not None:
+        log_scale = np.minimum(log_scale, math.log(max_scale))
+    scales = torch.from_numpy(log_scale).float()[:, None].repeat(1, 3)
+
+    colours = torch.from_numpy(rgb_np.astype(np.float32) / 255.0)
+    sh0 = ((colours - 0.5) / SH_C0)[:, None, :]
+    n_rest = (sh_degree + 1) ** 2 - 1
+    quats = torch.zeros(p, 4)
+    quats[:, 0] = 1.0
+    return {
+        "means": torch.from_numpy(xyz_np).float(),
+        "scales": scales,
+        "quats": quats,
+        "opacities": torch.full((p,), math.log(init_opacity / (1.0 - init_opacity))),
+        "sh0": sh0,
+        "shN": torch.zeros(p, n_rest, 3),
+    }
