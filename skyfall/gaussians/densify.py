@@ -236,7 +236,7 @@ def densify_and_prune(
     its prune, so its 20-px screen-size rule never removes anything. ``reset_radii_before_prune=True``
     (default) reproduces that; False applies the screen-size rule with the accumulated radii (children
     and clones have radius 0). The reference applies the world-scale rule only when
-    ``max_screen_size`` is set; here the two rules are switched independently (``None`` disables one).
+    ``max_screen_size`` is set; here the two rules are switched independently (None or 0 disables one).
 
     Quirk kept from the reference: when Q = 0 (e.g. no view was accumulated at all) every Gaussian is
     selected.
@@ -290,9 +290,9 @@ def densify_and_prune(
     if reset_radii_before_prune:
         model.max_radii2d.zero_()
     prune = torch.sigmoid(model.params["opacities"].detach()) < min_opacity
-    if max_screen_size is not None:
+    if max_screen_size:  # None or 0 disables (DensifyConfig.size_threshold uses 0)
         prune |= model.max_radii2d > max_screen_size
-    if max_world_scale_frac is not None:
+    if max_world_scale_frac:
         prune |= model.params["scales"].detach().exp().amax(dim=-1) > max_world_scale_frac * scene_extent
     n_pruned = int(prune.sum())
     _keep_params(model, ~prune)

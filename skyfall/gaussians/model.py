@@ -12,65 +12,18 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from skyfall.config import OptimConfig
 from skyfall.gaussians.filters import apply_3d_filter
 
 REQUIRED_KEYS = ("means", "scales", "quats", "opacities", "sh0", "shN")
 OPTIONAL_KEYS = ("app_features",)
 STAT_BUFFERS = ("grad_accum", "absgrad_accum", "denom", "max_radii2d")
-
-
-@dataclass
-class OptimConfig:
-    """Learning rates and schedules of the per-Gaussian parameters (reference values, JAX/NYC configs)."""
-
-    scene_extent: float = 128.0
-    """Scene extent in metres ("spatial_lr_scale"; hard-coded 128 in the reference, §8 #17). Scales the
-    position LR; densification takes its own ``scene_extent`` argument."""
-
-    means_lr_init: float = 1.6e-4
-    """Initial position LR per metre of scene extent. Original flag: --position_lr_init."""
-
-    means_lr_final: float = 1.6e-6
-    """Final position LR per metre of scene extent. Original flag: --position_lr_final."""
-
-    means_lr_delay_mult: float = 0.01
-    """LR multiplier at step 0 of the optional sine warm-up. Original flag: --position_lr_delay_mult."""
-
-    means_lr_delay_steps: int = 0
-    """Length of the warm-up in steps; 0 (reference) disables it. Original: lr_delay_steps."""
-
-    means_lr_max_steps: int = 30_000
-    """Steps over which the position LR decays log-linearly. Original flag: --position_lr_max_steps."""
-
-    sh0_lr: float = 2.5e-3
-    """LR of the SH DC coefficients. Original flag: --feature_lr."""
-
-    shN_lr: float = 2.5e-3 / 20.0
-    """LR of the higher SH bands (feature_lr / 20 in the reference)."""
-
-    opacities_lr: float = 0.05
-    """LR of the opacity logits. Original flag: --opacity_lr."""
-
-    scales_lr: float = 1e-3
-    """LR of the log scales (README value; the flag's default is 0.005). Original flag: --scaling_lr."""
-
-    quats_lr: float = 1e-3
-    """LR of the (unnormalised, wxyz) quaternions. Original flag: --rotation_lr."""
-
-    app_features_lr: float = 5e-3
-    """LR of the per-Gaussian appearance embedding (24 Fourier features). Original flag: --embedding_lr."""
-
-    adam_eps: float = 1e-15
-    """Adam epsilon for every parameter."""
-
-    sh_degree_interval: int = 1000
-    """Steps between increases of the active SH degree (oneupSHdegree every 1000 iterations)."""
 
 
 def expon_lr(
@@ -117,7 +70,8 @@ class GaussianModel:
     Attributes:
         params: ``nn.ParameterDict`` of per-Gaussian parameters (gsplat names).
         optimizers: one ``torch.optim.Adam`` per key of ``params``, one param_group each.
-        config: the ``OptimConfig``.
+        config: the ``skyfall.config.OptimConfig`` (LRs, position schedule, Adam eps).
+        scene_extent, app_features_lr, sh_degree_interval: see ``__init__``.
         max_sh_degree: SH degree of ``shN``; ``active_sh_degree`` grows to it during training.
         filter_3d: [N] Mip-Splatting 3D filter standard deviations (metres); zeros = no filter.
         grad_accum, absgrad_accum, denom, max_radii2d: [N] densification statistics (float32).
@@ -126,8 +80,11 @@ class GaussianModel:
     def __init__(
         self,
         params: Mapping[str, Tensor],
-        config: OptimConfig | None = None,
+        optim: OptimConfig | None = None,
         *,
+        scene_extent: float = 128.0,
+        app_features_lr: float = 5e-3,
+        sh_degree_interval: int = 1000,
         filter_3d: Tensor | None = None,
         device: torch.device | str | None = None,
     ):
@@ -135,16 +92,25 @@ class GaussianModel:
 
         Args:
             params: per-Gaussian tensors with the keys ``REQUIRED_KEYS`` and optionally ``app_features``.
-            config: learning rates and schedules; defaults to ``OptimConfig()``.
+            optim: LRs and the position schedule (``skyfall.config.OptimConfig``); defaults to its defaults.
+            scene_extent: metres; the position LRs are multiplied by it ("spatial_lr_scale", hard-coded
+                128 in the reference, §8 #17; ``Stage1Config.scene_extent``).
+            app_features_lr: LR of ``app_features`` (--embedding_lr; ``AppearanceConfig.gaussian_lr``).
+            sh_degree_interval: steps per increase of the active SH degree (``Stage1Config.sh_increase_every``).
             filter_3d: [N] initial 3D filter; zeros when None.
             device: where to keep everything; defaults to the device of ``params["means"]``.
         """
-        self.config = config if config is not None else OptimConfig()
+        self.config = optim if optim is not None else OptimConfig()
+        self.scene_extent = float(scene_extent)
+        self.app_features_lr = float(app_features_lr)
+        self.sh_degree_interval = int(sh_degree_interval)
         device = torch.device(device) if device is not None else params["means"].device
         self._set_params({k: v.detach().to(device) for k, v in params.items()})
         n = self.num_gaussians
         self.filter_3d = (
-            torch.zeros(n, device=device) if filter_3d is None else filter_3d.detach().to(device).float()
+            torch.zeros(n, device=device)
+            if filter_3d is None
+            else filter_3d.detach().to(device).float().clone()
         )
         self.reset_stats()
         self.active_sh_degree = 0
@@ -168,12 +134,17 @@ class GaussianModel:
         if (degree + 1) ** 2 != k_sh:
             raise ValueError(f"shN has {k_sh - 1} coefficients, which is not (d+1)^2 - 1 for any degree d")
         self.max_sh_degree = degree
-        self.params = nn.ParameterDict({k: nn.Parameter(v.float().contiguous()) for k, v in params.items()})
+        # Copies: a model never shares storage with the tensors (or state dict) it was built from.
+        self.params = nn.ParameterDict(
+            {k: nn.Parameter(v.detach().float().clone()) for k, v in params.items()}
+        )
 
     def lr_of(self, name: str) -> float:
         """Configured constant LR of parameter ``name``; for ``means`` the schedule's value at step 0."""
         if name == "means":
             return self.position_lr(self._pos_first_step)
+        if name == "app_features":
+            return self.app_features_lr
         return float(getattr(self.config, f"{name}_lr"))
 
     def _make_optimizers(self) -> dict[str, torch.optim.Adam]:
@@ -208,7 +179,7 @@ class GaussianModel:
 
     def position_lr(self, step: int) -> float:
         """Position LR at global step ``step`` of the current schedule (see ``restart_position_lr``)."""
-        c, s = self.config, self.config.scene_extent
+        c, s = self.config, self.scene_extent
         return expon_lr(
             step - self._pos_first_step,
             c.means_lr_init * s,
@@ -236,7 +207,7 @@ class GaussianModel:
 
     def update_sh_degree(self, step: int) -> int:
         """Active SH degree after ``step``: +1 every ``sh_degree_interval`` steps, capped, never lowered."""
-        scheduled = step // self.config.sh_degree_interval if step > 0 else 0
+        scheduled = step // self.sh_degree_interval if step > 0 else 0
         self.active_sh_degree = min(self.max_sh_degree, max(self.active_sh_degree, scheduled))
         return self.active_sh_degree
 
@@ -267,6 +238,9 @@ class GaussianModel:
             "active_sh_degree": int(self.active_sh_degree),
             "position_lr_schedule": {"first_step": self._pos_first_step, "max_steps": self._pos_max_steps},
             "config": asdict(self.config),
+            "scene_extent": self.scene_extent,
+            "app_features_lr": self.app_features_lr,
+            "sh_degree_interval": self.sh_degree_interval,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -274,17 +248,20 @@ class GaussianModel:
         dev = self.device
         known = {f.name for f in fields(OptimConfig)}
         self.config = OptimConfig(**{k: v for k, v in state["config"].items() if k in known})
+        self.scene_extent = float(state["scene_extent"])
+        self.app_features_lr = float(state["app_features_lr"])
+        self.sh_degree_interval = int(state["sh_degree_interval"])
         self._set_params({k: v.to(dev) for k, v in state["params"].items()})
-        self.filter_3d = state["filter_3d"].to(dev).float()
+        self.filter_3d = state["filter_3d"].to(dev).float().clone()
         for name in STAT_BUFFERS:
-            setattr(self, name, state["stats"][name].to(dev).float())
+            setattr(self, name, state["stats"][name].to(dev).float().clone())
         self.active_sh_degree = int(state["active_sh_degree"])
         self._pos_first_step = int(state["position_lr_schedule"]["first_step"])
         self._pos_max_steps = int(state["position_lr_schedule"]["max_steps"])
         self.optimizers = self._make_optimizers()
         for name, opt in self.optimizers.items():
             # Adam.load_state_dict also restores the stored LRs (the reference keeps them on restore).
-            opt.load_state_dict(state["optimizers"][name])
+            opt.load_state_dict(_clone_tree(state["optimizers"][name]))
 
     @classmethod
     def from_state_dict(
