@@ -19,6 +19,7 @@ from typing import Annotated, Union
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("skyfall.cli.demo", "Demo"),
     "synth": ("skyfall.cli.synth", "Synth"),
+    "info": ("skyfall.cli.info", "Info"),
 }
 
 

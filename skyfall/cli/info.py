@@ -1,0 +1,85 @@
+"""``skyfall info``: a compact summary of a tile folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import tyro
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from skyfall.data.tile import Tile
+
+
+@dataclass
+class Info:
+    """Summarise a tile folder: frames, image size, camera geometry (focal, distance, GSD), point cloud.
+
+    Loads the tile exactly as training does, so a tile that passes ``skyfall info`` also loads for training.
+    """
+
+    tile: tyro.conf.Positional[Path]
+    """The tile folder (holding transforms_train.json, images/, points3D.txt)."""
+    resolution: int = 1
+    """Downscale factor to load with: 1 = native, or a power of two."""
+
+    def main(self) -> None:
+        from skyfall.data.tile import load_tile
+
+        tile = load_tile(self.tile, resolution=self.resolution)
+        for line in summarize(tile):
+            print(line)
+
+
+def _range(values: Tensor, fmt: str = ".4g") -> str:
+    lo, hi = float(values.min()), float(values.max())
+    return (
+        f"{lo:{fmt}}" if abs(hi - lo) <= 1e-12 * max(abs(lo), abs(hi), 1.0) else f"{lo:{fmt}} .. {hi:{fmt}}"
+    )
+
+
+def summarize(tile: Tile) -> list[str]:
+    """Summary lines of a loaded ``skyfall.data.tile.Tile``.
+
+    The camera distance is measured from each camera centre to the median point of the point cloud
+    (a robust scene centre), and GSD ≈ distance / focal is the ground size of one pixel at that distance.
+    """
+    import json
+
+    import torch
+
+    train, test = tile.train, tile.test
+    pts = tile.points
+    cams = torch.cat([train.cameras.camtoworlds, test.cameras.camtoworlds])
+    ks = torch.cat([train.cameras.Ks, test.cameras.Ks])
+    focal = 0.5 * (ks[:, 0, 0] + ks[:, 1, 1])
+    centre = pts.median(dim=0).values
+    dist = (cams[:, :3, 3] - centre).norm(dim=-1)
+    gsd = dist / focal
+    w, h = tile.width, tile.height
+    lines = [
+        f"tile         {tile.root}",
+        f"frames       train {len(train)}, test {len(test)}",
+        f"image size   {w} x {h} px",
+        f"valid pixels {train.masks.float().mean().item():.1%} (train masks)",
+        f"focal        fx {_range(ks[:, 0, 0])}, fy {_range(ks[:, 1, 1])} px",
+        f"pp offset    cx - W/2 {_range(ks[:, 0, 2] - w / 2)}, cy - H/2 {_range(ks[:, 1, 2] - h / 2)} px",
+        f"distance     {_range(dist)} (camera centre to median point)",
+        f"approx. GSD  {_range(gsd)} per px (distance / focal)",
+        f"points       {len(pts)}, bbox min {_fmt_vec(pts.min(dim=0).values)} max {_fmt_vec(pts.max(dim=0).values)}",
+    ]
+    norm = tile.normalization
+    if norm is None:
+        lines.append("normalised   no (raw world frame)")
+    else:
+        lines.append(f"normalised   yes (R/T present): scale {norm['scale']:.6g}, z_min {norm['z_min']:.6g}")
+    if tile.meta:
+        lines.append(f"synthetic    {json.dumps(tile.meta, sort_keys=True)[:300]}")
+    return lines
+
+
+def _fmt_vec(v: Tensor) -> str:
+    return "(" + ", ".join(f"{float(x):.4g}" for x in v) + ")"
