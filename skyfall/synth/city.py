@@ -1,0 +1,161 @@
+"""``SyntheticCity``: a procedural city tile with exact ground truth (images, depth, DSM).
+
+The world is only the tile slab and its objects: rays that miss it are black with depth +inf and
+mask False, matching the reference's "black = no data" convention.
+
+Canonical lighting (``render(..., date=None)``, used for every ground-truth oblique/street view) is
+the lighting of date 0, which is always a training date, so a reconstruction rendered with that
+date's appearance can match the ground truth.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from skyfall.data.cameras import Cameras
+from skyfall.errors import TileFormatError
+from skyfall.synth.layout import KIND_GROUND, Layout, generate_layout
+from skyfall.synth.lighting import Lighting, make_dates
+from skyfall.synth.raycast import Primitives, ShadowGrid, trace_camera
+from skyfall.synth.shading import albedo, shade, surface_normals
+
+GENERATOR = "skyfall.synth"
+GENERATOR_VERSION = 1
+N_DATES = 5
+_SHADOW_OFFSET = 0.02  # m, along the normal: keeps shadow rays off their own surface
+
+
+@dataclass
+class SyntheticCity:
+    """A city: its primitives (``layout``) and its acquisition dates (``dates``)."""
+
+    layout: Layout
+    dates: list[Lighting]
+    seed: int | None = None
+
+    @classmethod
+    def generate(cls, seed: int, size_m: float = 256.0) -> SyntheticCity:
+        """The city of ``seed`` (deterministic): layout and 5 dates."""
+        layout = generate_layout(seed, size_m)
+        dates = make_dates(np.random.default_rng([seed, 1]), N_DATES)
+        return cls(layout, dates, seed)
+
+    @classmethod
+    def from_tile(cls, tile_dir: str | Path) -> SyntheticCity:
+        """Rebuild the city of a synthetic tile from its ``synth.json`` (checked against its checksum)."""
+        path = Path(tile_dir) / "synth.json"
+        try:
+            meta = json.loads(path.read_text())
+            seed, size = int(meta["seed"]), float(meta["size_m"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise TileFormatError(path, None, f"not a synthetic tile description: {e}") from e
+        city = cls.generate(seed, size)
+        city.dates = [Lighting.from_json(d) for d in meta.get("dates", [])] or city.dates
+        want = meta.get("scene_checksum")
+        if want is not None and want != city.layout.checksum():
+            raise TileFormatError(
+                path, "scene_checksum", "this skyfall version builds a different city for that seed"
+            )
+        return city
+
+    # ------------------------------------------------------------------------------------------------
+
+    @property
+    def size_m(self) -> float:
+        return self.layout.size_m
+
+    @property
+    def canonical(self) -> Lighting:
+        """Lighting of ``date=None``: date 0's (see the module docstring)."""
+        return self.dates[0]
+
+    def primitives(self) -> Primitives:
+        lay = self.layout
+        return Primitives(
+            box_lo=torch.as_tensor(lay.box_lo, dtype=torch.float32),
+            box_hi=torch.as_tensor(lay.box_hi, dtype=torch.float32),
+            ell_c=torch.as_tensor(lay.ell_center, dtype=torch.float32),
+            ell_r=torch.as_tensor(lay.ell_radii, dtype=torch.float32),
+            box_casts_shadow=torch.as_tensor(lay.box_kind != KIND_GROUND),
+        )
+
+    def render(self, cameras: Cameras, date: int | None = None) -> dict[str, torch.Tensor]:
+        """Ray-cast RGB, depth and hit mask for every camera (any pinhole, near or far).
+
+        Args:
+            cameras: C cameras.
+            date: index into ``dates``; None = canonical lighting (date 0).
+
+        Returns:
+            ``rgb`` [C, H, W, 3] float32 in [0, 1] (black where nothing is hit), ``depth`` [C, H, W]
+            float32 camera-space z (OpenCV z, not ray length; +inf on miss), ``mask`` [C, H, W] bool.
+        """
+        light = self.canonical if date is None else self.dates[date]
+        cameras = cameras.to("cpu")
+        prims = self.primitives()
+        sun = torch.as_tensor(light.sun_dir, dtype=torch.float32)
+        h, w = cameras.height, cameras.width
+        shadows = ShadowGrid(prims, sun)
+        rgbs, depths, masks = [], [], []
+        for ci in range(len(cameras)):
+            hits, _d, zscale = trace_camera(cameras, ci, prims)
+            rgb = torch.zeros(h * w, 3)
+            if hits.mask.any():
+                p = hits.points[hits.mask]
+                prim = hits.prim[hits.mask]
+                n = surface_normals(self.layout, prim, p)
+                lit = torch.zeros(len(p), dtype=torch.bool)
+                facing = (n @ sun) > 0
+                lit[facing] = shadows.visible(p[facing] + _SHADOW_OFFSET * n[facing])
+                rgb[hits.mask] = shade(albedo(self.layout, prim, p, n), n, lit, light)
+            depth = torch.where(hits.mask, hits.t * zscale, torch.full_like(zscale, float("inf")))
+            rgbs.append(rgb.reshape(h, w, 3))
+            depths.append(depth.float().reshape(h, w))
+            masks.append(hits.mask.reshape(h, w))
+        return {"rgb": torch.stack(rgbs), "depth": torch.stack(depths), "mask": torch.stack(masks)}
+
+    def dsm(self, resolution: float = 0.5) -> tuple[np.ndarray, dict]:
+        """Exact top-surface height at each cell centre of a grid covering the tile.
+
+        Returns:
+            heights [H, W] float32 (row 0 = north, i.e. max y) and its georeference
+            ``{x_min, y_max, resolution, width, height, crs}`` (cell (i, j) centre:
+            ``x = x_min + (j + 0.5) * res``, ``y = y_max - (i + 0.5) * res``).
+        """
+        lay = self.layout
+        half = lay.size_m / 2
+        n = int(round(lay.size_m / resolution))
+        xs = -half + (np.arange(n) + 0.5) * resolution
+        ys = half - (np.arange(n) + 0.5) * resolution
+        z = np.zeros((n, n), dtype=np.float64)
+        for lo, hi in zip(lay.box_lo, lay.box_hi, strict=True):
+            cols = (xs > lo[0]) & (xs < hi[0])
+            rows = (ys > lo[1]) & (ys < hi[1])
+            if cols.any() and rows.any():
+                sub = np.ix_(rows, cols)
+                z[sub] = np.maximum(z[sub], hi[2])
+        for c, r in zip(lay.ell_center, lay.ell_radii, strict=True):
+            cols = np.abs(xs - c[0]) < r[0]
+            rows = np.abs(ys - c[1]) < r[1]
+            if not (cols.any() and rows.any()):
+                continue
+            gx = ((xs[cols] - c[0]) / r[0])[None]
+            gy = ((ys[rows] - c[1]) / r[1])[:, None]
+            q = 1.0 - gx**2 - gy**2
+            top = np.where(q >= 0, c[2] + r[2] * np.sqrt(np.clip(q, 0, None)), -np.inf)
+            sub = np.ix_(rows, cols)
+            z[sub] = np.maximum(z[sub], top)
+        georef = {
+            "x_min": -half,
+            "y_max": half,
+            "resolution": resolution,
+            "width": n,
+            "height": n,
+            "crs": "local ENU metres",
+        }
+        return z.astype(np.float32), georef
