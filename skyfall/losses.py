@@ -1,0 +1,174 @@
+"""Stage-1 training losses (reference-pipeline.md §2.2, §2.4, §8 #1).
+
+Pure functions of tensors; weights and schedules (λ_op, the pseudo-depth ramp) belong to the trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from skyfall.kernels import ssim
+
+OPACITY_CLAMP = 1e-3
+"""α is clamped to [1e-3, 1 - 1e-3] before the entropy (reference: ``train.py``)."""
+
+PearsonPolicy = Literal["valid_only", "skip_if_any"]
+PearsonSkip = Literal["too_few_valid", "zero_variance", "invalid_pixels"]
+
+
+def l1_loss(a: Tensor, b: Tensor) -> Tensor:
+    """Mean absolute difference over every element."""
+    return (a - b).abs().mean()
+
+
+def _mask_like(mask: Tensor, image: Tensor) -> Tensor:
+    """Broadcastable [B, 1, H, W] or [1, H, W] version of a [H, W] / [1, H, W] / [B, 1, H, W] mask."""
+    m = mask.to(image.dtype)
+    if m.dim() == 2:
+        m = m.unsqueeze(0)
+    if image.dim() == 4 and m.dim() == 3:
+        m = m.unsqueeze(0)
+    if m.dim() != image.dim() or m.shape[-2:] != image.shape[-2:]:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not fit image of shape {tuple(image.shape)}"
+        )
+    return m
+
+
+def photometric_loss(
+    render: Tensor,  # [3, H, W] or [B, 3, H, W]
+    gt: Tensor,  # same shape as render
+    mask: Tensor | None = None,  # [H, W], [1, H, W] or [B, 1, H, W]; 1 = supervised
+    lambda_dssim: float = 0.2,
+) -> Tensor:
+    """Reference photometric loss ``(1 - λ) L1 + λ (1 - SSIM)`` on masked images (§2.2 #1).
+
+    Both images are multiplied by the mask first; the L1 is then the mean over **all** pixels,
+    masked zeros included, and SSIM runs on the masked images (as the reference does).
+
+    Args:
+        render: rendered image(s) in [0, 1].
+        gt: ground-truth image(s), same shape.
+        mask: optional supervision mask (bool or float).
+        lambda_dssim: SSIM weight λ (0.2 in every reference config).
+
+    Returns:
+        Scalar loss.
+    """
+    if render.shape != gt.shape:
+        raise ValueError(f"render and gt shapes differ: {tuple(render.shape)} vs {tuple(gt.shape)}")
+    if mask is not None:
+        m = _mask_like(mask, render)
+        render = render * m
+        gt = gt * m
+    return (1.0 - lambda_dssim) * l1_loss(render, gt) + lambda_dssim * (1.0 - ssim(render, gt))
+
+
+def opacity_entropy(opacity_logits: Tensor) -> Tensor:  # [N] -> []
+    """Mean binary entropy of the clamped opacities (§2.2 #3).
+
+    ``α_c = clamp(sigmoid(o), 1e-3, 1 - 1e-3)`` and ``H(a) = -a log a - (1 - a) log(1 - a)``. The
+    reference evaluates ``BCE(input=α_c, target=α_c)`` with the gradient flowing through both
+    arguments; the closed form below has exactly that gradient, ``dH/da = log((1 - a) / a)``, which
+    pushes α towards 0 or 1.
+
+    Args:
+        opacity_logits: [N] raw opacity parameters (no 3D filter applied).
+
+    Returns:
+        Scalar mean entropy (nats); 0 for an empty input.
+    """
+    if opacity_logits.numel() == 0:
+        return opacity_logits.sum()
+    a = torch.sigmoid(opacity_logits).clamp(OPACITY_CLAMP, 1.0 - OPACITY_CLAMP)
+    return -(a * torch.log(a) + (1.0 - a) * torch.log1p(-a)).mean()
+
+
+@dataclass
+class PearsonResult:
+    """Outcome of `pearson_depth_loss`.
+
+    Attributes:
+        loss: ``1 - r`` (scalar, differentiable w.r.t. ``pred``), or None when the term is skipped.
+        n_valid: number of pixels the correlation used (or would have used).
+        n_total: number of pixels in the map.
+        skipped_reason: None, ``"too_few_valid"``, ``"zero_variance"`` or ``"invalid_pixels"``
+            (the last only under ``policy="skip_if_any"``).
+        would_skip_reference: the reference rule (Pearson over all pixels, no mask) gives NaN here,
+            i.e. some pixel of ``pred`` or ``target`` is non-finite or a variance is 0.
+    """
+
+    loss: Tensor | None
+    n_valid: int
+    n_total: int
+    skipped_reason: PearsonSkip | None
+    would_skip_reference: bool
+
+
+def _pearson(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Centred cross and auto sums ``(Σ x̃ ỹ, Σ x̃², Σ ỹ²)`` of two 1D tensors."""
+    xc = x - x.mean()
+    yc = y - y.mean()
+    return (xc * yc).sum(), (xc * xc).sum(), (yc * yc).sum()
+
+
+def pearson_depth_loss(
+    pred: Tensor,  # [H, W] rendered depth
+    target: Tensor,  # [H, W] pseudo ground-truth depth (MoGe; +inf where invalid)
+    valid: Tensor | None = None,  # [H, W] bool, extra validity (e.g. rendered alpha > τ)
+    *,
+    min_valid_fraction: float = 0.01,
+    policy: PearsonPolicy = "valid_only",
+) -> PearsonResult:
+    """Pseudo-camera depth loss ``1 - Pearson(pred, target)`` (§2.4), with the §8 #1 fix.
+
+    **[FIX]** (reference-pipeline §8 #1): the reference correlates all pixels, so any +inf from MoGe
+    makes r NaN and the term is silently dropped. With ``policy="valid_only"`` the correlation uses
+    only pixels where ``valid ∧ isfinite(pred) ∧ isfinite(target)``, and the term is skipped only
+    when fewer than ``min_valid_fraction`` of the pixels (and fewer than 2) are valid or a variance is
+    0. ``policy="skip_if_any"`` is the parity rule: skip whenever any pixel is invalid (with
+    ``valid=None`` this is exactly the reference's NaN-skip), else correlate all pixels.
+
+    The correlation is global (not patch-wise) and no gradient flows into ``target``.
+
+    Returns:
+        `PearsonResult` with the loss (or None) and counters for logging.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
+    if valid is not None and valid.shape != pred.shape:
+        raise ValueError(f"valid has shape {tuple(valid.shape)}, expected {tuple(pred.shape)}")
+    if policy not in ("valid_only", "skip_if_any"):
+        raise ValueError(f"policy must be 'valid_only' or 'skip_if_any', got {policy!r}")
+    target = target.detach().to(pred.dtype)
+    finite = torch.isfinite(pred.detach()) & torch.isfinite(target)
+    ok = finite if valid is None else finite & valid.to(torch.bool)
+    n_total = pred.numel()
+    n_valid = int(ok.sum().item())
+
+    all_finite = bool(finite.all().item())
+    if all_finite:
+        _, sxx, syy = _pearson(pred.detach().reshape(-1), target.reshape(-1))
+        would_skip_reference = bool((sxx == 0).item() or (syy == 0).item())
+    else:
+        would_skip_reference = True
+
+    def skipped(reason: PearsonSkip) -> PearsonResult:
+        return PearsonResult(None, n_valid, n_total, reason, would_skip_reference)
+
+    if policy == "skip_if_any" and n_valid < n_total:
+        return skipped("invalid_pixels")
+    if n_valid < max(2, math.ceil(min_valid_fraction * n_total)):
+        return skipped("too_few_valid")
+    x = pred[ok]
+    y = target[ok]
+    sxy, sxx, syy = _pearson(x, y)
+    if bool((sxx == 0).item() or (syy == 0).item()):
+        return skipped("zero_variance")
+    r = sxy / torch.sqrt(sxx * syy)
+    return PearsonResult(1.0 - r, n_valid, n_total, None, would_skip_reference)
