@@ -242,6 +242,21 @@ def test_resolution_2_keeps_image_mask_and_intrinsics_consistent(tmp_path: Path)
     torch.testing.assert_close(half.train.cameras.Ks[:, :2], full.train.cameras.Ks[:, :2] / 2)
 
 
+def test_resolution_on_sizes_not_divisible(tmp_path: Path) -> None:
+    root = tmp_path / "tile"
+    make_tile(root, n_train=1, n_test=1, size=(10, 6))
+    full, quarter = load_tile(root), load_tile(root, resolution=4)
+    # round(10 / 4) = 2, round(6 / 4) = 2: images, masks and cameras agree on the size.
+    assert quarter.train.images.shape == (1, 2, 2, 3) and quarter.test.masks.shape == (1, 2, 2)
+    assert (quarter.width, quarter.height) == (2, 2)
+    # Intrinsics follow the full-extent mapping u' = u * w' / W per axis.
+    k, k4 = full.train.cameras.Ks[0], quarter.train.cameras.Ks[0]
+    torch.testing.assert_close(k4[0], k[0] * 2 / 10)
+    torch.testing.assert_close(k4[1], k[1] * 2 / 6)
+    with pytest.raises(ConfigError, match="too coarse"):
+        load_tile(root, resolution=16)
+
+
 @pytest.mark.parametrize("bad", [0, 3, -2, 6, True, 2.0])
 def test_bad_resolution_is_a_config_error(tile_dir: Path, bad: object) -> None:
     with pytest.raises(ConfigError, match="resolution"):
@@ -433,14 +448,14 @@ ERROR_CASES: list[tuple[str, Callable[[Path], None], str, str | None]] = [
     ("image missing", lambda r: (r / _img(1)).unlink(), "transforms_train.json", "frames[1].file_path"),
     ("image corrupt", lambda r: (r / _img(2)).write_bytes(b"\x89PNG\r\n\x1a\nnot really"), _img(2), None),
     ("image truncated", lambda r: (r / _img(0)).write_bytes((r / _img(0)).read_bytes()[:60]), _img(0), None),
-    ("image size mismatch", lambda r: Image.new("RGB", (8, 9), (9, 9, 9)).save(r / _img(2)), _img(2), None),
+    ("image size mismatch", lambda r: Image.new("RGB", (8, 9), (9, 9, 9)).save(r / _img(2)), _img(2), "size"),
     (
         "test image size mismatch",
         lambda r: Image.new("RGB", (4, 8), (9, 9, 9)).save(r / _img(3)),
         _img(3),
-        None,
+        "size",
     ),
-    ("16-bit image", lambda r: Image.new("I;16", (8, 8)).save(r / _img(1)), _img(1), None),
+    ("16-bit image", lambda r: Image.new("I;16", (8, 8)).save(r / _img(1)), _img(1), "mode"),
     (
         "camera model",
         lambda r: _edit_json(r / "transforms_train.json", lambda d: d.update(camera_model="OPENCV_FISHEYE")),
@@ -560,13 +575,13 @@ def test_info_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
     root = tmp_path / "tile"
     make_tile(root, size=(16, 8))
-    _write_json(root / "synth.json", {"preset": "tiny"})
+    _write_json(root / "synth.json", {"preset": "tiny", "dates": [1, 2, 3], "gt": {"a": 1}})
     Info(tile=root, resolution=2).main()
     out = capsys.readouterr().out
     assert "train 3, test 1" in out
     assert "8 x 4 px" in out
     assert "normalised   no" in out
-    assert '"preset": "tiny"' in out
+    assert "preset=tiny, dates=[3 items], gt={1 keys}" in out
     # Focal 100 px (x) and 101 px (y) halved, distances ~50-53 m: GSD ~ 1 m/px.
     assert "fx 50, fy 50.5 px" in out
     gsd_line = next(line for line in out.splitlines() if line.startswith("approx. GSD"))

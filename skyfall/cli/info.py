@@ -47,8 +47,6 @@ def summarize(tile: Tile) -> list[str]:
     The camera distance is measured from each camera centre to the median point of the point cloud
     (a robust scene centre), and GSD ≈ distance / focal is the ground size of one pixel at that distance.
     """
-    import json
-
     import torch
 
     train, test = tile.train, tile.test
@@ -60,6 +58,7 @@ def summarize(tile: Tile) -> list[str]:
     dist = (cams[:, :3, 3] - centre).norm(dim=-1)
     gsd = dist / focal
     w, h = tile.width, tile.height
+    unit = "m" if tile.normalization is None else "units"  # normalised tiles lose the metre scale
     lines = [
         f"tile         {tile.root}",
         f"frames       train {len(train)}, test {len(test)}",
@@ -67,8 +66,8 @@ def summarize(tile: Tile) -> list[str]:
         f"valid pixels {train.masks.float().mean().item():.1%} (train masks)",
         f"focal        fx {_range(ks[:, 0, 0])}, fy {_range(ks[:, 1, 1])} px",
         f"pp offset    cx - W/2 {_range(ks[:, 0, 2] - w / 2)}, cy - H/2 {_range(ks[:, 1, 2] - h / 2)} px",
-        f"distance     {_range(dist)} (camera centre to median point)",
-        f"approx. GSD  {_range(gsd)} per px (distance / focal)",
+        f"distance     {_range(dist)} {unit} (camera centre to median point)",
+        f"approx. GSD  {_range(gsd)} {unit}/px (distance / focal)",
         f"points       {len(pts)}, bbox min {_fmt_vec(pts.min(dim=0).values)} max {_fmt_vec(pts.max(dim=0).values)}",
     ]
     norm = tile.normalization
@@ -77,9 +76,23 @@ def summarize(tile: Tile) -> list[str]:
     else:
         lines.append(f"normalised   yes (R/T present): scale {norm['scale']:.6g}, z_min {norm['z_min']:.6g}")
     if tile.meta:
-        lines.append(f"synthetic    {json.dumps(tile.meta, sort_keys=True)[:300]}")
+        lines.append(f"synthetic    {_fmt_meta(tile.meta)}")
     return lines
 
 
 def _fmt_vec(v: Tensor) -> str:
     return "(" + ", ".join(f"{float(x):.4g}" for x in v) + ")"
+
+
+def _fmt_meta(meta: dict) -> str:
+    """Top-level keys of synth.json, one line: scalars in full, containers by their size."""
+    parts = []
+    for key, value in meta.items():
+        if isinstance(value, (list, tuple)):
+            parts.append(f"{key}=[{len(value)} items]")
+        elif isinstance(value, dict):
+            parts.append(f"{key}={{{len(value)} keys}}")
+        else:
+            parts.append(f"{key}={value}")
+    line = ", ".join(parts)
+    return line if len(line) <= 300 else line[:297] + "..."

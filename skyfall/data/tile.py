@@ -337,7 +337,7 @@ def _read_image(path: Path) -> tuple[Image.Image, np.ndarray | None]:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise TileFormatError(path, None, f"the image cannot be decoded ({e}).") from e
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        raise TileFormatError(path, None, f"{im.mode} images are not supported; save 8-bit RGB or RGBA.")
+        raise TileFormatError(path, "mode", f"{im.mode} images are not supported; save 8-bit RGB or RGBA.")
     alpha = None
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
@@ -382,7 +382,7 @@ def _load_split(
         if im.size != size:
             raise TileFormatError(
                 f.image_path,
-                None,
+                "size",
                 f"the image is {im.size[0]}x{im.size[1]} but the tile's images are {size[0]}x{size[1]}.",
             )
         mask_file = root / "masks" / f"{f.name}.npy"
@@ -395,6 +395,10 @@ def _load_split(
             mask &= alpha
         if images is None:
             out_size = (round(size[0] / resolution), round(size[1] / resolution))
+            if min(out_size) < 1:
+                raise ConfigError(
+                    f"resolution {resolution} is too coarse for {size[0]}x{size[1]} images (nothing would be left)."
+                )
             images = np.empty((len(frames), out_size[1], out_size[0], 3), dtype=np.uint8)
             masks = np.empty((len(frames), out_size[1], out_size[0]), dtype=bool)
         if resolution == 1:
