@@ -165,10 +165,11 @@ def test_synth_meta_is_parsed(tile_dir: Path) -> None:
 
 
 def test_missing_extension_falls_back_to_png(tile_dir: Path) -> None:
-    _edit_json(tile_dir / "transforms_train.json", lambda d: d["frames"][0].update(file_path="images/img_0"))
+    (tile_dir / "images" / "img_0.png").rename(tile_dir / "images" / "img.0.png")
+    _edit_json(tile_dir / "transforms_train.json", lambda d: d["frames"][0].update(file_path="images/img.0"))
     tile = load_tile(tile_dir)
-    assert tile.train.image_paths[0] == tile_dir / "images" / "img_0.png"
-    assert tile.train.names[0] == "img_0"
+    assert tile.train.image_paths[0] == tile_dir / "images" / "img.0.png"
+    assert tile.train.names[0] == "img.0"
 
 
 def test_mask_from_npy_and_from_black_pixels(tile_dir: Path) -> None:
@@ -514,6 +515,15 @@ ERROR_CASES: list[tuple[str, Callable[[Path], None], str, str | None]] = [
     ),
     ("points inf", _write_points("1 inf 0 0 1 2 3 0.5\n" + _good_rows(2)), "points3D.txt", "line 1"),
     ("points bad colour", _write_points(_good_rows(1) + "2 0 0 0 1 256 3 0.5\n"), "points3D.txt", "line 2"),
+    (
+        "R/T with degenerate points",
+        lambda r: (
+            _edit_json(r / "transforms_train.json", lambda d: d.update(R=_ID, T=[0.1, 0.2, 0.3])),
+            _write_points(_good_rows(5))(r),
+        ),
+        "points3D.txt",
+        None,
+    ),
     ("synth meta invalid", lambda r: (r / "synth.json").write_text("{"), "synth.json", "line 1"),
 ]
 

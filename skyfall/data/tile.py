@@ -159,7 +159,7 @@ def load_tile(path: str | Path, *, resolution: int = 1) -> Tile:
     xyz, rgb, _ = read_points3d_text(root / POINTS_FILE)
     normalization = None
     if rt is not None:
-        xyz, normalization = _normalize(xyz, rt[0], rt[1])
+        xyz, normalization = _normalize(xyz, rt[0], rt[1], root / POINTS_FILE)
         for f in train_frames + test_frames:
             f.c2w[:3, 3] *= normalization["scale"]
             f.c2w[2, 3] -= normalization["z_min"]
@@ -307,18 +307,23 @@ def _parse_frame(
     if not isinstance(rel, str) or not rel:
         raise TileFormatError(file, f"{where}.file_path", "expected a non-empty string path.")
     image_path = root / rel
-    if not image_path.suffix and not image_path.is_file():
-        image_path = image_path.with_suffix(".png")  # some converters omit the extension
+    if not image_path.is_file() and image_path.with_name(image_path.name + ".png").is_file():
+        image_path = image_path.with_name(image_path.name + ".png")  # some converters omit the extension
     if not image_path.is_file():
         raise TileFormatError(file, f"{where}.file_path", f"the image {image_path} does not exist.")
     k = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
     return _Frame(name=image_path.stem, image_path=image_path, c2w=c2w, K=k)
 
 
-def _normalize(xyz: np.ndarray, r: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, dict]:
+def _normalize(xyz: np.ndarray, r: np.ndarray, t: np.ndarray, points_file: Path) -> tuple[np.ndarray, dict]:
     """Reference normalisation of the points (module docstring, steps 1-3). xyz: [P, 3]."""
     xyz = xyz @ r.T - t
-    scale = NORMALIZED_RADIUS / float(np.percentile(np.linalg.norm(xyz, axis=1), 99))
+    radius = float(np.percentile(np.linalg.norm(xyz, axis=1), 99))
+    if not radius > 0:
+        raise TileFormatError(
+            points_file, None, "the points all lie at T, so the R/T normalisation has no scale to fit."
+        )
+    scale = NORMALIZED_RADIUS / radius
     xyz = xyz * scale
     z_min = float(np.percentile(xyz[:, 2], 1))
     xyz[:, 2] -= z_min
