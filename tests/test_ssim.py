@@ -210,14 +210,15 @@ def test_cuda_source_compiles_with_nvcc(tmp_path):
 @pytest.mark.parametrize("shape", [(1, 3, 64, 64), (2, 3, 37, 53), (1, 1, 5, 7), (3, 3, 130, 17)])
 @pytest.mark.parametrize("padding", ["same", "valid"])
 def test_fused_matches_torch_reference(shape: tuple[int, int, int, int], padding: str):
+    if padding == "valid" and (shape[2] <= 10 or shape[3] <= 10):
+        pytest.skip("image smaller than the window: empty valid region")
+    # a failed build must fail this test, not silently compare the torch path with itself
     ext = _backend.get_extension()
     assert ext is not None, extension_status()
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.rand(shape, device="cuda", generator=gen)
     y = (0.7 * x + 0.3 * torch.rand(shape, device="cuda", generator=gen)).clamp(0, 1)
     cot = torch.randn(shape, device="cuda", generator=gen)
-    if padding == "valid" and (shape[2] <= 10 or shape[3] <= 10):
-        pytest.skip("image smaller than the window: empty valid region")
 
     # reference in float64 on the same data
     x64 = x.double().requires_grad_(True)
