@@ -1,0 +1,303 @@
+"""Pure-torch alpha compositing with gsplat 1.5.3's rules and a hand-written backward.
+
+Instead of padding [tiles, 256 px, K_max] like a tile rasteriser, the forward pass builds a flat
+list of (pixel, Gaussian) pairs, only inside each Gaussian's tight pixel box where
+``o * exp(-sigma)`` can reach 1/255 (half-widths ``sqrt(2 ln(255 o) Sigma_ii)``). Pairs are made
+in depth order and stably sorted by pixel id, so every pixel's pairs form one segment in
+front-to-back order. Transmittance is a segmented cumulative sum of ``log(1 - alpha)`` in float64.
+
+Rules copied from ``RasterizeToPixels3DGSFwd.cu`` / ``...Bwd.cu``:
+
+* pixel centres at (j + 0.5, i + 0.5); ``sigma = 0.5 (a dx^2 + c dy^2) + b dx dy``;
+* ``alpha = min(0.999, o exp(-sigma))``; a pair is skipped when ``sigma < 0`` or ``alpha < 1/255``;
+* a pixel stops *before* the Gaussian that would bring T to <= 1e-4;
+* ``alphas = 1 - T_final``; background added as ``bg * T_final``;
+* backward: no gradient through ``sigma``/opacity where ``o exp(-sigma) > 0.999`` (the clamp);
+  ``absgrad`` = sum over pixels of ``|dL/d means2d|`` per pixel contribution, per component.
+
+Memory stays bounded: pairs are generated per band of image rows (``max_pairs`` box pixels per
+band); only the kept pairs (pixel id, Gaussian id, alpha, T) are stored for the backward pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+ALPHA_THRESHOLD = 1.0 / 255.0
+ALPHA_MAX = 0.999
+T_EPS = 1e-4
+LOG_T_EPS = math.log(T_EPS)
+DEFAULT_MAX_PAIRS = 4_000_000
+
+
+def _take(t: Tensor, idx: Tensor) -> Tensor:
+    """``t[idx]`` along dim 0; index_select is several times faster than advanced indexing on CPU."""
+    return torch.index_select(t, 0, idx)
+
+
+def _add_cols(out: Tensor, idx: Tensor, src: list[Tensor]) -> None:
+    """``out[:, k].index_add_(idx, src[k])`` per column; 1-D index_add beats the 2-D one on CPU."""
+    cols = out.t().contiguous()
+    for k, v in enumerate(src):
+        cols[k].index_add_(0, idx, v)
+    out.copy_(cols.t())
+
+
+def _boxes(
+    means2d: Tensor, conics: Tensor, opacities: Tensor, order: Tensor, width: int, height: int
+) -> Tensor:
+    """Inclusive pixel boxes [G, 4] (j0, j1, i0, i1) where alpha >= 1/255 is possible, clipped to the image."""
+    m = means2d[order]
+    a, b, c = conics[order].unbind(-1)
+    det = a * c - b * b
+    # sigma <= ln(255 o) is the alpha >= 1/255 ellipse; its half-extents are sqrt(2 s0 Sigma_ii).
+    s0 = torch.log(opacities[order] / ALPHA_THRESHOLD).clamp_min(0.0)
+    ex = torch.sqrt(2.0 * s0 * (c / det).clamp_min(0.0))
+    ey = torch.sqrt(2.0 * s0 * (a / det).clamp_min(0.0))
+    # a small margin: pairs just outside are removed by the exact alpha test anyway
+    ex = ex * (1.0 + 1e-4) + 1e-3
+    ey = ey * (1.0 + 1e-4) + 1e-3
+    j0 = torch.ceil(m[:, 0] - ex - 0.5).clamp(0, width)
+    j1 = torch.floor(m[:, 0] + ex - 0.5).clamp(-1, width - 1)
+    i0 = torch.ceil(m[:, 1] - ey - 0.5).clamp(0, height)
+    i1 = torch.floor(m[:, 1] + ey - 0.5).clamp(-1, height - 1)
+    return torch.stack([j0, j1, i0, i1], dim=-1).to(torch.int64)
+
+
+def _band_pairs(
+    means2d: Tensor,
+    conics: Tensor,
+    opacities: Tensor,
+    order: Tensor,
+    boxes: Tensor,
+    row0: int,
+    row1: int,
+    width: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pairs of one row band with alpha >= 1/255, sorted by pixel then depth.
+
+    Two levels: (Gaussian, row) spans first, each clipped to the exact x-interval of the
+    ``sigma <= ln(255 o)`` ellipse in that row (plus a hair of margin), then pixels. Almost every
+    generated pair passes the alpha test, unlike a bounding box (about 30 % waste).
+
+    Returns pixel ids [M] int32, Gaussian ids [M] int64 and alphas [M].
+    """
+    dev, dt = means2d.device, means2d.dtype
+    i0 = boxes[:, 2].clamp_min(row0)
+    i1 = boxes[:, 3].clamp_max(row1 - 1)
+    ny = (i1 - i0 + 1).clamp_min(0)
+    sel = torch.nonzero(ny > 0).squeeze(1)
+    empty = (torch.zeros(0, dtype=torch.int32, device=dev), torch.zeros(0, dtype=torch.int64, device=dev))
+    if sel.numel() == 0:
+        return empty[0], empty[1], means2d.new_zeros(0)
+    ny, i0 = _take(ny, sel), _take(i0, sel)
+    gid = _take(order, sel)
+    # level 1: one span per (Gaussian, row), in depth order
+    n_rows = int(ny.sum())
+    rrep = torch.repeat_interleave(torch.arange(sel.numel(), device=dev), ny, output_size=n_rows)
+    row = _take(i0, rrep) + torch.arange(n_rows, device=dev) - _take(torch.cumsum(ny, 0) - ny, rrep)
+    g_r = _take(gid, rrep)
+    mx, my = _take(means2d[:, 0], g_r), _take(means2d[:, 1], g_r)
+    a, b, c = (_take(conics[:, k], g_r) for k in range(3))
+    op = _take(opacities, g_r)
+    s0 = torch.log(op / ALPHA_THRESHOLD).clamp_min(0.0)
+    dy = my - (row.to(dt) + 0.5)
+    # sigma(dx) = 0.5 a dx^2 + b dy dx + 0.5 c dy^2 <= s0, dx = mx - px
+    disc = (b * dy) ** 2 - a * (c * dy * dy - 2.0 * s0)
+    half = torch.sqrt(disc.clamp_min(0.0)) / a
+    centre = mx + b * dy / a
+    half = half * (1.0 + 1e-4) + 1e-3
+    j0 = torch.ceil(centre - half - 0.5).clamp(0, width).to(torch.int64)
+    j1 = torch.floor(centre + half - 0.5).clamp(-1, width - 1).to(torch.int64)
+    nx = torch.where(disc >= 0, (j1 - j0 + 1).clamp_min(0), torch.zeros_like(j1))
+    # level 2: pixels; sigma = (A dx + B) dx + C with dx = d0 - local along the span
+    total = int(nx.sum())
+    if total == 0:
+        return empty[0], empty[1], means2d.new_zeros(0)
+    prep = torch.repeat_interleave(torch.arange(n_rows, device=dev), nx, output_size=total)
+    local = (torch.arange(total, device=dev) - _take(torch.cumsum(nx, 0) - nx, prep)).to(dt)
+    dx = _take(mx - (j0.to(dt) + 0.5), prep) - local
+    sigma = (_take(0.5 * a, prep) * dx + _take(b * dy, prep)) * dx + _take(0.5 * c * dy * dy, prep)
+    alpha = torch.clamp_max(_take(op, prep) * torch.exp(-sigma), ALPHA_MAX)
+    keep = torch.nonzero((sigma >= 0) & (alpha >= ALPHA_THRESHOLD)).squeeze(1)
+    pix = _take((row * width + j0).to(torch.int32), _take(prep, keep)) + _take(local, keep).to(torch.int32)
+    # pairs were made in depth order; a stable sort by pixel keeps that order inside each pixel
+    pix, perm = torch.sort(pix, stable=True)
+    perm = _take(keep, perm)
+    return pix, _take(g_r, _take(prep, perm)), _take(alpha, perm)
+
+
+def _segments(pix: Tensor) -> tuple[Tensor, Tensor]:
+    """Segment id per pair [M] and index of each segment's first pair [S] for sorted pixel ids."""
+    first = torch.ones_like(pix, dtype=torch.bool)
+    first[1:] = pix[1:] != pix[:-1]
+    starts = torch.nonzero(first).squeeze(1)
+    seg = torch.cumsum(first, 0) - 1
+    return seg, starts
+
+
+def _composite_band(pix: Tensor, g: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Front-to-back transmittance for sorted pairs; drops pairs at/after the T <= 1e-4 cut.
+
+    Returns kept (pix, g, alpha, T_before) with T in alpha's dtype.
+    """
+    if pix.numel() == 0:
+        return pix, g, alpha, alpha
+    log1m = torch.log1p(-alpha.to(torch.float64))
+    incl = torch.cumsum(log1m, 0)
+    excl = incl - log1m
+    seg, starts = _segments(pix)
+    base = _take(_take(excl, starts), seg)
+    # gsplat stops *before* the Gaussian whose next_T <= 1e-4; T only decreases inside a pixel,
+    # so the kept pairs are a prefix of every segment.
+    keep = torch.nonzero(incl - base > LOG_T_EPS).squeeze(1)
+    t_before = torch.exp(_take(excl - base, keep)).to(alpha.dtype)
+    return _take(pix, keep), _take(g, keep), _take(alpha, keep), t_before
+
+
+class _RasterizeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        means2d: Tensor,  # [C, N, 2]
+        conics: Tensor,  # [C, N, 3]
+        colors: Tensor,  # [C, N, D]
+        opacities: Tensor,  # [C, N]
+        backgrounds: Tensor,  # [C, D] (zeros when none)
+        radii: Tensor,  # [C, N, 2] int32
+        depths: Tensor,  # [C, N]
+        width: int,
+        height: int,
+        absgrad: bool,
+        max_pairs: int,
+    ) -> tuple[Tensor, Tensor]:
+        n_cam, _, n_ch = colors.shape
+        dt, dev = colors.dtype, colors.device
+        hw = width * height
+        out_c = torch.zeros(n_cam, hw, n_ch, dtype=dt, device=dev)
+        out_t = torch.ones(n_cam, hw, dtype=dt, device=dev)
+        saved = []
+        for cam in range(n_cam):
+            m2d, con, op = means2d[cam], conics[cam], opacities[cam]
+            col_t = colors[cam].t().contiguous()
+            vis = torch.nonzero((radii[cam] > 0).all(-1)).squeeze(1)
+            order = vis[torch.argsort(depths[cam][vis], stable=True)]
+            boxes = _boxes(m2d, con, op, order, width, height)
+            nx = (boxes[:, 1] - boxes[:, 0] + 1).clamp_min(0)
+            ny = (boxes[:, 3] - boxes[:, 2] + 1).clamp_min(0)
+            n_bands = max(1, math.ceil(int((nx * ny).sum()) / max_pairs))
+            rows = math.ceil(height / n_bands)
+            parts = []
+            for row0 in range(0, height, rows):
+                pix, g, alpha = _band_pairs(m2d, con, op, order, boxes, row0, min(height, row0 + rows), width)
+                pix, g, alpha, t_before = _composite_band(pix, g, alpha)
+                w = alpha * t_before
+                _add_cols(out_c[cam], pix, [w * _take(col_t[k], g) for k in range(n_ch)])
+                parts.append((pix, g.to(torch.int32), alpha, t_before))
+            pix, g, alpha, t_before = (torch.cat(x) for x in zip(*parts, strict=True))
+            log_t = torch.zeros(hw, dtype=torch.float64, device=dev)
+            log_t.index_add_(0, pix, torch.log1p(-alpha.to(torch.float64)))
+            out_t[cam] = torch.exp(log_t).to(dt)
+            saved += [pix, g, alpha, t_before]
+        out_c = out_c + out_t[..., None] * backgrounds[:, None, :]
+        ctx.save_for_backward(means2d, conics, colors, opacities, backgrounds, out_t, *saved)
+        ctx.dims = (width, height, absgrad)
+        return out_c.reshape(n_cam, height, width, n_ch), (1.0 - out_t).reshape(n_cam, height, width, 1)
+
+    @staticmethod
+    def backward(ctx, v_colors_img: Tensor, v_alphas_img: Tensor):
+        means2d, conics, colors, opacities, backgrounds, out_t, *saved = ctx.saved_tensors
+        width, height, absgrad = ctx.dims
+        n_cam, _, n_ch = colors.shape
+        v_img = v_colors_img.reshape(n_cam, width * height, n_ch)
+        v_a_img = v_alphas_img.reshape(n_cam, width * height)
+        v_means2d = torch.zeros_like(means2d)
+        v_abs = torch.zeros_like(means2d) if absgrad else None
+        v_conics = torch.zeros_like(conics)
+        v_colors = torch.zeros_like(colors)
+        v_opac = torch.zeros_like(opacities)
+        # d out_c / d bg = T_final; the background also enters every v_alpha below
+        v_bg = (out_t[..., None] * v_img).sum(1)
+        bg_dot = (v_img * backgrounds[:, None, :]).sum(-1)  # [C, HW]
+        for cam in range(n_cam):
+            pix, g32, alpha, t_before = saved[4 * cam : 4 * cam + 4]
+            if pix.numel() == 0:
+                continue
+            g = g32.to(torch.int64)
+            w = alpha * t_before
+            v_cols = v_img[cam].t().contiguous()  # [D, HW]
+            col_t = colors[cam].t().contiguous()  # [D, N]
+            v_pix = [_take(v_cols[k], pix) for k in range(n_ch)]
+            _add_cols(v_colors[cam], g, [w * v for v in v_pix])
+            dot = sum(_take(col_t[k], g) * v_pix[k] for k in range(n_ch))
+            # contributions of the Gaussians behind this one in the same pixel (segmented suffix sum)
+            incl = torch.cumsum((w * dot).to(torch.float64), 0)
+            seg, starts = _segments(pix)
+            ends = torch.cat([starts[1:], starts.new_tensor([pix.numel()])]) - 1
+            behind = (_take(_take(incl, ends), seg) - incl).to(alpha.dtype)
+            ra = 1.0 / (1.0 - alpha)
+            # per-pixel part of v_alpha: T_final * (dL/dalpha - bg . dL/dcolor)
+            tail = out_t[cam] * (v_a_img[cam] - bg_dot[cam])
+            v_alpha = t_before * dot + ra * (_take(tail, pix) - behind)
+            pixl = pix.to(torch.int64)
+            py = torch.div(pixl, width, rounding_mode="floor")
+            px = (pixl - py * width).to(alpha.dtype) + 0.5
+            py = py.to(alpha.dtype) + 0.5
+            dx = _take(means2d[cam, :, 0], g) - px
+            dy = _take(means2d[cam, :, 1], g) - py
+            ca, cb, cc = (_take(conics[cam, :, k], g) for k in range(3))
+            sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
+            vis = torch.exp(-sigma)
+            op = _take(opacities[cam], g)
+            # no gradient through the 0.999 clamp (gsplat: `if (opac * vis <= 0.999f)`)
+            v_vis = torch.where(op * vis <= ALPHA_MAX, vis * v_alpha, torch.zeros_like(v_alpha))
+            v_opac[cam].index_add_(0, g, v_vis)
+            v_sigma = -op * v_vis
+            _add_cols(v_conics[cam], g, [0.5 * v_sigma * dx * dx, v_sigma * dx * dy, 0.5 * v_sigma * dy * dy])
+            v_x = v_sigma * (ca * dx + cb * dy)
+            v_y = v_sigma * (cb * dx + cc * dy)
+            _add_cols(v_means2d[cam], g, [v_x, v_y])
+            if absgrad:
+                _add_cols(v_abs[cam], g, [v_x.abs(), v_y.abs()])
+        if absgrad:
+            # like gsplat: the per-pixel absolute gradient sum is exposed as an attribute
+            means2d.absgrad = v_abs
+        return v_means2d, v_conics, v_colors, v_opac, v_bg, None, None, None, None, None, None
+
+
+def rasterize_pixels(
+    means2d: Tensor,  # [C, N, 2]
+    conics: Tensor,  # [C, N, 3]
+    colors: Tensor,  # [C, N, D]
+    opacities: Tensor,  # [C, N]
+    radii: Tensor,  # [C, N, 2]
+    depths: Tensor,  # [C, N]
+    width: int,
+    height: int,
+    backgrounds: Tensor | None = None,  # [C, D]
+    absgrad: bool = True,
+    max_pairs: int = DEFAULT_MAX_PAIRS,
+) -> tuple[Tensor, Tensor]:
+    """Composite projected Gaussians into images: colours [C, H, W, D] and alphas [C, H, W, 1].
+
+    Differentiable w.r.t. means2d, conics, colors, opacities and backgrounds; with ``absgrad``
+    the backward pass sets ``means2d.absgrad`` ([C, N, 2]).
+    """
+    if backgrounds is None:
+        backgrounds = colors.new_zeros(colors.shape[0], colors.shape[-1])
+    return _RasterizeFunction.apply(
+        means2d,
+        conics,
+        colors,
+        opacities,
+        backgrounds,
+        radii,
+        depths.detach(),
+        width,
+        height,
+        absgrad,
+        max_pairs,
+    )

@@ -1,0 +1,63 @@
+"""Pure-torch backend: gsplat 1.5.3 semantics on any device, no gsplat import.
+
+Projection runs through autograd (cheap, [C, N] elementwise); compositing is a custom autograd
+Function with a hand-written backward (``composite.py``) that also produces the exact absgrad.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from skyfall.render.camera_space import quat_scale_to_covar, to_camera_space
+from skyfall.render.composite import DEFAULT_MAX_PAIRS, rasterize_pixels
+from skyfall.render.projection import project
+
+
+def rasterize_torch(
+    means: Tensor,  # [N, 3]
+    quats: Tensor,  # [N, 4]
+    scales: Tensor,  # [N, 3] linear
+    opacities: Tensor,  # [N] in [0, 1]
+    rgb: Tensor | None,  # [C, N, 3] colours, or None to evaluate SH through ``sh_fn``
+    viewmats: Tensor,  # [C, 4, 4]
+    Ks: Tensor,  # [C, 3, 3]
+    width: int,
+    height: int,
+    *,
+    backgrounds: Tensor | None,  # [C, 3]
+    eps2d: float,
+    antialiased: bool,
+    near_plane: float,
+    far_plane: float,
+    absgrad: bool,
+    max_pairs: int = DEFAULT_MAX_PAIRS,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Render RGB+D with activated parameters.
+
+    Returns:
+        colors+depth [C, H, W, 4], alphas [C, H, W, 1], means2d [C, N, 2], radii [C, N, 2] int32.
+    """
+    import torch
+
+    cam = to_camera_space(means, quat_scale_to_covar(quats, scales), viewmats, Ks, width, height)
+    proj = project(
+        cam.means, cam.covars, opacities, cam.Ks, width, height, eps2d, near_plane, far_plane, antialiased
+    )
+    feats = torch.cat([rgb, proj.depths[..., None]], dim=-1)
+    if backgrounds is not None:
+        # the depth channel's background is 0, as in gsplat's RGB+D
+        backgrounds = torch.cat([backgrounds, backgrounds.new_zeros(backgrounds.shape[0], 1)], dim=-1)
+    out, alphas = rasterize_pixels(
+        proj.means2d,
+        proj.conics,
+        feats,
+        proj.opacities,
+        proj.radii,
+        proj.depths,
+        width,
+        height,
+        backgrounds=backgrounds,
+        absgrad=absgrad,
+        max_pairs=max_pairs,
+    )
+    return out, alphas, proj.means2d, proj.radii
