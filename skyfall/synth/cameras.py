@@ -21,7 +21,7 @@ STREET_FOV_DEG = 70.0
 
 
 def satellite_cameras(
-    rng: np.random.Generator, n: int, size_px: int, layout: Layout, fill: float = 0.92
+    rng: np.random.Generator, n: int, size_px: int, layout: Layout, fill: float = 0.95
 ) -> tuple[Cameras, np.ndarray]:
     """Far perspective cameras that behave like the reference's skew-corrected satellite cameras.
 

@@ -57,7 +57,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "default": Preset(
-        n_sat=16, sat_px=512, n_dates=5, gt_px=256, orbit_az=8, n_street=8, points_per_view=1500
+        n_sat=16, sat_px=512, n_dates=5, gt_px=384, orbit_az=8, n_street=8, points_per_view=1500
     ),
     "tiny": Preset(n_sat=6, sat_px=64, n_dates=3, gt_px=32, orbit_az=2, n_street=2, points_per_view=150),
 }
