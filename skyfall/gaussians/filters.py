@@ -7,8 +7,13 @@ lowers the opacity so that the integrated density is preserved.
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import torch
 from torch import Tensor
+
+from skyfall.data.cameras import Cameras
 
 
 def apply_3d_filter(scales: Tensor, opacities: Tensor, filter_3d: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -35,3 +40,65 @@ def apply_3d_filter(scales: Tensor, opacities: Tensor, filter_3d: Tensor | None)
     # overflow/underflow for tiny or huge scales.
     coef = torch.sqrt(torch.prod(s2 / s2f, dim=-1))
     return torch.sqrt(s2f), a * coef
+
+
+def compute_3d_filter(
+    means: Tensor,  # [N, 3]
+    cameras: Cameras,
+    rule: Literal["per_camera", "reference"] = "per_camera",
+    near: float = 0.2,
+    margin: float = 0.15,
+) -> Tensor:
+    """Mip-Splatting 3D filter size per Gaussian (world units), computed in float64.
+
+    A Gaussian is *visible* in camera c when its camera-space depth z_c > ``near`` and it projects
+    inside the image enlarged by ``margin`` * W (H) on each side (bounds inclusive, as in
+    Mip-Splatting).
+
+    * ``"reference"``: ``sqrt(0.2) * min_c z_c / max_c fx_c`` with the maximum focal length over
+      *all* cameras (Skyfall-GS / Mip-Splatting code).
+    * ``"per_camera"`` (default, reference-pipeline.md §8 #6 [FIX]): ``sqrt(0.2) * min_c (z_c / fx_c)``
+      over the cameras that see the Gaussian, i.e. Mip-Splatting's maximal sampling rate
+      ``max_c fx_c / z_c``. With mixed cameras (satellites at fx ~ 4e6 px and ~5e5 m, orbit cameras
+      at fx ~ 900 px and ~250 m) the reference rule collapses the filter to ~0.
+
+    Gaussians seen by no camera get the largest value among the visible ones (reference
+    behaviour); if no Gaussian is visible at all the filter is 0 everywhere.
+
+    Args:
+        means: [N, 3] world positions.
+        cameras: the training cameras.
+        rule: "per_camera" or "reference".
+        near: minimum camera-space depth.
+        margin: relative image enlargement on each side.
+
+    Returns:
+        [N] float32 filter sizes on ``means``' device.
+    """
+    if rule not in ("per_camera", "reference"):
+        raise ValueError(f"rule must be 'per_camera' or 'reference', got {rule!r}")
+    pts = means.detach().to(dtype=torch.float64)
+    n = pts.shape[0]
+    vm = cameras.viewmats.to(pts.device)
+    ks = cameras.Ks.to(pts.device)
+    w, h = cameras.width, cameras.height
+    best = torch.full((n,), float("inf"), dtype=torch.float64, device=pts.device)
+    chunk = max(1, (1 << 22) // max(n, 1))
+    for c0 in range(0, len(vm), chunk):
+        v, k = vm[c0 : c0 + chunk], ks[c0 : c0 + chunk]
+        pc = torch.einsum("cij,nj->cni", v[:, :3, :3], pts) + v[:, None, :3, 3]
+        z = pc[..., 2]
+        zs = torch.where(z > near, z, torch.ones_like(z))
+        u = k[:, None, 0, 0] * pc[..., 0] / zs + k[:, None, 0, 2]
+        vv = k[:, None, 1, 1] * pc[..., 1] / zs + k[:, None, 1, 2]
+        ok = (z > near) & (u >= -margin * w) & (u <= (1 + margin) * w)
+        ok &= (vv >= -margin * h) & (vv <= (1 + margin) * h)
+        value = z if rule == "reference" else z / k[:, None, 0, 0]
+        best = torch.minimum(best, torch.where(ok, value, torch.full_like(value, float("inf"))).amin(0))
+    seen = torch.isfinite(best)
+    if not seen.any():
+        return torch.zeros(n, dtype=torch.float32, device=means.device)
+    best = torch.where(seen, best, best[seen].max())
+    if rule == "reference":
+        best = best / cameras.Ks[:, 0, 0].max().item()
+    return (best * math.sqrt(0.2)).to(device=means.device, dtype=torch.float32)
