@@ -317,3 +317,27 @@ def test_intrinsics_fov_camera_and_culling():
     )
     assert out.visible[0].tolist() == [False, False, False, True]
     assert out.radii.dtype == torch.int32
+
+
+def test_row_bands_give_identical_results(monkeypatch: pytest.MonkeyPatch):
+    """Splitting the pair list into row bands (the memory bound) changes nothing."""
+    import skyfall.render.composite as composite
+
+    W, H = 45, 38
+    means, quats, scales, opac, colors, K = make_scene(60, W, H, seed=4)
+    vm = torch.eye(4, dtype=F64)[None]
+
+    def run():
+        ps = [p.clone().requires_grad_(True) for p in (means, quats, scales, opac, colors)]
+        out = render(*ps, vm, K[None], W, H, backend="torch")
+        (out.colors.sum() + out.depths.sum()).backward()
+        return out, [p.grad for p in ps]
+
+    ref, ref_grads = run()
+    monkeypatch.setattr(composite, "DEFAULT_MAX_PAIRS", 500)
+    banded, grads = run()
+    torch.testing.assert_close(banded.colors, ref.colors, atol=1e-13, rtol=0)
+    torch.testing.assert_close(banded.alphas, ref.alphas, atol=1e-13, rtol=0)
+    torch.testing.assert_close(banded.means2d.absgrad, ref.means2d.absgrad, atol=1e-12, rtol=1e-12)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)

@@ -83,14 +83,14 @@ def _band_pairs(
     ``sigma <= ln(255 o)`` ellipse in that row (plus a hair of margin), then pixels. Almost every
     generated pair passes the alpha test, unlike a bounding box (about 30 % waste).
 
-    Returns pixel ids [M] int32, Gaussian ids [M] int64 and alphas [M].
+    Returns pixel ids [M] int32, Gaussian ids [M] int32 and alphas [M].
     """
     dev, dt = means2d.device, means2d.dtype
     i0 = boxes[:, 2].clamp_min(row0)
     i1 = boxes[:, 3].clamp_max(row1 - 1)
     ny = (i1 - i0 + 1).clamp_min(0)
     sel = torch.nonzero(ny > 0).squeeze(1)
-    empty = (torch.zeros(0, dtype=torch.int32, device=dev), torch.zeros(0, dtype=torch.int64, device=dev))
+    empty = (torch.zeros(0, dtype=torch.int32, device=dev), torch.zeros(0, dtype=torch.int32, device=dev))
     if sel.numel() == 0:
         return empty[0], empty[1], means2d.new_zeros(0)
     ny, i0 = _take(ny, sel), _take(i0, sel)
@@ -122,12 +122,14 @@ def _band_pairs(
     dx = _take(mx - (j0.to(dt) + 0.5), prep) - local
     sigma = (_take(0.5 * a, prep) * dx + _take(b * dy, prep)) * dx + _take(0.5 * c * dy * dy, prep)
     alpha = torch.clamp_max(_take(op, prep) * torch.exp(-sigma), ALPHA_MAX)
-    keep = torch.nonzero((sigma >= 0) & (alpha >= ALPHA_THRESHOLD)).squeeze(1)
-    pix = _take((row * width + j0).to(torch.int32), _take(prep, keep)) + _take(local, keep).to(torch.int32)
+    # skipped pairs stay in the list with alpha = 0 (no contribution, no gradient): cheaper than
+    # compacting, since almost every generated pair passes the test
+    alpha = torch.where((sigma >= 0) & (alpha >= ALPHA_THRESHOLD), alpha, torch.zeros_like(alpha))
+    pix = _take((row * width + j0).to(torch.int32), prep) + local.to(torch.int32)
+    g = _take(g_r.to(torch.int32), prep)
     # pairs were made in depth order; a stable sort by pixel keeps that order inside each pixel
     pix, perm = torch.sort(pix, stable=True)
-    perm = _take(keep, perm)
-    return pix, _take(g_r, _take(prep, perm)), _take(alpha, perm)
+    return pix, _take(g, perm), _take(alpha, perm)
 
 
 def _segments(pix: Tensor) -> tuple[Tensor, Tensor]:
@@ -139,23 +141,26 @@ def _segments(pix: Tensor) -> tuple[Tensor, Tensor]:
     return seg, starts
 
 
-def _composite_band(pix: Tensor, g: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Front-to-back transmittance for sorted pairs; drops pairs at/after the T <= 1e-4 cut.
+def _composite_band(pix: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """Front-to-back transmittance for pixel-sorted pairs.
 
-    Returns kept (pix, g, alpha, T_before) with T in alpha's dtype.
+    Returns alpha with the pairs at/after each pixel's T <= 1e-4 cut set to 0, and T before each
+    pair (alpha's dtype).
     """
     if pix.numel() == 0:
-        return pix, g, alpha, alpha
+        return alpha, alpha
     log1m = torch.log1p(-alpha.to(torch.float64))
     incl = torch.cumsum(log1m, 0)
     excl = incl - log1m
-    seg, starts = _segments(pix)
-    base = _take(_take(excl, starts), seg)
+    first = torch.ones_like(pix, dtype=torch.bool)
+    first[1:] = pix[1:] != pix[:-1]
+    # excl never increases, so the latest segment start holds the running minimum of the starts
+    base = torch.cummin(torch.where(first, excl, torch.full_like(excl, math.inf)), 0).values
     # gsplat stops *before* the Gaussian whose next_T <= 1e-4; T only decreases inside a pixel,
-    # so the kept pairs are a prefix of every segment.
-    keep = torch.nonzero(incl - base > LOG_T_EPS).squeeze(1)
-    t_before = torch.exp(_take(excl - base, keep)).to(alpha.dtype)
-    return _take(pix, keep), _take(g, keep), _take(alpha, keep), t_before
+    # so everything after that point is dropped too.
+    alive = incl - base > LOG_T_EPS
+    t_before = torch.exp(excl - base).to(alpha.dtype)
+    return torch.where(alive, alpha, torch.zeros_like(alpha)), t_before
 
 
 class _RasterizeFunction(torch.autograd.Function):
@@ -193,10 +198,10 @@ class _RasterizeFunction(torch.autograd.Function):
             parts = []
             for row0 in range(0, height, rows):
                 pix, g, alpha = _band_pairs(m2d, con, op, order, boxes, row0, min(height, row0 + rows), width)
-                pix, g, alpha, t_before = _composite_band(pix, g, alpha)
+                alpha, t_before = _composite_band(pix, alpha)
                 w = alpha * t_before
                 _add_cols(out_c[cam], pix, [w * _take(col_t[k], g) for k in range(n_ch)])
-                parts.append((pix, g.to(torch.int32), alpha, t_before))
+                parts.append((pix, g, alpha, t_before))
             pix, g, alpha, t_before = (torch.cat(x) for x in zip(*parts, strict=True))
             log_t = torch.zeros(hw, dtype=torch.float64, device=dev)
             log_t.index_add_(0, pix, torch.log1p(-alpha.to(torch.float64)))
@@ -226,7 +231,7 @@ class _RasterizeFunction(torch.autograd.Function):
             pix, g32, alpha, t_before = saved[4 * cam : 4 * cam + 4]
             if pix.numel() == 0:
                 continue
-            g = g32.to(torch.int64)
+            g = g32
             w = alpha * t_before
             v_cols = v_img[cam].t().contiguous()  # [D, HW]
             col_t = colors[cam].t().contiguous()  # [D, N]
@@ -253,7 +258,9 @@ class _RasterizeFunction(torch.autograd.Function):
             vis = torch.exp(-sigma)
             op = _take(opacities[cam], g)
             # no gradient through the 0.999 clamp (gsplat: `if (opac * vis <= 0.999f)`)
-            v_vis = torch.where(op * vis <= ALPHA_MAX, vis * v_alpha, torch.zeros_like(v_alpha))
+            # alpha == 0 marks skipped or cut-off pairs
+            live = (op * vis <= ALPHA_MAX) & (alpha > 0)
+            v_vis = torch.where(live, vis * v_alpha, torch.zeros_like(v_alpha))
             v_opac[cam].index_add_(0, g, v_vis)
             v_sigma = -op * v_vis
             _add_cols(v_conics[cam], g, [0.5 * v_sigma * dx * dx, v_sigma * dx * dy, 0.5 * v_sigma * dy * dy])
@@ -279,13 +286,16 @@ def rasterize_pixels(
     height: int,
     backgrounds: Tensor | None = None,  # [C, D]
     absgrad: bool = True,
-    max_pairs: int = DEFAULT_MAX_PAIRS,
+    max_pairs: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Composite projected Gaussians into images: colours [C, H, W, D] and alphas [C, H, W, 1].
 
     Differentiable w.r.t. means2d, conics, colors, opacities and backgrounds; with ``absgrad``
-    the backward pass sets ``means2d.absgrad`` ([C, N, 2]).
+    the backward pass sets ``means2d.absgrad`` ([C, N, 2]). ``max_pairs`` bounds the candidate
+    pairs per row band (memory); default ``DEFAULT_MAX_PAIRS``.
     """
+    if max_pairs is None:
+        max_pairs = DEFAULT_MAX_PAIRS
     if backgrounds is None:
         backgrounds = colors.new_zeros(colors.shape[0], colors.shape[-1])
     return _RasterizeFunction.apply(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from skyfall.render.camera_space import quat_scale_to_covar, to_camera_space
-from skyfall.render.composite import DEFAULT_MAX_PAIRS, rasterize_pixels
+from skyfall.render.composite import rasterize_pixels
 from skyfall.render.projection import project
 
 
@@ -30,7 +30,7 @@ def rasterize_torch(
     near_plane: float,
     far_plane: float,
     absgrad: bool,
-    max_pairs: int = DEFAULT_MAX_PAIRS,
+    max_pairs: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Render RGB+D with activated parameters.
 
