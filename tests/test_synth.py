@@ -251,7 +251,7 @@ def test_from_tile_rebuilds_the_same_images(tiny_tile: Path) -> None:
     k = torch.tensor([[fr["fl_x"], 0, fr["cx"]], [0, fr["fl_y"], fr["cy"]], [0, 0, 1]], dtype=torch.float64)
     cam = Cameras(torch.tensor(fr["transform_matrix"], dtype=torch.float64), k, 64, 64)
     name = Path(fr["file_path"]).stem
-    r = city.render(cam, date=meta["image_dates"][name])
+    r = city.render(cam, date=meta["image_dates"][name], supersample=meta["preset_params"]["sat_supersample"])
     rgb = (r["rgb"][0].clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
     assert np.array_equal(rgb, np.asarray(Image.open(tiny_tile / "images" / f"{name}.png")))
 
@@ -319,3 +319,17 @@ def test_orbit_gt_depth_is_camera_z(tiny_tile: Path) -> None:
     assert (pw[:, 2] > -2.01).all() and (pw[:, 2] < 70).all()
     assert (pw[:, 2].abs() < 0.01).float().mean() > 0.3  # much of the view is ground at z = 0
     assert math.isclose(float(cams.centers[0].norm()), 300.0, rel_tol=1e-9)
+
+
+def test_supersample_box_filters_rgb_and_keeps_centre_depth(city: SyntheticCity) -> None:
+    cam = Cameras(
+        look_at(torch.tensor([150.0, 120.0, 160.0]), torch.zeros(3)), intrinsics_from_fov(50, 24, 20), 24, 20
+    )
+    r1 = city.render(cam, date=2)
+    r2 = city.render(cam, date=2, supersample=2)
+    rh = city.render(cam.scaled(2), date=2)
+    torch.testing.assert_close(r2["rgb"][0], rh["rgb"][0].reshape(20, 2, 24, 2, 3).mean((1, 3)))
+    assert torch.equal(r2["mask"][0], rh["mask"][0].reshape(20, 2, 24, 2).any(3).any(1))
+    assert (r2["mask"] >= r1["mask"]).all() and r1["mask"].float().mean() > 0.2
+    assert torch.equal(r2["depth"][r1["mask"]], r1["depth"][r1["mask"]])
+    assert torch.isfinite(r2["depth"][r2["mask"]]).all()

@@ -84,27 +84,37 @@ class SyntheticCity:
             box_casts_shadow=torch.as_tensor(lay.box_kind != KIND_GROUND),
         )
 
-    def render(self, cameras: Cameras, date: int | None = None) -> dict[str, torch.Tensor]:
+    def render(
+        self, cameras: Cameras, date: int | None = None, supersample: int = 1
+    ) -> dict[str, torch.Tensor]:
         """Ray-cast RGB, depth and hit mask for every camera (any pinhole, near or far).
 
         Args:
             cameras: C cameras.
             date: index into ``dates``; None = canonical lighting (date 0).
+            supersample: s > 1 casts s x s rays per pixel (on a regular sub-grid) and box-filters
+                them, like a sensor's pixel integration; the tile's satellite views use 2 so that
+                edges are anti-aliased and consistent across views.
 
         Returns:
             ``rgb`` [C, H, W, 3] float32 in [0, 1] (black where nothing is hit), ``depth`` [C, H, W]
-            float32 camera-space z (OpenCV z, not ray length; +inf on miss), ``mask`` [C, H, W] bool.
+            float32 camera-space z of the pixel-centre ray (OpenCV z, not ray length; +inf on miss;
+            with supersampling, pixels whose centre misses but a sub-sample hits get the nearest
+            sub-sample's), ``mask`` [C, H, W] bool (with supersampling: any sub-sample hit).
         """
         light = self.canonical if date is None else self.dates[date]
         cameras = cameras.to("cpu")
         prims = self.primitives()
         sun = torch.as_tensor(light.sun_dir, dtype=torch.float32)
+        s = int(supersample)
         h, w = cameras.height, cameras.width
+        hi_cams = cameras.scaled(s) if s > 1 else cameras
+        hh, ww = hi_cams.height, hi_cams.width
         shadows = ShadowGrid(prims, sun)
         rgbs, depths, masks = [], [], []
         for ci in range(len(cameras)):
-            hits, _d, zscale = trace_camera(cameras, ci, prims)
-            rgb = torch.zeros(h * w, 3)
+            hits, _d, zscale = trace_camera(hi_cams, ci, prims)
+            rgb = torch.zeros(hh * ww, 3)
             if hits.mask.any():
                 p = hits.points[hits.mask]
                 prim = hits.prim[hits.mask]
@@ -113,10 +123,19 @@ class SyntheticCity:
                 facing = (n @ sun) > 0
                 lit[facing] = shadows.visible(p[facing] + _SHADOW_OFFSET * n[facing])
                 rgb[hits.mask] = shade(albedo(self.layout, prim, p, n), n, lit, light)
-            depth = torch.where(hits.mask, hits.t * zscale, torch.full_like(zscale, float("inf")))
+            depth = torch.where(hits.mask, hits.t * zscale, torch.full_like(zscale, float("inf"))).float()
+            mask = hits.mask
+            if s > 1:
+                rgb = rgb.reshape(h, s, w, s, 3).mean((1, 3))
+                mask = mask.reshape(h, s, w, s).any(3).any(1)
+                # Depth of the pixel-centre ray (exact geometry), falling back to the nearest
+                # sub-sample on pixels whose centre misses but which are partly covered.
+                centre, _, zc = trace_camera(cameras, ci, prims)
+                depth_c = torch.where(centre.mask, centre.t * zc, torch.full_like(zc, float("inf"))).float()
+                depth = torch.where(centre.mask, depth_c, depth.reshape(h, s, w, s).amin((1, 3)).reshape(-1))
             rgbs.append(rgb.reshape(h, w, 3))
-            depths.append(depth.float().reshape(h, w))
-            masks.append(hits.mask.reshape(h, w))
+            depths.append(depth.reshape(h, w))
+            masks.append(mask.reshape(h, w))
         return {"rgb": torch.stack(rgbs), "depth": torch.stack(depths), "mask": torch.stack(masks)}
 
     def dsm(self, resolution: float = 0.5) -> tuple[np.ndarray, dict]:

@@ -110,10 +110,10 @@ def facade_albedo(layout: Layout, box: Tensor, p: Tensor, n: Tensor) -> Tensor:
     z = p[:, 2]
     zf = _periodic(z - 0.5 * floor_h, floor_h)
     win = band(u, 0.5 * wf * sp, 0.12) * band(zf, 0.5 * hf * floor_h, 0.12)
-    # No windows in the parapet band; a taller shop-front band on the ground floor.
-    win = win * (z < hi[:, 2] - 0.8).float() * (z > floor_h * 0.5 - 0.01).float()
+    # No windows in the parapet band or on the ground floor, which gets taller shop fronts instead.
+    win = win * ((z < hi[:, 2] - 0.8) & (z > floor_h)).float()
     shop = band(z - 1.6, 1.1, 0.12) * band(u, 0.45 * sp, 0.12) * (hi[:, 2] > 8).float()
-    win = torch.maximum(win * (z > floor_h).float(), shop)
+    win = torch.maximum(win, shop)
     glass = _c(_GLASS) * (1.0 + 0.15 * torch.cos(z * 0.9))[:, None]  # floors reflect slightly differently
     col = _mix(base, glass, win)
     cornice = band(z - (hi[:, 2] - 0.4), 0.4, 0.1)

@@ -52,14 +52,18 @@ class Preset:
     orbit_az: int  # azimuths per curriculum orbit
     n_street: int  # street-level views
     points_per_view: int  # SfM point samples drawn per satellite view
+    sat_supersample: int = 2  # rays per pixel side of the satellite views (anti-aliasing)
+    gt_supersample: int = 2  # same for the ground-truth views
     size_m: float = 256.0
 
 
 PRESETS: dict[str, Preset] = {
     "default": Preset(
-        n_sat=16, sat_px=512, n_dates=5, gt_px=384, orbit_az=8, n_street=8, points_per_view=1500
+        n_sat=16, sat_px=512, n_dates=5, gt_px=256, orbit_az=8, n_street=8, points_per_view=1500
     ),
-    "tiny": Preset(n_sat=6, sat_px=64, n_dates=3, gt_px=32, orbit_az=2, n_street=2, points_per_view=150),
+    "tiny": Preset(
+        n_sat=6, sat_px=64, n_dates=3, gt_px=32, orbit_az=2, n_street=2, points_per_view=150, gt_supersample=1
+    ),
 }
 POINT_NOISE_M = 0.3
 _OWNED = ("images", "masks", "gt", "transforms_train.json", "transforms_test.json", "points3D.txt", "synth.json",
@@ -190,11 +194,13 @@ def _contact_sheet(path: Path, images: np.ndarray, labels: list[str]) -> None:
     sheet.save(path)
 
 
-def _write_gt_views(out: Path, city: SyntheticCity, name: str, cams: Cameras, **path_kw: float) -> None:
+def _write_gt_views(
+    out: Path, city: SyntheticCity, name: str, cams: Cameras, supersample: int, **path_kw: float
+) -> None:
     d = out / "gt" / "views" / name
     (d / "images").mkdir(parents=True, exist_ok=True)
     (d / "depth").mkdir(exist_ok=True)
-    r = city.render(cams, date=None)
+    r = city.render(cams, date=None, supersample=supersample)
     rgb = _to_u8(r["rgb"])
     for i in range(len(cams)):
         Image.fromarray(rgb[i]).save(d / "images" / f"{i:05d}.png")
@@ -244,7 +250,7 @@ def write_synthetic_tile(
     mask = np.zeros((cfg.n_sat, cfg.sat_px, cfg.sat_px), np.uint8)
     for di in tqdm(range(cfg.n_dates), desc="[synth] satellite views (per date)", leave=False):
         idx = [i for i in range(cfg.n_sat) if date_of[i] == di]
-        r = city.render(sat[idx], date=di)
+        r = city.render(sat[idx], date=di, supersample=cfg.sat_supersample)
         rgb[idx] = _to_u8(r["rgb"])
         depth[idx] = r["depth"]
         mask[idx] = r["mask"].numpy().astype(np.uint8)
@@ -275,13 +281,15 @@ def write_synthetic_tile(
     gt_sets = []
     for el, rad in tqdm(CURRICULUM, desc="[synth] ground-truth orbits", leave=False):
         name = f"orbit_e{int(el)}_r{int(rad)}"
-        _write_gt_views(out, city, name, orbit_cameras(el, rad, cfg.orbit_az, cfg.gt_px),
-                        target=(0.0, 0.0, 0.0), radius=rad, elevation_deg=el)  # fmt: skip
+        cams = orbit_cameras(el, rad, cfg.orbit_az, cfg.gt_px)
+        _write_gt_views(
+            out, city, name, cams, cfg.gt_supersample, target=(0.0, 0.0, 0.0), radius=rad, elevation_deg=el
+        )
         gt_sets.append(
             {"name": name, "kind": "orbit", "elevation_deg": el, "radius": rad, "fov_deg": ORBIT_FOV_DEG}
         )
     street = street_cameras(np.random.default_rng([seed, 3]), city.layout, cfg.n_street, cfg.gt_px)
-    _write_gt_views(out, city, "street", street)
+    _write_gt_views(out, city, "street", street, cfg.gt_supersample)
     gt_sets.append(
         {
             "name": "street",
@@ -317,7 +325,8 @@ def write_synthetic_tile(
     )
     print(
         f"[synth] wrote {out} ({preset}, seed {seed}): {cfg.n_sat} satellite views {cfg.sat_px}^2 "
-        f"(median GSD {gsd:.2f} m/px), {len(xyz)} points, {len(gt_sets)} GT view sets at {cfg.gt_px}^2"
+        f"(median GSD {gsd:.2f} m/px, {cfg.sat_supersample}x{cfg.sat_supersample} rays/px), {len(xyz)} points, "
+        f"{len(gt_sets)} GT view sets at {cfg.gt_px}^2"
     )
     print("[synth] timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
     return out
