@@ -1,0 +1,75 @@
+"""Quick evaluation used by the trainers: held-out PSNR and DSM error against a ground-truth DSM.
+
+This is the simple protocol the Stage 1 summary needs (DSM from rendered near-vertical depth on the
+ground-truth grid, mean absolute error over cells valid in both, no registration). The evaluation
+module of the eval work generalises it (NCC shift registration, completeness, reports).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from skyfall.data.orbits import nadir_grid_camera
+from skyfall.train.scene import Scene
+
+
+def psnr(pred: Tensor, gt: Tensor, mask: Tensor | None = None) -> float:
+    """PSNR in dB for images in [0, 1] (``[..., H, W, 3]``), over the pixels where ``mask`` is set."""
+    err = (pred.clamp(0, 1) - gt) ** 2
+    if mask is not None:
+        m = mask.to(err.dtype)[..., None].expand_as(err)
+        mse = (err * m).sum() / m.sum().clamp_min(1)
+    else:
+        mse = err.mean()
+    return float(-10.0 * torch.log10(mse.clamp_min(1e-12)))
+
+
+def load_gt_dsm(tile_dir: str | Path) -> tuple[np.ndarray, dict] | None:
+    """The synthetic tile's ``gt/dsm.npy`` + ``gt/dsm.json`` georeference, or None when absent."""
+    root = Path(tile_dir) / "gt"
+    if not (root / "dsm.npy").exists() or not (root / "dsm.json").exists():
+        return None
+    return np.load(root / "dsm.npy"), json.loads((root / "dsm.json").read_text())
+
+
+@torch.no_grad()
+def render_dsm(scene: Scene, georef: dict, *, alpha_min: float = 0.5, block: int = 256) -> np.ndarray:
+    """Heights on the DSM grid from rendered near-vertical depth; NaN where nothing is rendered.
+
+    The grid is rendered in blocks of ``block`` x ``block`` cells to bound memory.
+    """
+    res = float(georef["resolution"])
+    w, h = int(georef["width"]), int(georef["height"])
+    out = np.full((h, w), np.nan, dtype=np.float32)
+    for i0 in range(0, h, block):
+        for j0 in range(0, w, block):
+            bh, bw = min(block, h - i0), min(block, w - j0)
+            cam = nadir_grid_camera(
+                float(georef["x_min"]) + j0 * res, float(georef["y_max"]) - i0 * res, res, bw, bh
+            )
+            r = scene.render(cam, None, absgrad=False)
+            cam_z = float(cam.camtoworlds[0, 2, 3])
+            z = cam_z - r.expected_depths[0, ..., 0].double().cpu().numpy()
+            ok = r.alphas[0, ..., 0].cpu().numpy() >= alpha_min
+            out[i0 : i0 + bh, j0 : j0 + bw] = np.where(ok, z, np.nan)
+    return out
+
+
+def dsm_errors(pred: np.ndarray, gt: np.ndarray) -> dict:
+    """MAE / RMSE over cells valid in both (no registration), and completeness = valid_both / valid_gt."""
+    valid_gt = np.isfinite(gt)
+    both = valid_gt & np.isfinite(pred)
+    if not both.any():
+        return {"dsm_mae_m": math.nan, "dsm_rmse_m": math.nan, "dsm_completeness": 0.0}
+    d = pred[both].astype(np.float64) - gt[both]
+    return {
+        "dsm_mae_m": float(np.abs(d).mean()),
+        "dsm_rmse_m": float(np.sqrt((d * d).mean())),
+        "dsm_completeness": float(both.sum() / max(valid_gt.sum(), 1)),
+    }

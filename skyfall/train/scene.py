@@ -1,0 +1,103 @@
+"""A trained scene = Gaussian model + appearance model; renders views with a chosen embedding.
+
+Trainers, evaluation, Stage 2 and export all render through ``render_views`` so that the appearance
+embedding rule (reference-pipeline.md §2.3, §8 #5) is applied in exactly one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from skyfall.data.cameras import Cameras
+from skyfall.gaussians.appearance import AppearanceModel
+from skyfall.gaussians.model import GaussianModel
+from skyfall.render import RenderOutput, render
+
+
+def parse_embedding(value: str | int) -> str | int:
+    """'mean' or an integer index (the config stores it as a string so the CLI accepts both)."""
+    if isinstance(value, int):
+        return value
+    if value == "mean":
+        return "mean"
+    try:
+        return int(value)
+    except ValueError:
+        from skyfall.errors import ConfigError
+
+        raise ConfigError(f"appearance embedding must be 'mean' or an integer index, got {value!r}") from None
+
+
+@dataclass
+class Scene:
+    """Everything needed to render: Gaussians, the optional appearance model and render settings."""
+
+    model: GaussianModel
+    appearance: AppearanceModel | None
+    eps2d: float = 0.1
+
+    def colors(self, embedding: Tensor | int | None) -> tuple[Tensor, int]:
+        """SH coefficients [N, K, 3] for one appearance embedding, and the SH degree to evaluate.
+
+        Args:
+            embedding: an image index (training views), an embedding vector [D], or None (raw SH).
+        """
+        p = self.model.params
+        sh = torch.cat([p["sh0"], p["shN"]], dim=1)
+        if self.appearance is not None and embedding is not None:
+            sh = self.appearance(sh, p["app_features"], embedding)
+        return sh, self.model.active_sh_degree
+
+    def novel_embedding(self, rule: str | int) -> Tensor | None:
+        """Embedding used for views that are not training views ('mean' or an index)."""
+        if self.appearance is None:
+            return None
+        return self.appearance.image_embedding(parse_embedding(rule))
+
+    def render(
+        self,
+        cameras: Cameras,
+        embedding: Tensor | int | None,
+        *,
+        background: Tensor | None = None,
+        absgrad: bool = True,
+    ) -> RenderOutput:
+        """Render ``cameras`` (all with the same embedding); black background by default."""
+        p = self.model.params
+        sh, degree = self.colors(embedding)
+        dev = p["means"].device
+        bg = background if background is not None else torch.zeros(3, device=dev)
+        return render(
+            p["means"],
+            p["quats"],
+            p["scales"],
+            p["opacities"],
+            sh,
+            cameras.viewmats.to(dev),
+            cameras.Ks.to(dev),
+            cameras.width,
+            cameras.height,
+            sh_degree=degree,
+            filter_3d=self.model.filter_3d,
+            backgrounds=bg,
+            eps2d=self.eps2d,
+            absgrad=absgrad,
+        )
+
+    @torch.no_grad()
+    def render_views(self, cameras: Cameras, embedding: Tensor | int | None) -> RenderOutput:
+        """Render many cameras one at a time (bounded memory) and stack the results."""
+        outs = [self.render(cameras[i], embedding, absgrad=False) for i in range(len(cameras))]
+        return RenderOutput(
+            colors=torch.cat([o.colors for o in outs]),
+            depths=torch.cat([o.depths for o in outs]),
+            expected_depths=torch.cat([o.expected_depths for o in outs]),
+            alphas=torch.cat([o.alphas for o in outs]),
+            means2d=torch.cat([o.means2d for o in outs]),
+            radii=torch.cat([o.radii for o in outs]),
+            visible=torch.cat([o.visible for o in outs]),
+            backend=outs[0].backend,
+        )
