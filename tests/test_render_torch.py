@@ -91,17 +91,18 @@ def brute_composite(m2d_pp, conics, depths, opac, feats, radii, W, H, bg=None):
         T = torch.where(use, nT, T)
     if bg is not None:
         out = out + T[:, None] * bg
+    brute_composite.n_cut = int(done.sum())  # pixels that hit the T cut-off (for test coverage)
     return out.reshape(H, W, -1), (1 - T).reshape(H, W, 1)
 
 
-def make_scene(n, W, H, seed=0, sh_k=None, opa=(0.2, 0.95)):
+def make_scene(n, W, H, seed=0, sh_k=None, opa=(0.2, 0.95), spread=1.1):
     g = torch.Generator().manual_seed(seed)
     z = 2 + 3 * torch.rand(n, generator=g, dtype=F64)
     xy = (
         (torch.rand(n, 2, generator=g, dtype=F64) - 0.5)
         * z[:, None]
         * torch.tensor([1.0, H / W], dtype=F64)
-        * 1.1
+        * spread
     )
     means = torch.cat([xy, z[:, None]], 1)
     quats = torch.randn(n, 4, generator=g, dtype=F64)
@@ -133,18 +134,30 @@ def sh_colors_brute(sh, degree, means, viewmat):
 
 
 @pytest.mark.parametrize(
-    "mode,sh_degree,use_bg",
+    "mode,sh_degree,use_bg,opaque",
     [
-        ("antialiased", None, False),
-        ("classic", None, True),
-        ("antialiased", 0, True),
-        ("antialiased", 1, False),
+        ("antialiased", None, False, False),
+        ("classic", None, True, False),
+        ("antialiased", 0, True, False),
+        ("antialiased", 1, False, False),
+        ("antialiased", None, True, True),
+        ("classic", 1, False, True),
     ],
 )
-def test_matches_brute_force_values_and_grads(mode, sh_degree, use_bg):
+def test_matches_brute_force_values_and_grads(
+    mode, sh_degree, use_bg, opaque, monkeypatch: pytest.MonkeyPatch
+):
     W, H = 37, 29
     sh_k = None if sh_degree is None else 4
-    means, quats, scales, opac, colors, K = make_scene(40, W, H, seed=1, sh_k=sh_k)
+    opa = (0.9, 0.995) if opaque else (0.2, 0.95)
+    means, quats, scales, opac, colors, K = make_scene(
+        80 if opaque else 40, W, H, seed=1, sh_k=sh_k, opa=opa, spread=0.5 if opaque else 1.1
+    )
+    if opaque:
+        # small depth chunks: the T cut-off state must carry over from chunk to chunk
+        import skyfall.render.composite as composite
+
+        monkeypatch.setattr(composite, "DEFAULT_MAX_PAIRS", 400)
     c2w = look_at(
         torch.tensor([0.3, -0.2, -0.5]), torch.tensor([0.0, 0.0, 3.0]), up=torch.tensor([0.0, -1.0, 0.0])
     )
@@ -176,7 +189,8 @@ def test_matches_brute_force_values_and_grads(mode, sh_degree, use_bg):
     bloss.backward()
 
     assert out.backend == "torch"
-    assert 0.2 < alpha.mean() < 0.95  # the scene is neither empty nor saturated
+    assert 0.2 < alpha.mean() < 0.999  # the scene is not empty
+    assert (brute_composite.n_cut > 20) == opaque  # the opaque scenes exercise the T cut-off
     torch.testing.assert_close(out.colors[0], img[..., :3], atol=1e-10, rtol=0)
     torch.testing.assert_close(out.depths[0], img[..., 3:], atol=1e-9, rtol=0)
     torch.testing.assert_close(out.alphas[0], alpha, atol=1e-10, rtol=0)

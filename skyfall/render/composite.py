@@ -1,22 +1,26 @@
 """Pure-torch alpha compositing with gsplat 1.5.3's rules and a hand-written backward.
 
-Instead of padding [tiles, 256 px, K_max] like a tile rasteriser, the forward pass builds a flat
-list of (pixel, Gaussian) pairs, only inside each Gaussian's tight pixel box where
-``o * exp(-sigma)`` can reach 1/255 (half-widths ``sqrt(2 ln(255 o) Sigma_ii)``). Pairs are made
-in depth order and stably sorted by pixel id, so every pixel's pairs form one segment in
-front-to-back order. Transmittance is a segmented cumulative sum of ``log(1 - alpha)`` in float64.
+Instead of padding [tiles, 256 px, K_max] like a tile rasteriser, the forward pass builds flat
+lists of (pixel, Gaussian) pairs, only where ``o * exp(-sigma)`` can reach 1/255: for every row
+of a Gaussian's box, the exact x-interval of the ellipse ``sigma <= ln(255 o)``. Gaussians are
+processed front to back in depth chunks (about ``max_pairs`` candidate pairs each). Inside a
+chunk, pairs are made in depth order and stably sorted by pixel id, so each pixel's pairs form a
+front-to-back segment; transmittance is a segmented cumulative sum of ``log(1 - alpha)`` in
+float64 continued from the per-pixel state of the earlier chunks. Pixels that reached the
+T cut-off get no pairs from later chunks (gsplat's early termination), which keeps the work and
+the memory proportional to the pairs that matter.
 
 Rules copied from ``RasterizeToPixels3DGSFwd.cu`` / ``...Bwd.cu``:
 
 * pixel centres at (j + 0.5, i + 0.5); ``sigma = 0.5 (a dx^2 + c dy^2) + b dx dy``;
 * ``alpha = min(0.999, o exp(-sigma))``; a pair is skipped when ``sigma < 0`` or ``alpha < 1/255``;
-* a pixel stops *before* the Gaussian that would bring T to <= 1e-4;
+* a pixel stops *before* the Gaussian that would bring T to <= 1e-4, and for good;
 * ``alphas = 1 - T_final``; background added as ``bg * T_final``;
 * backward: no gradient through ``sigma``/opacity where ``o exp(-sigma) > 0.999`` (the clamp);
   ``absgrad`` = sum over pixels of ``|dL/d means2d|`` per pixel contribution, per component.
 
-Memory stays bounded: pairs are generated per band of image rows (``max_pairs`` box pixels per
-band); only the kept pairs (pixel id, Gaussian id, alpha, T) are stored for the backward pass.
+Only the contributing pairs (pixel id, Gaussian id, alpha, T before) are stored for the backward
+pass, which walks the chunks back to front with a per-pixel accumulator for the "behind" sums.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ ALPHA_THRESHOLD = 1.0 / 255.0
 ALPHA_MAX = 0.999
 T_EPS = 1e-4
 LOG_T_EPS = math.log(T_EPS)
-DEFAULT_MAX_PAIRS = 4_000_000
+# ~2M candidates keep every temporary below glibc's mmap threshold (32 MiB with the recommended
+# MALLOC_MMAP_THRESHOLD_), so buffers are reused instead of page-faulted in on each chunk.
+DEFAULT_MAX_PAIRS = 2_000_000
 
 
 def _take(t: Tensor, idx: Tensor) -> Tensor:
@@ -67,27 +73,27 @@ def _boxes(
     return torch.stack([j0, j1, i0, i1], dim=-1).to(torch.int64)
 
 
-def _band_pairs(
+def _chunk_pairs(
     means2d: Tensor,
     conics: Tensor,
     opacities: Tensor,
     order: Tensor,
     boxes: Tensor,
-    row0: int,
-    row1: int,
+    done: Tensor,
     width: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Pairs of one row band with alpha >= 1/255, sorted by pixel then depth.
+    """Pairs of a depth-ordered chunk of Gaussians, sorted by pixel then depth.
 
     Two levels: (Gaussian, row) spans first, each clipped to the exact x-interval of the
     ``sigma <= ln(255 o)`` ellipse in that row (plus a hair of margin), then pixels. Almost every
     generated pair passes the alpha test, unlike a bounding box (about 30 % waste).
 
-    Returns pixel ids [M] int32, Gaussian ids [M] int32 and alphas [M].
+    Pairs on pixels that are already ``done`` (T cut-off reached in an earlier chunk) and pairs
+    below the alpha threshold are dropped. Returns pixel ids [M] int32, Gaussian ids [M] int32 and
+    alphas [M].
     """
     dev, dt = means2d.device, means2d.dtype
-    i0 = boxes[:, 2].clamp_min(row0)
-    i1 = boxes[:, 3].clamp_max(row1 - 1)
+    i0, i1 = boxes[:, 2], boxes[:, 3]
     ny = (i1 - i0 + 1).clamp_min(0)
     sel = torch.nonzero(ny > 0).squeeze(1)
     empty = (torch.zeros(0, dtype=torch.int32, device=dev), torch.zeros(0, dtype=torch.int32, device=dev))
@@ -122,45 +128,51 @@ def _band_pairs(
     dx = _take(mx - (j0.to(dt) + 0.5), prep) - local
     sigma = (_take(0.5 * a, prep) * dx + _take(b * dy, prep)) * dx + _take(0.5 * c * dy * dy, prep)
     alpha = torch.clamp_max(_take(op, prep) * torch.exp(-sigma), ALPHA_MAX)
-    # skipped pairs stay in the list with alpha = 0 (no contribution, no gradient): cheaper than
-    # compacting, since almost every generated pair passes the test
-    alpha = torch.where((sigma >= 0) & (alpha >= ALPHA_THRESHOLD), alpha, torch.zeros_like(alpha))
     pix = _take((row * width + j0).to(torch.int32), prep) + local.to(torch.int32)
-    g = _take(g_r.to(torch.int32), prep)
+    keep = (sigma >= 0) & (alpha >= ALPHA_THRESHOLD) & ~_take(done, pix)
+    idx = torch.nonzero(keep).squeeze(1)
+    pix, alpha = _take(pix, idx), _take(alpha, idx)
+    g = _take(g_r.to(torch.int32), _take(prep, idx))
     # pairs were made in depth order; a stable sort by pixel keeps that order inside each pixel
     pix, perm = torch.sort(pix, stable=True)
     return pix, _take(g, perm), _take(alpha, perm)
 
 
-def _segments(pix: Tensor) -> tuple[Tensor, Tensor]:
-    """Segment id per pair [M] and index of each segment's first pair [S] for sorted pixel ids."""
+def _segment_starts(pix: Tensor) -> Tensor:
+    """For pixel-sorted pairs, the index of the first pair of each pair's pixel segment [M]."""
     first = torch.ones_like(pix, dtype=torch.bool)
     first[1:] = pix[1:] != pix[:-1]
-    starts = torch.nonzero(first).squeeze(1)
-    seg = torch.cumsum(first, 0) - 1
-    return seg, starts
+    ar = torch.arange(pix.numel(), device=pix.device)
+    return torch.cummax(torch.where(first, ar, torch.zeros_like(ar)), 0).values
 
 
-def _composite_band(pix: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
-    """Front-to-back transmittance for pixel-sorted pairs.
+def _composite_chunk(
+    pix: Tensor, alpha: Tensor, log_t: Tensor, done: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Front-to-back transmittance of one chunk's pixel-sorted pairs, continuing ``log_t``.
 
-    Returns alpha with the pairs at/after each pixel's T <= 1e-4 cut set to 0, and T before each
-    pair (alpha's dtype).
+    Updates the per-pixel state in place (``log_t`` [HW] float64 log T, ``done`` [HW] bool) and
+    returns the contributing pairs' positions [K], their alphas [K] and T before them [K].
     """
-    if pix.numel() == 0:
-        return alpha, alpha
     log1m = torch.log1p(-alpha.to(torch.float64))
     incl = torch.cumsum(log1m, 0)
     excl = incl - log1m
-    first = torch.ones_like(pix, dtype=torch.bool)
-    first[1:] = pix[1:] != pix[:-1]
-    # excl never increases, so the latest segment start holds the running minimum of the starts
-    base = torch.cummin(torch.where(first, excl, torch.full_like(excl, math.inf)), 0).values
-    # gsplat stops *before* the Gaussian whose next_T <= 1e-4; T only decreases inside a pixel,
-    # so everything after that point is dropped too.
-    alive = incl - base > LOG_T_EPS
-    t_before = torch.exp(excl - base).to(alpha.dtype)
-    return torch.where(alive, alpha, torch.zeros_like(alpha)), t_before
+    start = _segment_starts(pix)
+    # log T before the pair: the pixel's state plus this chunk's earlier pairs of the same pixel
+    offset = _take(log_t, pix) - _take(excl, start)
+    # gsplat stops *before* the Gaussian whose next_T <= 1e-4 and never resumes; T only
+    # decreases inside a pixel, so the contributing pairs are a prefix of every segment.
+    alive = incl + offset > LOG_T_EPS
+    cut = torch.nonzero(~alive).squeeze(1)
+    if cut.numel():
+        done.index_fill_(0, _take(pix, cut).to(torch.int64), True)
+        idx = torch.nonzero(alive).squeeze(1)
+        pos, log1m, excl, offset = idx, _take(log1m, idx), _take(excl, idx), _take(offset, idx)
+        alpha = _take(alpha, idx)
+    else:
+        pos = None
+    t_before = torch.exp(excl + offset).to(alpha.dtype)
+    return pos, alpha, t_before, log1m
 
 
 class _RasterizeFunction(torch.autograd.Function):
@@ -184,41 +196,53 @@ class _RasterizeFunction(torch.autograd.Function):
         hw = width * height
         out_c = torch.zeros(n_cam, hw, n_ch, dtype=dt, device=dev)
         out_t = torch.ones(n_cam, hw, dtype=dt, device=dev)
-        saved = []
+        saved, n_chunks = [], []
         for cam in range(n_cam):
             m2d, con, op = means2d[cam], conics[cam], opacities[cam]
             col_t = colors[cam].t().contiguous()
             vis = torch.nonzero((radii[cam] > 0).all(-1)).squeeze(1)
-            order = vis[torch.argsort(depths[cam][vis], stable=True)]
+            order = _take(vis, torch.argsort(_take(depths[cam], vis), stable=True))
             boxes = _boxes(m2d, con, op, order, width, height)
-            nx = (boxes[:, 1] - boxes[:, 0] + 1).clamp_min(0)
-            ny = (boxes[:, 3] - boxes[:, 2] + 1).clamp_min(0)
-            n_bands = max(1, math.ceil(int((nx * ny).sum()) / max_pairs))
-            rows = math.ceil(height / n_bands)
-            parts = []
-            for row0 in range(0, height, rows):
-                pix, g, alpha = _band_pairs(m2d, con, op, order, boxes, row0, min(height, row0 + rows), width)
-                alpha, t_before = _composite_band(pix, alpha)
+            cnt = (boxes[:, 1] - boxes[:, 0] + 1).clamp_min(0) * (boxes[:, 3] - boxes[:, 2] + 1).clamp_min(0)
+            # depth chunks of about max_pairs candidates (a chunk holds at least one Gaussian)
+            bounds = torch.searchsorted(
+                torch.cumsum(cnt, 0),
+                torch.arange(max_pairs, int(cnt.sum()) + max_pairs, max_pairs, device=dev),
+            ).tolist()
+            log_t = torch.zeros(hw, dtype=torch.float64, device=dev)
+            done = torch.zeros(hw, dtype=torch.bool, device=dev)
+            lo, count = 0, 0
+            for hi in bounds + [len(order)]:
+                hi = max(min(hi, len(order)), lo + 1)
+                if lo >= len(order):
+                    break
+                pix, g, alpha = _chunk_pairs(m2d, con, op, order[lo:hi], boxes[lo:hi], done, width)
+                lo = hi
+                if pix.numel() == 0:
+                    continue
+                pos, alpha, t_before, log1m = _composite_chunk(pix, alpha, log_t, done)
+                if pos is not None:
+                    pix, g = _take(pix, pos), _take(g, pos)
+                log_t.index_add_(0, pix, log1m)
                 w = alpha * t_before
                 _add_cols(out_c[cam], pix, [w * _take(col_t[k], g) for k in range(n_ch)])
-                parts.append((pix, g, alpha, t_before))
-            pix, g, alpha, t_before = (torch.cat(x) for x in zip(*parts, strict=True))
-            log_t = torch.zeros(hw, dtype=torch.float64, device=dev)
-            log_t.index_add_(0, pix, torch.log1p(-alpha.to(torch.float64)))
+                saved += [pix, g, alpha, t_before]
+                count += 1
             out_t[cam] = torch.exp(log_t).to(dt)
-            saved += [pix, g, alpha, t_before]
+            n_chunks.append(count)
         out_c = out_c + out_t[..., None] * backgrounds[:, None, :]
         ctx.save_for_backward(means2d, conics, colors, opacities, backgrounds, out_t, *saved)
-        ctx.dims = (width, height, absgrad)
+        ctx.dims = (width, height, absgrad, n_chunks)
         return out_c.reshape(n_cam, height, width, n_ch), (1.0 - out_t).reshape(n_cam, height, width, 1)
 
     @staticmethod
     def backward(ctx, v_colors_img: Tensor, v_alphas_img: Tensor):
         means2d, conics, colors, opacities, backgrounds, out_t, *saved = ctx.saved_tensors
-        width, height, absgrad = ctx.dims
+        width, height, absgrad, n_chunks = ctx.dims
         n_cam, _, n_ch = colors.shape
-        v_img = v_colors_img.reshape(n_cam, width * height, n_ch)
-        v_a_img = v_alphas_img.reshape(n_cam, width * height)
+        hw = width * height
+        v_img = v_colors_img.reshape(n_cam, hw, n_ch)
+        v_a_img = v_alphas_img.reshape(n_cam, hw)
         v_means2d = torch.zeros_like(means2d)
         v_abs = torch.zeros_like(means2d) if absgrad else None
         v_conics = torch.zeros_like(conics)
@@ -227,48 +251,53 @@ class _RasterizeFunction(torch.autograd.Function):
         # d out_c / d bg = T_final; the background also enters every v_alpha below
         v_bg = (out_t[..., None] * v_img).sum(1)
         bg_dot = (v_img * backgrounds[:, None, :]).sum(-1)  # [C, HW]
+        first = 0
         for cam in range(n_cam):
-            pix, g32, alpha, t_before = saved[4 * cam : 4 * cam + 4]
-            if pix.numel() == 0:
-                continue
-            g = g32
-            w = alpha * t_before
+            chunks = [saved[4 * (first + i) : 4 * (first + i) + 4] for i in range(n_chunks[cam])]
+            first += n_chunks[cam]
             v_cols = v_img[cam].t().contiguous()  # [D, HW]
             col_t = colors[cam].t().contiguous()  # [D, N]
-            v_pix = [_take(v_cols[k], pix) for k in range(n_ch)]
-            _add_cols(v_colors[cam], g, [w * v for v in v_pix])
-            dot = sum(_take(col_t[k], g) * v_pix[k] for k in range(n_ch))
-            # contributions of the Gaussians behind this one in the same pixel (segmented suffix sum)
-            incl = torch.cumsum((w * dot).to(torch.float64), 0)
-            seg, starts = _segments(pix)
-            ends = torch.cat([starts[1:], starts.new_tensor([pix.numel()])]) - 1
-            behind = (_take(_take(incl, ends), seg) - incl).to(alpha.dtype)
-            ra = 1.0 / (1.0 - alpha)
+            m2x, m2y = means2d[cam, :, 0].contiguous(), means2d[cam, :, 1].contiguous()
+            con_t = conics[cam].t().contiguous()
             # per-pixel part of v_alpha: T_final * (dL/dalpha - bg . dL/dcolor)
             tail = out_t[cam] * (v_a_img[cam] - bg_dot[cam])
-            v_alpha = t_before * dot + ra * (_take(tail, pix) - behind)
-            pixl = pix.to(torch.int64)
-            py = torch.div(pixl, width, rounding_mode="floor")
-            px = (pixl - py * width).to(alpha.dtype) + 0.5
-            py = py.to(alpha.dtype) + 0.5
-            dx = _take(means2d[cam, :, 0], g) - px
-            dy = _take(means2d[cam, :, 1], g) - py
-            ca, cb, cc = (_take(conics[cam, :, k], g) for k in range(3))
-            sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
-            vis = torch.exp(-sigma)
-            op = _take(opacities[cam], g)
-            # no gradient through the 0.999 clamp (gsplat: `if (opac * vis <= 0.999f)`)
-            # alpha == 0 marks skipped or cut-off pairs
-            live = (op * vis <= ALPHA_MAX) & (alpha > 0)
-            v_vis = torch.where(live, vis * v_alpha, torch.zeros_like(v_alpha))
-            v_opac[cam].index_add_(0, g, v_vis)
-            v_sigma = -op * v_vis
-            _add_cols(v_conics[cam], g, [0.5 * v_sigma * dx * dx, v_sigma * dx * dy, 0.5 * v_sigma * dy * dy])
-            v_x = v_sigma * (ca * dx + cb * dy)
-            v_y = v_sigma * (cb * dx + cc * dy)
-            _add_cols(v_means2d[cam], g, [v_x, v_y])
-            if absgrad:
-                _add_cols(v_abs[cam], g, [v_x.abs(), v_y.abs()])
+            # sum of w * (c . dL/dC) over the pairs behind (later chunks first: walk back to front)
+            acc = torch.zeros(hw, dtype=torch.float64, device=v_img.device)
+            for pix, g, alpha, t_before in reversed(chunks):
+                w = alpha * t_before
+                v_pix = [_take(v_cols[k], pix) for k in range(n_ch)]
+                _add_cols(v_colors[cam], g, [w * v for v in v_pix])
+                dot = sum(_take(col_t[k], g) * v_pix[k] for k in range(n_ch))
+                q = (w * dot).to(torch.float64)
+                incl = torch.cumsum(q, 0)
+                start = _segment_starts(pix)
+                acc.index_add_(0, pix, q)
+                # behind = everything of this pixel from here on (acc) minus this and earlier pairs
+                behind = (_take(acc, pix) - (incl - _take(incl - q, start))).to(alpha.dtype)
+                ra = 1.0 / (1.0 - alpha)
+                v_alpha = t_before * dot + ra * (_take(tail, pix) - behind)
+                pixl = pix.to(torch.int64)
+                py = torch.div(pixl, width, rounding_mode="floor")
+                px = (pixl - py * width).to(alpha.dtype) + 0.5
+                py = py.to(alpha.dtype) + 0.5
+                dx = _take(m2x, g) - px
+                dy = _take(m2y, g) - py
+                ca, cb, cc = (_take(con_t[k], g) for k in range(3))
+                sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
+                vis = torch.exp(-sigma)
+                op = _take(opacities[cam], g)
+                # no gradient through the 0.999 clamp (gsplat: `if (opac * vis <= 0.999f)`)
+                v_vis = torch.where(op * vis <= ALPHA_MAX, vis * v_alpha, torch.zeros_like(v_alpha))
+                v_opac[cam].index_add_(0, g, v_vis)
+                v_sigma = -op * v_vis
+                _add_cols(
+                    v_conics[cam], g, [0.5 * v_sigma * dx * dx, v_sigma * dx * dy, 0.5 * v_sigma * dy * dy]
+                )
+                v_x = v_sigma * (ca * dx + cb * dy)
+                v_y = v_sigma * (cb * dx + cc * dy)
+                _add_cols(v_means2d[cam], g, [v_x, v_y])
+                if absgrad:
+                    _add_cols(v_abs[cam], g, [v_x.abs(), v_y.abs()])
         if absgrad:
             # like gsplat: the per-pixel absolute gradient sum is exposed as an attribute
             means2d.absgrad = v_abs
