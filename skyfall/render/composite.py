@@ -37,6 +37,9 @@ LOG_T_EPS = math.log(T_EPS)
 # ~2M candidates keep every temporary below glibc's mmap threshold (32 MiB with the recommended
 # MALLOC_MMAP_THRESHOLD_), so buffers are reused instead of page-faulted in on each chunk.
 DEFAULT_MAX_PAIRS = 2_000_000
+# compact the pair list only when less than this fraction survives; otherwise dropped pairs stay
+# as alpha = 0 entries (cheaper than nonzero + gathers when almost everything survives)
+COMPACT_BELOW = 0.9
 
 
 def _take(t: Tensor, idx: Tensor) -> Tensor:
@@ -130,9 +133,14 @@ def _chunk_pairs(
     alpha = torch.clamp_max(_take(op, prep) * torch.exp(-sigma), ALPHA_MAX)
     pix = _take((row * width + j0).to(torch.int32), prep) + local.to(torch.int32)
     keep = (sigma >= 0) & (alpha >= ALPHA_THRESHOLD) & ~_take(done, pix)
-    idx = torch.nonzero(keep).squeeze(1)
-    pix, alpha = _take(pix, idx), _take(alpha, idx)
-    g = _take(g_r.to(torch.int32), _take(prep, idx))
+    if int(keep.sum()) < COMPACT_BELOW * total:
+        idx = torch.nonzero(keep).squeeze(1)
+        pix, alpha = _take(pix, idx), _take(alpha, idx)
+        g = _take(g_r.to(torch.int32), _take(prep, idx))
+    else:
+        # few drops: keep them as alpha = 0 entries (no contribution, masked in the backward)
+        alpha = torch.where(keep, alpha, torch.zeros_like(alpha))
+        g = _take(g_r.to(torch.int32), prep)
     # pairs were made in depth order; a stable sort by pixel keeps that order inside each pixel
     pix, perm = torch.sort(pix, stable=True)
     return pix, _take(g, perm), _take(alpha, perm)
@@ -164,13 +172,16 @@ def _composite_chunk(
     # decreases inside a pixel, so the contributing pairs are a prefix of every segment.
     alive = incl + offset > LOG_T_EPS
     cut = torch.nonzero(~alive).squeeze(1)
+    pos = None
     if cut.numel():
         done.index_fill_(0, _take(pix, cut).to(torch.int64), True)
-        idx = torch.nonzero(alive).squeeze(1)
-        pos, log1m, excl, offset = idx, _take(log1m, idx), _take(excl, idx), _take(offset, idx)
-        alpha = _take(alpha, idx)
-    else:
-        pos = None
+        if cut.numel() > (1.0 - COMPACT_BELOW) * pix.numel():
+            idx = torch.nonzero(alive).squeeze(1)
+            pos, log1m, excl, offset = idx, _take(log1m, idx), _take(excl, idx), _take(offset, idx)
+            alpha = _take(alpha, idx)
+        else:
+            alpha = torch.where(alive, alpha, torch.zeros_like(alpha))
+            log1m = torch.where(alive, log1m, torch.zeros_like(log1m))
     t_before = torch.exp(excl + offset).to(alpha.dtype)
     return pos, alpha, t_before, log1m
 
@@ -283,13 +294,12 @@ class _RasterizeFunction(torch.autograd.Function):
                 dx = _take(m2x, g) - px
                 dy = _take(m2y, g) - py
                 ca, cb, cc = (_take(con_t[k], g) for k in range(3))
-                sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
-                vis = torch.exp(-sigma)
-                op = _take(opacities[cam], g)
-                # no gradient through the 0.999 clamp (gsplat: `if (opac * vis <= 0.999f)`)
-                v_vis = torch.where(op * vis <= ALPHA_MAX, vis * v_alpha, torch.zeros_like(v_alpha))
-                v_opac[cam].index_add_(0, g, v_vis)
-                v_sigma = -op * v_vis
+                # alpha = o * exp(-sigma) where unclamped, so d alpha / d sigma = -alpha and
+                # d alpha / d o = alpha / o; clamped (gsplat: `opac * vis > 0.999f`) and dropped
+                # (alpha = 0) pairs get no gradient
+                live = (alpha > 0) & (alpha < ALPHA_MAX)
+                v_sigma = torch.where(live, -alpha * v_alpha, torch.zeros_like(v_alpha))
+                v_opac[cam].index_add_(0, g, v_sigma)
                 _add_cols(
                     v_conics[cam], g, [0.5 * v_sigma * dx * dx, v_sigma * dx * dy, 0.5 * v_sigma * dy * dy]
                 )
@@ -298,6 +308,8 @@ class _RasterizeFunction(torch.autograd.Function):
                 _add_cols(v_means2d[cam], g, [v_x, v_y])
                 if absgrad:
                     _add_cols(v_abs[cam], g, [v_x.abs(), v_y.abs()])
+        # sum of -alpha * v_alpha was accumulated; d alpha / d o = alpha / o
+        v_opac = -v_opac / opacities.clamp_min(1e-30)
         if absgrad:
             # like gsplat: the per-pixel absolute gradient sum is exposed as an attribute
             means2d.absgrad = v_abs
