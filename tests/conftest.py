@@ -38,3 +38,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_tile(tmp_path_factory: pytest.TempPathFactory):
+    """A synthetic `tiny` tile (6 views at 64^2, written once per test session)."""
+    from skyfall.synth import write_synthetic_tile
+
+    return write_synthetic_tile(tmp_path_factory.mktemp("tiny") / "tile", preset="tiny", seed=0)

@@ -1,0 +1,136 @@
+"""Stage 1 trainer: end-to-end tiny run, exact resume after SIGKILL, guards, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from skyfall.gaussians.densify import CollapseError
+from skyfall.presets import get_preset
+from skyfall.train.stage1 import NonFiniteLossError, Stage1Trainer
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "skyfall", *args]
+
+
+def test_tiny_run_writes_run_dir_and_learns(tiny_tile: Path, tmp_path: Path):
+    cfg = get_preset("tiny")
+    summary = Stage1Trainer(cfg, tiny_tile, tmp_path / "run", progress=False).run()
+    s1 = summary["stage1"]
+    assert s1["steps"] == cfg.steps
+    assert summary["steps"] == cfg.steps and summary["num_gaussians"] == s1["num_gaussians"] > 0
+    assert "psnr_test" in s1 and s1["psnr_test"] > 5
+    assert s1["pseudo_used"] + s1["pseudo_skipped"] > 0  # pseudo-depth branch exercised
+    run = tmp_path / "run"
+    assert (run / "config.yml").exists() and (run / "ckpts" / f"ckpt_{cfg.steps:06d}.pt").exists()
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "l_rgb" in r]
+    assert [r["step"] for r in train_rows] == sorted(r["step"] for r in train_rows)
+    # The photometric loss falls over the run (averaged over logs: single steps see different views).
+    first = sum(r["l_rgb"] for r in train_rows[:3]) / 3
+    last = sum(r["l_rgb"] for r in train_rows[-3:]) / 3
+    assert last < 0.9 * first, (first, last)
+    ckpt = torch.load(run / "ckpts" / f"ckpt_{cfg.steps:06d}.pt", weights_only=True)
+    assert ckpt["step"] == cfg.steps and "filter_3d" in ckpt["model"] and ckpt["appearance"] is not None
+
+
+def _train_args(tile: Path, out: Path, steps: int) -> list[str]:
+    return _cli(
+        "train", "stage1", "--data", str(tile), "--out", str(out), "--preset", "tiny",
+        "--steps", str(steps), "--checkpoint-every", "10", "--keep-checkpoints", "100", "--no-export",
+        "--densify.opacity-reset-interval", "30",  # the kill lands inside the post-reset cool-down
+    )  # fmt: skip
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tiny_tile: Path, tmp_path: Path):
+    steps = 120
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = subprocess.run(
+        _train_args(tiny_tile, tmp_path / "ref", steps), env=env, capture_output=True, timeout=300
+    )
+    assert ref.returncode == 0, ref.stderr.decode()[-2000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _train_args(tiny_tile, out, steps), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    target = out / "ckpts" / "ckpt_000050.pt"
+    t0 = time.time()
+    while not target.exists() and proc.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (out / "ckpts" / f"ckpt_{steps:06d}.pt").exists()
+
+    res = subprocess.run(
+        _train_args(tiny_tile, out, steps) + ["--resume"], env=env, capture_output=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr.decode()[-2000:]
+    a = torch.load(tmp_path / "ref" / "ckpts" / f"ckpt_{steps:06d}.pt", weights_only=True)
+    b = torch.load(out / "ckpts" / f"ckpt_{steps:06d}.pt", weights_only=True)
+    for key, value in a["model"]["params"].items():
+        assert torch.equal(value, b["model"]["params"][key]), key
+    assert torch.equal(a["model"]["filter_3d"], b["model"]["filter_3d"])
+    for key, value in a["appearance"].items():
+        assert torch.equal(value, b["appearance"][key]), key
+    # metrics.jsonl has no duplicated steps after the resume
+    steps_logged = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [s for s in steps_logged if s % 5 == 0]
+    assert len(train_steps) == len(set(train_steps)) or sorted(train_steps) == train_steps
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_tile: Path, tmp_path: Path):
+    cfg = get_preset("tiny")
+    trainer = Stage1Trainer(cfg, tiny_tile, tmp_path / "run", progress=False)
+    original = trainer.train_step
+
+    def poisoned(it: int):
+        if it == 35:
+            with torch.no_grad():
+                trainer.model.params["sh0"][:] = float("nan")
+        return original(it)
+
+    trainer.train_step = poisoned  # type: ignore[method-assign]
+    with pytest.raises(NonFiniteLossError, match="step 35"):
+        trainer.run()
+    ckpts = sorted((tmp_path / "run" / "ckpts").glob("ckpt_*.pt"))
+    assert ckpts and ckpts[-1].name == "ckpt_000030.pt"
+    state = torch.load(ckpts[-1], weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"]["params"].values())
+
+
+def test_collapse_guard_stops_the_run(tiny_tile: Path, tmp_path: Path):
+    cfg = get_preset("tiny")
+    cfg.min_gaussians = 10**7
+    with pytest.raises(CollapseError, match="below"):
+        Stage1Trainer(cfg, tiny_tile, tmp_path / "run", progress=False).run()
+
+
+def test_cli_bad_tile_exits_2_with_one_line(tmp_path: Path):
+    (tmp_path / "tile").mkdir()
+    out = subprocess.run(
+        _train_args(tmp_path / "tile", tmp_path / "run", 5), capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2
+    lines = [ln for ln in out.stderr.strip().splitlines() if ln]
+    assert len(lines) == 1 and "transforms_train.json" in lines[0] and "Traceback" not in out.stderr
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_tile: Path, tmp_path: Path):
+    out = subprocess.run(
+        _train_args(tiny_tile, tmp_path / "run", 5) + ["--resume"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "no checkpoint" in out.stderr
