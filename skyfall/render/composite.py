@@ -83,6 +83,7 @@ def _chunk_pairs(
     order: Tensor,
     boxes: Tensor,
     done: Tensor,
+    any_done: bool,
     width: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Pairs of a depth-ordered chunk of Gaussians, sorted by pixel then depth.
@@ -126,13 +127,18 @@ def _chunk_pairs(
     total = int(nx.sum())
     if total == 0:
         return empty[0], empty[1], means2d.new_zeros(0)
-    prep = torch.repeat_interleave(torch.arange(n_rows, device=dev), nx, output_size=total)
-    local = (torch.arange(total, device=dev) - _take(torch.cumsum(nx, 0) - nx, prep)).to(dt)
+    # int32 indices halve the memory traffic of the per-pair integer maths
+    i32 = torch.int32
+    prep = torch.repeat_interleave(torch.arange(n_rows, device=dev, dtype=i32), nx, output_size=total)
+    local_i = torch.arange(total, device=dev, dtype=i32) - _take((torch.cumsum(nx, 0) - nx).to(i32), prep)
+    local = local_i.to(dt)
     dx = _take(mx - (j0.to(dt) + 0.5), prep) - local
     sigma = (_take(0.5 * a, prep) * dx + _take(b * dy, prep)) * dx + _take(0.5 * c * dy * dy, prep)
     alpha = torch.clamp_max(_take(op, prep) * torch.exp(-sigma), ALPHA_MAX)
-    pix = _take((row * width + j0).to(torch.int32), prep) + local.to(torch.int32)
-    keep = (sigma >= 0) & (alpha >= ALPHA_THRESHOLD) & ~_take(done, pix)
+    pix = _take((row * width + j0).to(i32), prep) + local_i
+    keep = (sigma >= 0) & (alpha >= ALPHA_THRESHOLD)
+    if any_done:
+        keep &= ~_take(done, pix)
     if int(keep.sum()) < COMPACT_BELOW * total:
         idx = torch.nonzero(keep).squeeze(1)
         pix, alpha = _take(pix, idx), _take(alpha, idx)
@@ -147,11 +153,21 @@ def _chunk_pairs(
 
 
 def _segment_starts(pix: Tensor) -> Tensor:
-    """For pixel-sorted pairs, the index of the first pair of each pair's pixel segment [M]."""
+    """Positions [S] of the first pair of every pixel segment in pixel-sorted pairs."""
     first = torch.ones_like(pix, dtype=torch.bool)
     first[1:] = pix[1:] != pix[:-1]
-    ar = torch.arange(pix.numel(), device=pix.device)
-    return torch.cummax(torch.where(first, ar, torch.zeros_like(ar)), 0).values
+    return torch.nonzero(first).squeeze(1)
+
+
+def _per_pixel(values_at_starts: Tensor, pix: Tensor, starts: Tensor, hw: int) -> Tensor:
+    """Scatter one value per segment into an [HW] table, so pairs can read it with a gather.
+
+    A gather from an [HW] table (a few hundred KiB) is cache friendly, unlike gathers at the
+    segment starts of the [M] pair arrays.
+    """
+    table = values_at_starts.new_zeros(hw)
+    table.index_copy_(0, _take(pix, starts).to(torch.int64), values_at_starts)
+    return table
 
 
 def _composite_chunk(
@@ -162,12 +178,15 @@ def _composite_chunk(
     Updates the per-pixel state in place (``log_t`` [HW] float64 log T, ``done`` [HW] bool) and
     returns the contributing pairs' positions [K], their alphas [K] and T before them [K].
     """
-    log1m = torch.log1p(-alpha.to(torch.float64))
+    # log/exp in the rendering dtype (float64 transcendental functions are ~5x slower on CPU);
+    # the running sums are float64 because they span the whole chunk, not one pixel
+    log1m = torch.log1p(-alpha).to(torch.float64)
     incl = torch.cumsum(log1m, 0)
     excl = incl - log1m
-    start = _segment_starts(pix)
+    starts = _segment_starts(pix)
     # log T before the pair: the pixel's state plus this chunk's earlier pairs of the same pixel
-    offset = _take(log_t, pix) - _take(excl, start)
+    # (per pixel: log_t - excl at the segment start)
+    offset = _take(log_t - _per_pixel(_take(excl, starts), pix, starts, log_t.numel()), pix)
     # gsplat stops *before* the Gaussian whose next_T <= 1e-4 and never resumes; T only
     # decreases inside a pixel, so the contributing pairs are a prefix of every segment.
     alive = incl + offset > LOG_T_EPS
@@ -182,7 +201,9 @@ def _composite_chunk(
         else:
             alpha = torch.where(alive, alpha, torch.zeros_like(alpha))
             log1m = torch.where(alive, log1m, torch.zeros_like(log1m))
-    t_before = torch.exp(excl + offset).to(alpha.dtype)
+    # contributing pairs have log T > ln(1e-4); the clamp only keeps dropped (alpha = 0) pairs away
+    # from slow denormal exp/casts
+    t_before = torch.exp((excl + offset).clamp_min_(2.0 * LOG_T_EPS).to(alpha.dtype))
     return pos, alpha, t_before, log1m
 
 
@@ -222,16 +243,17 @@ class _RasterizeFunction(torch.autograd.Function):
             ).tolist()
             log_t = torch.zeros(hw, dtype=torch.float64, device=dev)
             done = torch.zeros(hw, dtype=torch.bool, device=dev)
-            lo, count = 0, 0
+            lo, count, any_done = 0, 0, False
             for hi in bounds + [len(order)]:
                 hi = max(min(hi, len(order)), lo + 1)
                 if lo >= len(order):
                     break
-                pix, g, alpha = _chunk_pairs(m2d, con, op, order[lo:hi], boxes[lo:hi], done, width)
+                pix, g, alpha = _chunk_pairs(m2d, con, op, order[lo:hi], boxes[lo:hi], done, any_done, width)
                 lo = hi
                 if pix.numel() == 0:
                     continue
                 pos, alpha, t_before, log1m = _composite_chunk(pix, alpha, log_t, done)
+                any_done = any_done or pos is not None or bool(done.any())
                 if pos is not None:
                     pix, g = _take(pix, pos), _take(g, pos)
                 log_t.index_add_(0, pix, log1m)
@@ -281,10 +303,12 @@ class _RasterizeFunction(torch.autograd.Function):
                 dot = sum(_take(col_t[k], g) * v_pix[k] for k in range(n_ch))
                 q = (w * dot).to(torch.float64)
                 incl = torch.cumsum(q, 0)
-                start = _segment_starts(pix)
+                starts = _segment_starts(pix)
                 acc.index_add_(0, pix, q)
                 # behind = everything of this pixel from here on (acc) minus this and earlier pairs
-                behind = (_take(acc, pix) - (incl - _take(incl - q, start))).to(alpha.dtype)
+                # of the chunk (incl - the cumulative sum before the segment start)
+                base = _per_pixel(_take(incl - q, starts), pix, starts, hw)
+                behind = (_take(acc + base, pix) - incl).to(alpha.dtype)
                 ra = 1.0 / (1.0 - alpha)
                 v_alpha = t_before * dot + ra * (_take(tail, pix) - behind)
                 pixl = pix.to(torch.int64)
