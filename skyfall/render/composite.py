@@ -284,6 +284,10 @@ class _RasterizeFunction(torch.autograd.Function):
         # d out_c / d bg = T_final; the background also enters every v_alpha below
         v_bg = (out_t[..., None] * v_img).sum(1)
         bg_dot = (v_img * backgrounds[:, None, :]).sum(-1)  # [C, HW]
+        # pixel-centre tables (gathers from [HW] tables beat integer division per pair)
+        ar = torch.arange(hw, device=v_img.device)
+        px_tab = (ar % width).to(colors.dtype) + 0.5
+        py_tab = torch.div(ar, width, rounding_mode="floor").to(colors.dtype) + 0.5
         first = 0
         for cam in range(n_cam):
             chunks = [saved[4 * (first + i) : 4 * (first + i) + 4] for i in range(n_chunks[cam])]
@@ -293,7 +297,7 @@ class _RasterizeFunction(torch.autograd.Function):
             m2x, m2y = means2d[cam, :, 0].contiguous(), means2d[cam, :, 1].contiguous()
             con_t = conics[cam].t().contiguous()
             # per-pixel part of v_alpha: T_final * (dL/dalpha - bg . dL/dcolor)
-            tail = out_t[cam] * (v_a_img[cam] - bg_dot[cam])
+            tail = (out_t[cam] * (v_a_img[cam] - bg_dot[cam])).to(torch.float64)
             # sum of w * (c . dL/dC) over the pairs behind (later chunks first: walk back to front)
             acc = torch.zeros(hw, dtype=torch.float64, device=v_img.device)
             for pix, g, alpha, t_before in reversed(chunks):
@@ -308,15 +312,11 @@ class _RasterizeFunction(torch.autograd.Function):
                 # behind = everything of this pixel from here on (acc) minus this and earlier pairs
                 # of the chunk (incl - the cumulative sum before the segment start)
                 base = _per_pixel(_take(incl - q, starts), pix, starts, hw)
-                behind = (_take(acc + base, pix) - incl).to(alpha.dtype)
-                ra = 1.0 / (1.0 - alpha)
-                v_alpha = t_before * dot + ra * (_take(tail, pix) - behind)
-                pixl = pix.to(torch.int64)
-                py = torch.div(pixl, width, rounding_mode="floor")
-                px = (pixl - py * width).to(alpha.dtype) + 0.5
-                py = py.to(alpha.dtype) + 0.5
-                dx = _take(m2x, g) - px
-                dy = _take(m2y, g) - py
+                # tail - behind, read through one per-pixel table
+                tail_behind = (_take(tail - acc - base, pix) + incl).to(alpha.dtype)
+                v_alpha = t_before * dot + tail_behind / (1.0 - alpha)
+                dx = _take(m2x, g) - _take(px_tab, pix)
+                dy = _take(m2y, g) - _take(py_tab, pix)
                 ca, cb, cc = (_take(con_t[k], g) for k in range(3))
                 # alpha = o * exp(-sigma) where unclamped, so d alpha / d sigma = -alpha and
                 # d alpha / d o = alpha / o; clamped (gsplat: `opac * vis > 0.999f`) and dropped
