@@ -168,3 +168,23 @@ def test_gsplat_satellite_camera_precision():
     ot, _ = _run("torch", params, cams.viewmats, cams.Ks, W, H)
     torch.testing.assert_close(og.means2d[0, 0].double(), uv[0, 0], atol=2e-3, rtol=0)
     torch.testing.assert_close(ot.colors, og.colors, atol=2e-4, rtol=0)
+
+
+def test_bench_script_smoke():
+    """scripts/bench_render.py prints one JSON line per case with the documented keys."""
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_render.py"
+    res = subprocess.run(
+        [sys.executable, str(script), "--threads", "1", "--reps", "1", "--cases", "300@48", "1k@40"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [(r["n"], r["width"]) for r in rows] == [(300, 48), (1000, 40)]
+    for r in rows:
+        assert r["backend"] == "torch" and r["device"] == "cpu" and r["threads"] == 1
+        assert r["forward_s"] > 0 and r["backward_s"] > 0 and r["peak_mem_mb"] >= 0
