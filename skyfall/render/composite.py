@@ -125,6 +125,14 @@ def _chunk_pairs(
     j0 = torch.ceil(centre - half - 0.5).clamp(0, width).to(torch.int64)
     j1 = torch.floor(centre + half - 0.5).clamp(-1, width - 1).to(torch.int64)
     nx = torch.where(disc >= 0, (j1 - j0 + 1).clamp_min(0), torch.zeros_like(j1))
+    if any_done:
+        # skip spans whose pixels have all reached the T cut-off (per-row prefix counts of `done`)
+        done_cs = torch.zeros(done.numel() // width, width + 1, dtype=torch.int32, device=dev)
+        torch.cumsum(done.view(-1, width), dim=1, dtype=torch.int32, out=done_cs[:, 1:])
+        base = row * (width + 1)
+        flat = done_cs.view(-1)
+        n_done = _take(flat, base + (j1 + 1).clamp_min(0)) - _take(flat, base + j0.clamp_max(width))
+        nx = torch.where(n_done < nx, nx, torch.zeros_like(nx))
     # level 2: pixels; sigma = (A dx + B) dx + C with dx = d0 - local along the span
     total = int(nx.sum())
     if total == 0:
