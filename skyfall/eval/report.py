@@ -1,0 +1,219 @@
+"""Evaluation outputs: per-view CSV, summary CSV, JSON, a PNG grid per checkpoint and an HTML report.
+
+::
+
+    OUT/eval.json            everything (options, unavailable metrics + reasons, per view/set/band, geometry)
+    OUT/views.csv            one row per (checkpoint, view)
+    OUT/summary.csv          one row per (checkpoint, group): set / altitude band / geometry source
+    OUT/grid_<ckpt>.png      per GT set: reference | render | |error| | GT depth | depth | depth error
+    OUT/dsm_<ckpt>.png       GT DSM | predicted DSMs | registered error
+    OUT/report.html          the tables and figures
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from skyfall.storage.run_dir import atomic_write_text
+
+# Colour-map anchors (viridis-like for depth/heights, inferno-like for errors), linearly interpolated.
+_VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float64)
+_INFERNO = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float64)
+SUMMARY_COLS = ("ckpt", "kind", "group", "n_views", "altitude_m", "psnr", "ssim", "lpips", "depth_absrel",
+                "coverage", "clip_fid", "cmmd", "dsm_mae_m", "dsm_rmse_m", "dsm_completeness",
+                "dsm_mae_unregistered_m", "shift_rows", "shift_cols", "dz_m")  # fmt: skip
+VIEW_COLS = ("ckpt", "set", "view", "band", "altitude_m", "psnr", "ssim", "lpips", "depth_absrel", "coverage")
+
+
+def _clean(x: object) -> object:
+    """JSON-safe copy: NaN/inf -> null, numpy scalars -> Python, paths -> str."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def colorize(values: np.ndarray, vmin: float, vmax: float, cmap: str = "viridis") -> np.ndarray:
+    """[H, W] floats -> [H, W, 3] uint8; NaN -> dark grey."""
+    anchors = _VIRIDIS if cmap == "viridis" else _INFERNO
+    t = np.clip((values - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+    t = np.where(np.isfinite(values), t, 0.0)
+    pos = t * (len(anchors) - 1)
+    lo = np.floor(pos).astype(int).clip(0, len(anchors) - 2)
+    f = (pos - lo)[..., None]
+    rgb = anchors[lo] * (1 - f) + anchors[lo + 1] * f
+    rgb[~np.isfinite(values)] = 40
+    return rgb.astype(np.uint8)
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return "" if not math.isfinite(v) else f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def summary_rows(doc: dict) -> list[dict]:
+    """Flatten the per-set, per-band and geometry results of every checkpoint to table rows."""
+    rows = []
+    for ck in doc["checkpoints"]:
+        for kind, key in (("set", "by_set"), ("band", "by_band")):
+            for g, vals in ck[key].items():
+                rows.append({"ckpt": ck["label"], "kind": kind, "group": g, **vals})
+        allg = ck["distribution"].get("all", {}).get("gt_views")
+        if allg:
+            rows.append({"ckpt": ck["label"], "kind": "all", "group": "gt_views", **allg})
+        for src, vals in ck["geometry"].items():
+            rows.append({"ckpt": ck["label"], "kind": "geometry", "group": f"dsm_{src}", **vals})
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict], cols: tuple[str, ...]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in rows:
+            w.writerow([_fmt(r.get(c)) for c in cols])
+
+
+def _label(img: np.ndarray, text: str) -> np.ndarray:
+    im = Image.fromarray(img)
+    d = ImageDraw.Draw(im)
+    d.rectangle([0, 0, min(im.width, 7 * len(text) + 6), 12], fill=(0, 0, 0))
+    d.text((3, 0), text, fill=(255, 255, 255))
+    return np.asarray(im)
+
+
+def _grid_png(path: Path, samples: dict[str, dict]) -> None:
+    """One row per view set: reference | render | |error| | GT depth | rendered depth | depth error."""
+    rows = []
+    size = max(160, max(max(s["gt"].shape[:2]) for s in samples.values()))  # room for the labels
+    for name, s in samples.items():
+        gt, pred = s["gt"], s["pred"]
+        err = np.abs(gt.astype(np.float64) - pred.astype(np.float64)).mean(-1) / 255.0
+        tiles = [_label(gt, f"{name} GT"), _label(pred, "render " + " ".join(f"{k} {v:.3f}" for k, v in s["metrics"].items())),
+                 _label(colorize(err, 0, 0.5, "inferno"), "|err| 0-0.5")]  # fmt: skip
+        dgt, dpr = s["gt_depth"], s["depth"]
+        if dgt is not None:
+            fin = np.isfinite(dgt)
+            lo, hi = (np.percentile(dgt[fin], 2), np.percentile(dgt[fin], 98)) if fin.any() else (0, 1)
+            derr = np.abs(dpr - dgt) / np.where(fin, dgt, np.nan)
+            tiles += [_label(colorize(dgt, lo, hi), "GT depth"), _label(colorize(dpr, lo, hi), "depth"),
+                      _label(colorize(derr, 0, 0.2, "inferno"), "|rel err| 0-0.2")]  # fmt: skip
+        else:
+            fin = np.isfinite(dpr)
+            lo, hi = (np.percentile(dpr[fin], 2), np.percentile(dpr[fin], 98)) if fin.any() else (0, 1)
+            blank = np.full_like(gt, 40)
+            tiles += [blank, _label(colorize(dpr, lo, hi), "depth"), blank]
+        tiles = [np.asarray(Image.fromarray(t).resize((size, size), Image.NEAREST)) for t in tiles]
+        rows.append(np.concatenate(tiles, 1))
+    Image.fromarray(np.concatenate(rows, 0)).save(path)
+
+
+def _dsm_png(path: Path, maps: dict[str, np.ndarray], geometry: dict[str, dict]) -> None:
+    gt = maps["gt"]
+    fin = np.isfinite(gt)
+    lo, hi = np.percentile(gt[fin], 1), np.percentile(gt[fin], 99)
+    tiles = [_label(colorize(gt, lo, hi), "GT DSM")]
+    for name, pred in maps.items():
+        if name == "gt":
+            continue
+        g = geometry.get(name, {})
+        tiles.append(_label(colorize(pred, lo, hi), f"{name} MAE {g.get('dsm_mae_m', float('nan')):.2f} m"))
+        from skyfall.eval.geometry import shift_image
+
+        reg = shift_image(pred, int(g.get("shift_rows", 0)), int(g.get("shift_cols", 0))) + g.get("dz_m", 0.0)
+        tiles.append(_label(colorize(np.abs(reg - gt), 0, 5, "inferno"), f"{name} |err| 0-5 m"))
+    Image.fromarray(np.concatenate(tiles, 1)).save(path)
+
+
+def _table(rows: list[dict], cols: tuple[str, ...]) -> str:
+    cols = tuple(c for c in cols if any(_fmt(r.get(c)) for r in rows))
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def band_comparison(doc: dict, metric: str = "psnr") -> list[dict]:
+    """One row per altitude band, one column per checkpoint: Stage 1 vs Stage 2 at a glance."""
+    bands: dict[str, dict] = {}
+    for ck in doc["checkpoints"]:
+        for b, vals in ck["by_band"].items():
+            bands.setdefault(b, {"band": b, "altitude_m": vals.get("altitude_m")})[ck["label"]] = vals.get(
+                metric
+            )
+    return sorted(bands.values(), key=lambda r: -(r["altitude_m"] or 0))
+
+
+def write_outputs(out: Path, doc: dict) -> None:
+    """Write eval.json, views.csv, summary.csv, PNG figures and report.html under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    figures = []
+    for ck in doc["checkpoints"]:
+        safe = ck["label"].replace("@", "_").replace("/", "_")
+        samples, maps = ck.pop("_samples", {}), ck.pop("_dsm", {})
+        if samples:
+            _grid_png(out / f"grid_{safe}.png", samples)
+            figures.append((ck["label"], f"grid_{safe}.png"))
+        if "gt" in maps and len(maps) > 1:
+            _dsm_png(out / f"dsm_{safe}.png", maps, ck["geometry"])
+            figures.append((ck["label"] + " DSM", f"dsm_{safe}.png"))
+    doc["figures"] = [f for _, f in figures]
+    atomic_write_text(out / "eval.json", json.dumps(_clean(doc), indent=1))
+    _write_csv(out / "views.csv", [r for ck in doc["checkpoints"] for r in ck["views"]], VIEW_COLS)
+    rows = summary_rows(doc)
+    _write_csv(out / "summary.csv", rows, SUMMARY_COLS)
+
+    labels = [ck["label"] for ck in doc["checkpoints"]]
+    parts = [
+        "<html><head><meta charset='utf-8'><title>skyfall eval</title><style>"
+        "body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;margin:.5em 0}"
+        "td,th{border:1px solid #bbb;padding:2px 6px;text-align:right}img{max-width:100%}</style></head><body>",
+        f"<h1>skyfall eval: {html.escape(doc['run'])}</h1>",
+        f"<p>tile {html.escape(str(doc['data']))}; embedding {html.escape(doc['embedding'])}; "
+        f"checkpoints {html.escape(', '.join(labels))}; {doc['wall_s']:.1f} s</p>",
+    ]
+    if doc["unavailable"]:
+        items = "".join(
+            f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in doc["unavailable"].items()
+        )
+        parts.append(f"<h2>Unavailable metrics</h2><ul>{items}</ul>")
+    for metric in ("psnr", "ssim", "lpips", "cmmd"):
+        comp = band_comparison(doc, metric)
+        if any(r.get(lab) is not None for r in comp for lab in labels):
+            parts.append(
+                f"<h2>{metric.upper()} per altitude band</h2>" + _table(comp, ("band", "altitude_m", *labels))
+            )
+    parts.append("<h2>Summary</h2>" + _table(rows, SUMMARY_COLS))
+    for title, f in figures:
+        parts.append(f"<h2>{html.escape(title)}</h2><img src='{html.escape(f)}'>")
+    parts.append("<h2>Protocol</h2><ul>" + "".join(
+        f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in doc["protocol"].items()) + "</ul>")  # fmt: skip
+    parts.append("</body></html>")
+    atomic_write_text(out / "report.html", "\n".join(parts))
+
+
+def markdown_table(doc: dict) -> str:
+    """A compact Markdown table of the summary (for terminals and notes)."""
+    cols = ("ckpt", "kind", "group", "altitude_m", "psnr", "ssim", "lpips", "depth_absrel", "coverage", "cmmd",
+            "clip_fid", "dsm_mae_m", "dsm_rmse_m", "dsm_completeness")  # fmt: skip
+    rows = summary_rows(doc)
+    cols = tuple(c for c in cols if any(_fmt(r.get(c)) for r in rows))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
