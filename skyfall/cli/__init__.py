@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("skyfall.cli.demo", "Demo"),
     "synth": ("skyfall.cli.synth", "Synth"),
     "info": ("skyfall.cli.info", "Info"),
+    "eval": ("skyfall.cli.eval", "Eval"),
 }
 
 
