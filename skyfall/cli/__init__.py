@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("skyfall.cli.synth", "Synth"),
     "info": ("skyfall.cli.info", "Info"),
     "eval": ("skyfall.cli.eval", "Eval"),
+    "prepare": ("skyfall.cli.prepare", "Prepare"),
 }
 
 
