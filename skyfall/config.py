@@ -238,6 +238,123 @@ def from_dict(cls: type, data: dict) -> Any:
     return cls(**kwargs)
 
 
+@dataclass
+class Stage2Config:
+    """Stage 2: Iterative Dataset Update (reference-pipeline.md §3; JAX script values by default)."""
+
+    curriculum: str = "jax_v1"
+    """Episodes as 'jax_v1', 'nyc_v1' or a custom list 'ELEV:RADIUS[,ELEV:RADIUS...]' in degrees and
+    world units (reference scale; see --scale), e.g. '85:300,65:275,45:250'."""
+    fov: float | None = None
+    """Field of view of the orbit renders in degrees; None = the curriculum's (jax_v1 60, nyc_v1 20)."""
+    scale: str = "1.0"
+    """Multiply curriculum radii, look-at grid width and pseudo-camera distances by this. The reference
+    values fit ~256 m tiles; 'auto' derives the factor from the point cloud's extent
+    (users of the reference ask for this on custom data)."""
+    grid_size: int = 3
+    """G: a GxG grid of look-at targets (--idu_grid_size; JAX 3, NYC 4)."""
+    grid_width: float = 512.0
+    """Width of the look-at grid; targets sit at -W/2 + k W/(G+1), k = 1..G (--idu_grid_width)."""
+    n_azimuths: int = 6
+    """N_v: orbit cameras per target at azimuths 2 pi i / N_v (--idu_num_cams)."""
+    samples_per_view: int = 2
+    """N_s: independent refinements (seeds) of each rendered view (--idu_num_samples_per_view)."""
+    render_size: int = 1024
+    """Square size of the orbit renders fed to the refiner (--idu_render_size)."""
+    episode_steps: int = 10_000
+    """Training steps per episode (--idu_episode_iterations)."""
+    densify_until: int = 9_000
+    """Densify during the first this many steps of each episode (--idu_densify_until_iter)."""
+    densify_interval: int = 100
+    """Densify every this many steps."""
+    grad_threshold: float = 2e-4
+    """Densification gradient threshold in Stage 2 (--densify_grad_threshold)."""
+    opacity_reset_interval: int = 5000
+    """Opacity reset at absolute step multiples of this, inside the densify window (--idu_opacity_reset_interval)."""
+    opacity_cooldown_lambda: float = 0.0
+    """Opacity-loss weight during the cool-down after a reset (Stage 2 reference: 0, §8 #8)."""
+    opacity_cooldown_steps: int = 500
+    """Cool-down length (--idu_opacity_cooling_iterations)."""
+    lambda_opacity: float = 0.0
+    """Opacity entropy weight in Stage 2 (JAX 0, NYC 10)."""
+    idu_ratio: float = 0.75
+    """Probability of training on a refined view instead of a satellite view (--idu_train_ratio)."""
+    lambda_depth: float = 0.0
+    """Weight of the depth loss on refined views (depth predicted on the refined image; 0 in every
+    reference config, in which case no depth is predicted for them)."""
+    refiner: Literal["flowedit", "sdedit", "ideal", "identity"] = "flowedit"
+    """Image refiner: FlowEdit on FLUX.1-dev (paper), SDEdit (ablation), 'ideal' (synthetic tiles only:
+    the ground-truth render of the pose — a measuring instrument, not a method), 'identity' (no refine)."""
+    ideal_noise: float = 0.0
+    """IdealRefiner only: std of per-sample colour perturbation, mimicking diffusion variance."""
+    pseudo_weight: float = 0.5
+    """Pseudo-camera depth weight in Stage 2 (JAX 0.5, NYC 0)."""
+    pseudo_elevation_start: float = 85.0
+    """Pseudo-camera elevation at the start of each episode (degrees)."""
+    pseudo_elevation_end: float = 45.0
+    """Pseudo-camera elevation at the end of each episode (degrees)."""
+    pseudo_radius_start: float = 150.0
+    """Pseudo-camera radius at the start of each episode (reference scale)."""
+    pseudo_radius_end: float = 75.0
+    """Pseudo-camera radius at the end of each episode (reference scale)."""
+    pseudo_size: int | None = None
+    """Pseudo-view size in pixels; None = Stage 1's."""
+    checkpoint_every: int = 1000
+    """Step checkpoints inside an episode (episode ends are always checkpointed)."""
+    max_episodes: int | None = None
+    """Stop after this many episodes (None = the whole curriculum)."""
+
+    def scale_steps(self, factor: float) -> Stage2Config:
+        """A copy with every step-valued field multiplied by ``factor``."""
+
+        def s(v: int) -> int:
+            return max(1, round(v * factor))
+
+        return dataclasses.replace(
+            self,
+            episode_steps=s(self.episode_steps),
+            densify_until=s(self.densify_until),
+            densify_interval=s(self.densify_interval),
+            opacity_reset_interval=s(self.opacity_reset_interval),
+            opacity_cooldown_steps=s(self.opacity_cooldown_steps),
+            checkpoint_every=s(self.checkpoint_every),
+        )
+
+
+CURRICULA: dict[str, tuple[float, list[tuple[float, float]]]] = {
+    # name -> (FoV degrees, [(elevation deg, radius), ...]) — reference-pipeline.md §3.1
+    "jax_v1": (60.0, [(85.0, 300.0), (75.0, 275.0), (65.0, 275.0), (55.0, 250.0), (45.0, 250.0)]),
+    # The reference lists 6 elevations (…, 25) with 5 radii and zips them, so 25° never runs (§8 #4):
+    # the preset lists the 5 episodes that actually run.
+    "nyc_v1": (20.0, [(85.0, 600.0), (75.0, 600.0), (65.0, 600.0), (55.0, 600.0), (45.0, 600.0)]),
+}
+
+
+def parse_curriculum(spec: str) -> tuple[float | None, list[tuple[float, float]]]:
+    """('jax_v1' | 'nyc_v1' | 'E:R,E:R,...') -> (preset FoV or None, [(elevation, radius), ...])."""
+    from skyfall.errors import ConfigError
+
+    if spec in CURRICULA:
+        fov, eps = CURRICULA[spec]
+        return fov, list(eps)
+    episodes = []
+    for part in spec.split(","):
+        bits = part.strip().split(":")
+        if len(bits) != 2:
+            raise ConfigError(f"curriculum entry {part!r}: expected ELEVATION:RADIUS (or a preset name)")
+        try:
+            elev, radius = float(bits[0]), float(bits[1])
+        except ValueError:
+            raise ConfigError(f"curriculum entry {part!r}: elevation and radius must be numbers") from None
+        if not (0.0 < elev <= 90.0) or radius <= 0:
+            raise ConfigError(f"curriculum entry {part!r}: elevation must be in (0, 90] and radius > 0")
+        episodes.append((elev, radius))
+    if not episodes:
+        raise ConfigError("empty curriculum")
+    return None, episodes
+
+
 _DATACLASSES = {
-    c.__name__: c for c in (OptimConfig, AppearanceConfig, DensifyConfig, PseudoDepthConfig, Stage1Config)
+    c.__name__: c
+    for c in (OptimConfig, AppearanceConfig, DensifyConfig, PseudoDepthConfig, Stage1Config, Stage2Config)
 }

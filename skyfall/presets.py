@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from skyfall.config import DensifyConfig, PseudoDepthConfig, Stage1Config
+from skyfall.config import DensifyConfig, PseudoDepthConfig, Stage1Config, Stage2Config
 
 
 def _paper_jax() -> Stage1Config:
@@ -27,24 +27,32 @@ def _paper_nyc() -> Stage1Config:
 
 
 def _demo() -> Stage1Config:
-    # CPU budget: a few minutes on 2 cores. Half-resolution satellite views, a short schedule with the
-    # reference's proportions, small pseudo views with the synthetic tile's exact depth as the prior.
-    steps = 2000
+    # CPU budget: minutes on 2 cores. Half-resolution satellite views, a short schedule with the
+    # reference's shape, small pseudo views with the synthetic tile's exact depth as the prior.
+    # Two deliberate departures from the reference schedule, both about run length:
+    # * grad threshold 2e-4 (the NYC value): with 1e-4 the count grew 23k -> 103k by step 775 on the
+    #   default tile, which the CPU renderer cannot afford;
+    # * no opacity reset: logits need ~90 Adam steps to climb back from a reset, and with
+    #   lambda_op = 10 a short run does not recover from it (measured on the tiny tile).
+    steps = 1500
     return Stage1Config(
         steps=steps,
         resolution=2,
         sh_increase_every=300,
         opacity_cooldown_steps=100,
-        checkpoint_every=500,
-        eval_every=1000,
+        checkpoint_every=250,
+        eval_every=750,
         log_every=10,
         optim=dataclasses.replace(Stage1Config().optim, means_lr_max_steps=steps),
         densify=DensifyConfig(
-            start=200, until=1400, interval=100, opacity_reset_interval=600, filter_recompute_interval=50
+            start=200,
+            until=1000,
+            interval=100,
+            grad_threshold=2e-4,
+            opacity_reset_interval=10_000,
+            filter_recompute_interval=50,
         ),
-        pseudo=PseudoDepthConfig(
-            start=200, end=1400, ramp=100, size=128, estimator="ground-truth", num_cams=24
-        ),
+        pseudo=PseudoDepthConfig(start=200, end=1000, ramp=100, size=128, estimator="ground-truth"),
         device="cpu",
     )
 
@@ -102,3 +110,68 @@ def get_preset(name: str) -> Stage1Config:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name][1]()
+
+
+# ---------------------------------------------------------------------------------------------- Stage 2
+
+
+def _s2_paper_nyc() -> Stage2Config:
+    return Stage2Config(curriculum="nyc_v1", grid_size=4, lambda_opacity=10.0, pseudo_weight=0.0)
+
+
+def _s2_demo() -> Stage2Config:
+    # CPU-sized: 128^2 orbit renders, one sample per view, 5 short episodes with the reference's
+    # proportions (densify for the first 90 %, one opacity reset mid-episode).
+    return Stage2Config(
+        render_size=128,
+        samples_per_view=1,
+        episode_steps=400,
+        densify_until=360,
+        densify_interval=40,
+        opacity_reset_interval=200,
+        opacity_cooldown_steps=20,
+        checkpoint_every=200,
+        refiner="ideal",
+        pseudo_size=96,
+    )
+
+
+def _s2_tiny() -> Stage2Config:
+    return Stage2Config(
+        grid_size=2,
+        n_azimuths=2,
+        samples_per_view=2,
+        render_size=32,
+        episode_steps=20,
+        densify_until=15,
+        densify_interval=5,
+        opacity_reset_interval=10,
+        opacity_cooldown_steps=3,
+        checkpoint_every=5,
+        refiner="identity",
+        pseudo_size=32,
+        max_episodes=2,
+    )
+
+
+STAGE2_PRESETS = {
+    "paper-jax": (
+        "Reference IDU for DFC2019/JAX (jax_v1, 5 x 10k steps, FlowEdit on FLUX.1-dev).",
+        Stage2Config,
+    ),
+    "paper-nyc": (
+        "Reference IDU for NYC/GES (nyc_v1, 4x4 grid, lambda_op 10, no pseudo depth).",
+        _s2_paper_nyc,
+    ),
+    "demo": ("CPU-sized IDU on the synthetic tile with the ideal refiner (measuring instrument).", _s2_demo),
+    "tiny": ("Two 20-step episodes at 32^2 (tests).", _s2_tiny),
+}
+
+
+def get_stage2_preset(name: str) -> Stage2Config:
+    """A fresh Stage2Config for a named preset; raises ConfigError for an unknown name."""
+    from skyfall.errors import ConfigError
+
+    if name not in STAGE2_PRESETS:
+        raise ConfigError(f"unknown Stage 2 preset {name!r}; choose one of {', '.join(STAGE2_PRESETS)}")
+    return STAGE2_PRESETS[name][1]()

@@ -22,6 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("skyfall.cli.synth", "Synth"),
     "info": ("skyfall.cli.info", "Info"),
     "eval": ("skyfall.cli.eval", "Eval"),
+    "export": ("skyfall.cli.export", "Export"),
+    "render": ("skyfall.cli.render", "Render"),
+    "view": ("skyfall.cli.view", "View"),
     "prepare": ("skyfall.cli.prepare", "Prepare"),
 }
 
@@ -30,8 +33,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # tyro collapses a one-member Union, so groups are dispatched here rather than by nesting types.
 GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
     "train": (
-        "Train a reconstruction: `skyfall train stage1 --data TILE --out RUN [--preset demo]`.",
-        {"stage1": ("skyfall.cli.train", "TrainStage1")},
+        "Train a reconstruction: `skyfall train stage1|stage2|all ...` (`--preset demo` for CPU runs).",
+        {
+            "stage1": ("skyfall.cli.train", "TrainStage1"),
+            "stage2": ("skyfall.cli.train", "TrainStage2"),
+            "all": ("skyfall.cli.train", "TrainAll"),
+        },
+    ),
+    "path": (
+        "Write camera-path JSON files: `skyfall path orbit --target X Y Z --radius R --out PATH.json`.",
+        {"orbit": ("skyfall.cli.path", "PathOrbit")},
     ),
 }
 

@@ -8,6 +8,7 @@ lowers the opacity so that the integrated density is preserved.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -44,7 +45,7 @@ def apply_3d_filter(scales: Tensor, opacities: Tensor, filter_3d: Tensor | None)
 
 def compute_3d_filter(
     means: Tensor,  # [N, 3]
-    cameras: Cameras,
+    cameras: Cameras | Sequence[Cameras],
     rule: Literal["per_camera", "reference"] = "per_camera",
     near: float = 0.2,
     margin: float = 0.15,
@@ -67,7 +68,9 @@ def compute_3d_filter(
 
     Args:
         means: [N, 3] world positions.
-        cameras: the training cameras.
+        cameras: the training cameras; a sequence of ``Cameras`` for groups of different image sizes
+            (Stage 2: satellite + orbit views). The reference rule then takes the largest focal length
+            over all groups, as the reference does with its mixed camera list.
         rule: "per_camera" or "reference".
         near: minimum camera-space depth.
         margin: relative image enlargement on each side.
@@ -77,7 +80,23 @@ def compute_3d_filter(
     """
     if rule not in ("per_camera", "reference"):
         raise ValueError(f"rule must be 'per_camera' or 'reference', got {rule!r}")
+    groups = [cameras] if isinstance(cameras, Cameras) else list(cameras)
     pts = means.detach().to(dtype=torch.float64)
+    n = pts.shape[0]
+    best = torch.full((n,), float("inf"), dtype=torch.float64, device=pts.device)
+    for group in groups:
+        best = torch.minimum(best, _min_depth_ratio(pts, group, rule, near, margin))
+    seen = torch.isfinite(best)
+    if not seen.any():
+        return torch.zeros(n, dtype=torch.float32, device=means.device)
+    best = torch.where(seen, best, best[seen].max())
+    if rule == "reference":
+        best = best / max(g.Ks[:, 0, 0].max().item() for g in groups)
+    return (best * math.sqrt(0.2)).to(device=means.device, dtype=torch.float32)
+
+
+def _min_depth_ratio(pts: Tensor, cameras: Cameras, rule: str, near: float, margin: float) -> Tensor:
+    """Per point, min over visible cameras of z (reference rule) or z / fx (per-camera rule); inf if unseen."""
     n = pts.shape[0]
     vm = cameras.viewmats.to(pts.device)
     ks = cameras.Ks.to(pts.device)
@@ -95,10 +114,4 @@ def compute_3d_filter(
         ok &= (vv >= -margin * h) & (vv <= (1 + margin) * h)
         value = z if rule == "reference" else z / k[:, None, 0, 0]
         best = torch.minimum(best, torch.where(ok, value, torch.full_like(value, float("inf"))).amin(0))
-    seen = torch.isfinite(best)
-    if not seen.any():
-        return torch.zeros(n, dtype=torch.float32, device=means.device)
-    best = torch.where(seen, best, best[seen].max())
-    if rule == "reference":
-        best = best / cameras.Ks[:, 0, 0].max().item()
-    return (best * math.sqrt(0.2)).to(device=means.device, dtype=torch.float32)
+    return best

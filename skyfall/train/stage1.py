@@ -34,6 +34,7 @@ from skyfall.gaussians.init import init_from_points
 from skyfall.gaussians.model import GaussianModel
 from skyfall.losses import opacity_entropy, pearson_depth_loss, photometric_loss
 from skyfall.priors.depth import DepthEstimator, make_depth_estimator
+from skyfall.render import RenderOutput
 from skyfall.storage.checkpoints import (
     capture_rng_state,
     checkpoint_path,
@@ -151,7 +152,7 @@ class Stage1Trainer:
     def _recompute_filter(self) -> None:
         with torch.no_grad():
             self.model.filter_3d = compute_3d_filter(
-                self.model.params["means"].detach(), self.cameras, rule=self.cfg.filter_rule
+                self.model.params["means"].detach(), self.filter_cameras(), rule=self.cfg.filter_rule
             ).to(self.device)
 
     @property
@@ -210,23 +211,77 @@ class Stage1Trainer:
             self.view_stack = torch.randperm(len(self.tile.train)).tolist()
         return self.view_stack.pop()
 
-    def _pseudo_loss(self, it: int) -> Tensor | None:
+    # Hooks that Stage 2 overrides (its schedules are relative to an episode, its views mixed).
+
+    def sample_view(self, it: int) -> tuple[Cameras, Tensor, Tensor | None, Tensor | int | None]:
+        """The next training view: (camera, image [3,H,W], mask [H,W] or None, appearance embedding)."""
+        j = self._next_view()
+        cam = Cameras(self.cameras.camtoworlds[j], self.cameras.Ks[j], self.W, self.H)
+        return cam, self.images[j], self.masks[j], (j if self.appearance is not None else None)
+
+    def lambda_opacity(self, it: int) -> float:
+        return self.cfg.opacity_cooldown_lambda if it < self.cooldown_until else self.cfg.lambda_opacity
+
+    def pseudo_pose(self, it: int) -> tuple[float, float] | None:
+        """(elevation, radius) of pseudo cameras at ``it``, or None when no pseudo view is due."""
         p = self.cfg.pseudo
+        if not (p.enabled and p.weight > 0 and it % p.interval == 0 and p.start < it < p.end):
+            return None
+        return (
+            linear_schedule(it, p.start, p.end, p.elevation_start, p.elevation_end),
+            linear_schedule(it, p.start, p.end, p.radius_start, p.radius_end),
+        )
+
+    def pseudo_weight(self, it: int) -> float:
+        p = self.cfg.pseudo
+        return min((it - p.start) / max(p.ramp, 1), 1.0) * p.weight
+
+    def densify_schedule(self, it: int) -> tuple[bool, bool, bool]:
+        """(accumulate stats, densify now, reset opacity now) at step ``it``."""
+        d = self.cfg.densify
+        active = it < d.until
+        return (
+            active,
+            active and it > d.start and it % d.interval == 0,
+            active and it % d.opacity_reset_interval == 0,
+        )
+
+    def filter_due(self, it: int) -> bool:
+        d = self.cfg.densify
+        return (
+            it >= d.until
+            and it % d.filter_recompute_interval == 0
+            and it < self.cfg.steps - d.filter_recompute_interval
+        )
+
+    @property
+    def grad_threshold(self) -> float:
+        return self.cfg.densify.grad_threshold
+
+    @property
+    def cooldown_steps(self) -> int:
+        return self.cfg.opacity_cooldown_steps
+
+    def filter_cameras(self) -> Cameras:
+        """Cameras that define the 3D filter (Stage 1: the satellite views)."""
+        return self.cameras
+
+    def _pseudo_loss(self, it: int, elev: float, radius: float) -> Tensor | None:
+        p = self.cfg.pseudo
+        size = self.pseudo_size
         if not self.pseudo_stack:
-            elev = linear_schedule(it, p.start, p.end, p.elevation_start, p.elevation_end)
-            radius = linear_schedule(it, p.start, p.end, p.radius_start, p.radius_end)
             cams = sample_pseudo_cameras(
                 p.num_cams,
                 elevation_deg=elev,
                 radius=radius,
-                target_std=p.target_std,
+                target_std=self.pseudo_target_std,
                 n_azimuths=p.n_azimuths,
                 fov_deg=p.fov,
-                size=p.size,
+                size=size,
             )
             self.pseudo_stack = [(cams.camtoworlds[i], cams.Ks[i]) for i in range(len(cams))]
         c2w, k = self.pseudo_stack.pop()
-        cam = Cameras(c2w, k, p.size, p.size)
+        cam = Cameras(c2w, k, size, size)
         # The reference renders pseudo views with a random training image's appearance.
         emb = int(torch.randint(0, len(self.tile.train), (1,)))
         out = self.scene.render(cam, emb if self.appearance is not None else None, absgrad=False)
@@ -248,29 +303,36 @@ class Stage1Trainer:
             self.counters["pseudo_skipped"] += 1
             return None
         self.counters["pseudo_used"] += 1
-        ramp = min((it - p.start) / max(p.ramp, 1), 1.0)
-        return ramp * p.weight * res.loss
+        return self.pseudo_weight(it) * res.loss
+
+    @property
+    def pseudo_size(self) -> int:
+        return self.cfg.pseudo.size
+
+    @property
+    def pseudo_target_std(self) -> float:
+        return self.cfg.pseudo.target_std
 
     def train_step(self, it: int) -> dict[str, float]:
         cfg = self.cfg
         model = self.model
         model.update_position_lr(it)
         model.update_sh_degree(it)
-        j = self._next_view()
-        out = self.scene.render(
-            Cameras(self.cameras.camtoworlds[j], self.cameras.Ks[j], self.W, self.H),
-            j if self.appearance is not None else None,
-        )
+        cam, gt, mask, emb = self.sample_view(it)
+        out = self.scene.render(cam, emb)
         img = out.colors[0].permute(2, 0, 1)
-        l_rgb = photometric_loss(img, self.images[j], self.masks[j], lambda_dssim=cfg.lambda_dssim)
-        lam_op = cfg.opacity_cooldown_lambda if it < self.cooldown_until else cfg.lambda_opacity
+        l_rgb = photometric_loss(img, gt, mask, lambda_dssim=cfg.lambda_dssim)
+        lam_op = self.lambda_opacity(it)
         loss = l_rgb
         if lam_op > 0:
             loss = loss + lam_op * opacity_entropy(model.params["opacities"])
-        p = cfg.pseudo
+        extra = self.extra_loss(it, out)
+        if extra is not None:
+            loss = loss + extra
         l_pd = None
-        if p.enabled and p.weight > 0 and it % p.interval == 0 and p.start < it < p.end:
-            l_pd = self._pseudo_loss(it)
+        pose = self.pseudo_pose(it)
+        if pose is not None:
+            l_pd = self._pseudo_loss(it, *pose)
             if l_pd is not None:
                 loss = loss + l_pd
         if not torch.isfinite(loss):
@@ -282,34 +344,35 @@ class Stage1Trainer:
 
         with torch.no_grad():
             d = cfg.densify
-            if it < d.until:
+            accumulate, densify_now, reset_now = self.densify_schedule(it)
+            if accumulate:
                 accumulate_stats(
                     model,
                     out.means2d.grad[0],
                     out.means2d.absgrad[0],
                     out.radii[0],
                     out.visible[0],
-                    self.W,
-                    self.H,
+                    cam.width,
+                    cam.height,
                 )
-                if it > d.start and it % d.interval == 0:
-                    densify_and_prune(
-                        model,
-                        grad_threshold=d.grad_threshold,
-                        scene_extent=cfg.scene_extent,
-                        percent_dense=d.percent_dense,
-                        min_opacity=d.min_opacity,
-                        max_screen_size=d.size_threshold or None,
-                        max_world_scale_frac=d.max_world_scale_frac,
-                    )
-                    self._recompute_filter()
-                    check_gaussian_count(
-                        model.num_gaussians, cfg.min_gaussians, context=f"after densification at step {it}"
-                    )
-                if it % d.opacity_reset_interval == 0:
-                    reset_opacity(model, d.opacity_reset_value)
-                    self.cooldown_until = it + cfg.opacity_cooldown_steps
-            elif it % d.filter_recompute_interval == 0 and it < cfg.steps - d.filter_recompute_interval:
+            if densify_now:
+                densify_and_prune(
+                    model,
+                    grad_threshold=self.grad_threshold,
+                    scene_extent=cfg.scene_extent,
+                    percent_dense=d.percent_dense,
+                    min_opacity=d.min_opacity,
+                    max_screen_size=d.size_threshold or None,
+                    max_world_scale_frac=d.max_world_scale_frac,
+                )
+                self._recompute_filter()
+                check_gaussian_count(
+                    model.num_gaussians, cfg.min_gaussians, context=f" after densification at step {it}"
+                )
+            if reset_now:
+                reset_opacity(model, d.opacity_reset_value)
+                self.cooldown_until = it + self.cooldown_steps
+            if not accumulate and self.filter_due(it):
                 self._recompute_filter()
             # Parameters replaced by densification this step have no gradient; Adam skips them, as
             # in the reference (densify runs before the optimizer step there too).
@@ -318,7 +381,7 @@ class Stage1Trainer:
             if self.app_optimizer is not None:
                 self.app_optimizer.step()
                 self.app_optimizer.zero_grad(set_to_none=True)
-            train_psnr = psnr(out.colors[0].detach(), self.images[j].permute(1, 2, 0), self.masks[j])
+            train_psnr = psnr(out.colors[0].detach(), gt.permute(1, 2, 0), mask)
         return {
             "loss": float(loss.detach()),
             "l_rgb": float(l_rgb.detach()),
@@ -326,6 +389,10 @@ class Stage1Trainer:
             "psnr": train_psnr,
             "n": model.num_gaussians,
         }
+
+    def extra_loss(self, it: int, out: RenderOutput) -> Tensor | None:
+        """Additional loss terms of subclasses (Stage 2's depth loss on refined views)."""
+        return None
 
     # ------------------------------------------------------------------ evaluation
 

@@ -1,0 +1,199 @@
+"""Stage 2 (IDU): curriculum/camera geometry, ideal refiner, end-to-end tiny run, SIGKILL + resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from skyfall.config import Stage2Config, parse_curriculum
+from skyfall.errors import ConfigError
+from skyfall.presets import get_preset, get_stage2_preset
+from skyfall.train.stage1 import Stage1Trainer
+from skyfall.train.stage2 import Episode, IdealRefiner, Stage2Trainer, idu_cameras, resolve_scale
+
+
+def test_curricula_match_the_reference():
+    fov, eps = parse_curriculum("jax_v1")
+    assert fov == 60 and eps == [(85, 300), (75, 275), (65, 275), (55, 250), (45, 250)]
+    fov, eps = parse_curriculum("nyc_v1")
+    assert fov == 20 and eps == [(e, 600) for e in (85, 75, 65, 55, 45)]  # the 25° entry never ran
+    assert parse_curriculum("80:100, 40:50") == (None, [(80, 100), (40, 50)])
+    for bad in ("80", "80:x", "95:10", "45:-1", ""):
+        with pytest.raises(ConfigError):
+            parse_curriculum(bad)
+
+
+def test_idu_cameras_grid_orbits_and_samples():
+    cfg = Stage2Config(render_size=64)
+    cams, view_index = idu_cameras(Episode(0, 45.0, 250.0, 60.0), cfg, scale=1.0)
+    assert len(cams) == 3 * 3 * 6 * 2 and view_index[:4] == [0, 0, 1, 1]
+    centres = cams.centers
+    # every camera is 250 m from its target at 45° elevation, targets on {-128, 0, 128}^2 x {0}
+    fwd = cams.camtoworlds[:, :3, 2]
+    t = -centres[:, 2] / fwd[:, 2]
+    targets = centres + t[:, None] * fwd
+    assert torch.allclose(
+        (targets - centres).norm(dim=-1), torch.full((len(cams),), 250.0, dtype=torch.float64)
+    )
+    xs = sorted({round(float(v), 6) for v in targets[:, 0]})
+    assert xs == [-128.0, 0.0, 128.0]
+    elev = torch.rad2deg(torch.asin((centres[:, 2] - targets[:, 2]) / 250.0))
+    assert torch.allclose(elev, torch.full_like(elev, 45.0))
+    # the target projects to the image centre
+    uv, z = cams.project(targets[:1])
+    assert torch.allclose(uv[0, 0], torch.tensor([32.0, 32.0], dtype=torch.float64), atol=1e-6)
+
+
+def test_scale_auto_follows_the_point_extent():
+    pts = torch.rand(1000, 3) * 512 - 256  # a 512 m tile: twice the reference's ~256 m
+    assert resolve_scale(Stage2Config(scale="auto"), pts) == pytest.approx(2.0, rel=0.03)
+    assert resolve_scale(Stage2Config(scale="0.5"), pts) == 0.5
+    with pytest.raises(ConfigError):
+        resolve_scale(Stage2Config(scale="big"), pts)
+
+
+def test_ideal_refiner_returns_the_ground_truth_render(tiny_tile: Path):
+    from skyfall.synth import SyntheticCity
+
+    cfg = Stage2Config(render_size=24, grid_size=1, n_azimuths=2, samples_per_view=1)
+    cams, _ = idu_cameras(Episode(0, 60.0, 200.0, 60.0), cfg, scale=1.0)
+    ref = IdealRefiner(tiny_tile, supersample=1)
+    out = ref.refine(torch.zeros(2, 3, 24, 24), seeds=[1, 2], cameras=cams)
+    gt = torch.as_tensor(SyntheticCity.from_tile(tiny_tile).render(cams)["rgb"]).permute(0, 3, 1, 2)
+    assert torch.allclose(out, gt) and out.std() > 0.05
+    noisy = IdealRefiner(tiny_tile, noise=0.05, supersample=1)
+    a = noisy.refine(torch.zeros(2, 3, 24, 24), seeds=[1, 2], cameras=cams)
+    b = noisy.refine(torch.zeros(2, 3, 24, 24), seeds=[1, 2], cameras=cams)
+    c = noisy.refine(torch.zeros(2, 3, 24, 24), seeds=[3, 4], cameras=cams)
+    assert torch.equal(a, b) and not torch.equal(a, c)  # seeds reproduce; different seeds differ
+
+
+@pytest.fixture(scope="module")
+def stage1_run(tiny_tile: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("s1") / "run"
+    Stage1Trainer(get_preset("tiny"), tiny_tile, run, progress=False).run()
+    return run
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_tiny_stage2_end_to_end(stage1_run: Path, tmp_path: Path):
+    run = _copy_run(stage1_run, tmp_path / "run")
+    cfg = get_stage2_preset("tiny")
+    summary = Stage2Trainer(cfg, run, progress=False).run()
+    s2 = summary["stage2"]
+    assert set(s2["stage1_baseline"]) >= {"psnr_test", "psnr_gt_45", "dsm_mae_m"}
+    assert [e["episode"] for e in s2["episodes"]] == [0, 1]
+    for e in s2["episodes"]:
+        assert {"psnr_gt_45", "psnr_test", "dsm_mae_m", "num_gaussians"} <= set(e)
+        assert math.isfinite(e["psnr_gt_45"])
+    n_views = cfg.grid_size**2 * cfg.n_azimuths
+    for ep in ("ep00_e85_r300", "ep01_e75_r275"):
+        assert len(list((run / "idu" / ep / "render").glob("*.png"))) == n_views
+        assert len(list((run / "idu" / ep / "refine").glob("*.png"))) == n_views * cfg.samples_per_view
+    last = 60 + 2 * cfg.episode_steps
+    milestones = json.loads((run / "ckpts" / "milestones.json").read_text())
+    assert milestones == [60, 60 + cfg.episode_steps, last]
+    assert all((run / "ckpts" / f"ckpt_{m:06d}.pt").exists() for m in milestones)
+    ck = torch.load(run / "ckpts" / f"ckpt_{last:06d}.pt", weights_only=True)
+    assert ck["stage"] == "stage2" and ck["step"] == last
+
+
+DRIVER = textwrap.dedent(
+    """
+    import os, sys, time
+    import torch
+    from skyfall.presets import get_stage2_preset
+    from skyfall.train.stage2 import Stage2Trainer
+
+    class SlowLoggingRefiner:
+        # Identity refinement that takes a while and logs every call (the test counts recomputations).
+        def refine(self, images, *, seeds=None, cameras=None):
+            with open(os.environ["REFINE_LOG"], "a") as f:
+                f.write(f"{seeds[0]}\\n")
+            time.sleep(float(os.environ.get("REFINE_DELAY", "0")))
+            return images.clone().clamp(0, 1) * 0.9
+
+    torch.set_num_threads(1)
+    cfg = get_stage2_preset("tiny")
+    Stage2Trainer(cfg, sys.argv[1], refiner=SlowLoggingRefiner(), progress=False).run()
+    """
+)
+
+
+def _driver(tmp_path: Path, run: Path, log: Path, delay: float) -> subprocess.Popen:
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "REFINE_LOG": str(log), "REFINE_DELAY": str(delay)}
+    return subprocess.Popen([sys.executable, str(script), str(run)], env=env, stderr=subprocess.PIPE)
+
+
+def _wait_for(cond, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.time()
+    while not cond() and proc.poll() is None and time.time() - t0 < timeout:
+        time.sleep(0.005)
+    assert proc.poll() is None, (
+        f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    )
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_during_refinement_skips_finished_images(stage1_run: Path, tmp_path: Path):
+    run = _copy_run(stage1_run, tmp_path / "run")
+    log = tmp_path / "refine.log"
+    refine_dir = run / "idu" / "ep00_e85_r300" / "refine"
+    proc = _driver(tmp_path, run, log, delay=0.3)
+    _wait_for(lambda: refine_dir.exists() and len(list(refine_dir.glob("0*.png"))) >= 2, proc)
+    done = {p.name: p.stat().st_mtime_ns for p in refine_dir.glob("0*.png")}
+    calls_before = len(log.read_text().splitlines())
+    assert 2 <= len(done) < 16
+
+    proc = _driver(tmp_path, run, log, delay=0.0)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
+    for name, mtime in done.items():  # finished refinements were not recomputed
+        assert (refine_dir / name).stat().st_mtime_ns == mtime
+    total_images = 2 * 16  # 2 episodes x (2x2 targets x 2 azimuths x 2 samples)
+    calls_after = len(log.read_text().splitlines()) - calls_before
+    # the interrupted image (if its call was logged) is the only one that may run twice
+    assert total_images - len(done) <= calls_after <= total_images - len(done) + 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert len(summary["stage2"]["episodes"]) == 2
+
+
+def test_sigkill_during_training_resumes_to_the_same_state(stage1_run: Path, tmp_path: Path):
+    ref = _copy_run(stage1_run, tmp_path / "ref")
+    proc = _driver(tmp_path, ref, tmp_path / "ref.log", delay=0.0)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
+
+    run = _copy_run(stage1_run, tmp_path / "run")
+    log = tmp_path / "refine.log"
+    # ckpt at step 70 = episode 0 (steps 61..80) mid-way, after the refinement phase
+    proc = _driver(tmp_path, run, log, delay=0.0)
+    _wait_for(lambda: (run / "ckpts" / "ckpt_000070.pt").exists(), proc)
+    assert not (run / "ckpts" / "ckpt_000080.pt").exists()
+    calls_before = len(log.read_text().splitlines())
+    assert calls_before == 16  # episode 0 was fully refined before training started
+
+    proc = _driver(tmp_path, run, log, delay=0.0)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
+    assert len(log.read_text().splitlines()) - calls_before == 16  # only episode 1 was refined
+    a = torch.load(ref / "ckpts" / "ckpt_000100.pt", weights_only=True)
+    b = torch.load(run / "ckpts" / "ckpt_000100.pt", weights_only=True)
+    for key, value in a["model"]["params"].items():
+        assert torch.equal(value, b["model"]["params"][key]), key
