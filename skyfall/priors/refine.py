@@ -5,13 +5,14 @@ One seed per image: Stage 2 draws several samples of the same view with differen
 ("multi-sample diffusion"), and a fixed seed must reproduce its sample.
 
 Implementations: ``IdentityRefiner`` (tests), the synthetic tile's ``IdealRefiner`` (a measuring
-instrument, in ``skyfall.train.stage2``), and the diffusion refiners (FlowEdit, SDEdit on FLUX).
+instrument, in ``skyfall.train.stage2``), and the diffusion refiners ``FlowEditRefiner`` /
+``SDEditRefiner`` on FLUX.1-dev (``skyfall.priors.flux_refiners``). Build one with ``make_refiner``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -28,3 +29,40 @@ class IdentityRefiner:
 
     def refine(self, images: Tensor, *, seeds: Sequence[int] | None = None, cameras=None) -> Tensor:
         return images.clone()
+
+
+def make_refiner(name: Literal["flowedit", "sdedit", "identity"], **options: Any) -> ImageRefiner:
+    """Build a refiner by name.
+
+    Args:
+        name: 'flowedit' (the paper's), 'sdedit' (its ablation) or 'identity'.
+        **options: ``config=`` a :class:`skyfall.priors.config.FlowEditConfig` / ``SDEditConfig``,
+            ``model=`` an already loaded :class:`skyfall.priors.flux.FluxModel` (kept across Stage 2
+            episodes), and/or any config field as a keyword (``n_max_end=-1``, ``memory_mode="cpu-offload"``,
+            ``local_files_only=True``, ...), which overrides the config's value.
+
+    Raises:
+        ConfigError: unknown name or option. WeightsNotFoundError / MissingDependencyError: the FLUX
+        weights or the diffusion packages are missing.
+    """
+    from skyfall.errors import ConfigError
+
+    if name == "identity":
+        if options:
+            raise ConfigError(f"the identity refiner takes no options (got {', '.join(sorted(options))})")
+        return IdentityRefiner()
+    if name in ("flowedit", "sdedit"):
+        from skyfall.priors.config import FlowEditConfig, SDEditConfig
+        from skyfall.priors.flux_refiners import FlowEditRefiner, SDEditRefiner, config_with
+
+        cls, cfg_cls = (
+            (FlowEditRefiner, FlowEditConfig) if name == "flowedit" else (SDEditRefiner, SDEditConfig)
+        )
+        base = options.pop("config", None) or cfg_cls()
+        if not isinstance(base, cfg_cls):
+            raise ConfigError(
+                f"refiner {name!r}: config must be a {cfg_cls.__name__}, got {type(base).__name__}"
+            )
+        model = options.pop("model", None)
+        return cls(config_with(base, options), model=model)
+    raise ConfigError(f"unknown refiner {name!r}; choose from flowedit, sdedit, identity")

@@ -1,0 +1,122 @@
+"""Options of the learned priors (FLUX refiners, depth models) as dataclasses.
+
+The attribute docstrings are the command-line help. This module imports no torch so that the CLI
+can build its help instantly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+FLUX_DEV = "black-forest-labs/FLUX.1-dev"
+MOGE_V1 = "Ruicheng/moge-vitl"
+MOGE_V2 = "Ruicheng/moge-2-vitl"
+DEPTH_ANYTHING_METRIC_OUTDOOR = "depth-anything/Depth-Anything-V2-Metric-Outdoor-Large-hf"
+
+# The prompts of the Skyfall-GS FlowEdit fork at HEAD 9489c5b ("Update prompt"), which match the paper
+# (reference-pipeline.md §4.1); the older, longer ones at the pinned submodule are not used.
+PAPER_SOURCE_PROMPT = (
+    "Satellite image of an urban area with modern and older buildings, roads, green spaces. "
+    "Some areas appear distorted, with blurring and warping artifacts."
+)
+PAPER_TARGET_PROMPT = (
+    "Clear satellite image of an urban area with sharp buildings, smooth edges, natural lighting, "
+    "and well-defined textures."
+)
+
+Dtype = Literal["bfloat16", "float16", "float32"]
+
+
+@dataclass
+class FluxConfig:
+    """Where the FLUX.1 components come from and how they are held in memory."""
+
+    model_id: str = FLUX_DEV
+    """Hugging Face Hub id or local directory (a diffusers FLUX pipeline folder)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit); None = main."""
+    local_files_only: bool = False
+    """Never contact the Hub: use the local Hugging Face cache or the local directory only."""
+    cache_dir: str | None = None
+    """Hugging Face cache folder; None = the default (honours HF_HOME / HF_HUB_CACHE)."""
+    device: str = "cuda"
+    """Device the transformer computes on ('cuda', 'cuda:1', 'cpu')."""
+    dtype: Dtype = "bfloat16"
+    """Compute dtype. The reference used float16 under autocast; bfloat16 avoids fp16 overflow in
+    FLUX/T5 and is recommended (reference-pipeline.md §8 #15, [PARITY] option)."""
+    memory_mode: Literal["gpu", "cpu-offload"] = "gpu"
+    """'gpu': all components stay on the device. 'cpu-offload': the transformer lives in CPU memory and
+    moves to the device only for the duration of a refine() call, so 3DGS training gets the GPU back."""
+    quantization: Literal["none", "fp8", "nf4"] = "none"
+    """Quantise the transformer weights: 'fp8' (torchao, ~12 GB) or 'nf4' (bitsandbytes, ~7 GB) instead of
+    ~22 GB in bfloat16. Combine with memory_mode='cpu-offload' for the lowest Stage 2 peak VRAM."""
+    max_sequence_length: int = 512
+    """T5 prompt length in tokens (512 for FLUX.1-dev, as the reference)."""
+    prompt_cache_dir: str | None = None
+    """Folder caching the encoded prompts across runs (so T5-XXL is loaded once ever); None = the default
+    (~/.cache/skyfall/prompt_embeds or $SKYFALL_CACHE/prompt_embeds); '' = in-memory only."""
+    batch_size: int = 1
+    """Images per transformer call (each image adds a source and a target row to the batch)."""
+
+
+@dataclass
+class FlowEditConfig(FluxConfig):
+    """FlowEdit (Kulikov et al. 2024) on FLUX.1-dev, with the Skyfall-GS paper settings as defaults."""
+
+    T_steps: int = 28
+    """Length of the full (shifted) sigma schedule."""
+    n_min: int = 4
+    """The last n_min steps are plain target-prompt sampling (SDEdit-like tail)."""
+    n_max: int = 10
+    """Edit strength: the edit starts n_max steps before the end (used as is when n_max_end = -1)."""
+    n_max_end: int = 10
+    """-1: n_max is fixed. Otherwise each image draws n_max uniformly from {n_min, ..., n_max_end}
+    (the paper scripts use 10; the README uses -1, reference-pipeline.md §8 #21)."""
+    n_avg: int = 1
+    """Noise draws averaged per ODE step."""
+    src_guidance: float = 1.5
+    """FLUX distilled-guidance value for the source-prompt velocity."""
+    tar_guidance: float = 5.5
+    """FLUX distilled-guidance value for the target-prompt velocity."""
+    source_prompt: str = PAPER_SOURCE_PROMPT
+    """Prompt describing the renders (artefacts)."""
+    target_prompt: str = PAPER_TARGET_PROMPT
+    """Prompt describing the desired refined image."""
+    seed: int = 0
+    """Base seed used when refine() gets no per-image seeds (image k of the run gets seed + k)."""
+
+
+@dataclass
+class SDEditConfig(FluxConfig):
+    """SDEdit on FLUX.1-dev (the paper's ablation): noise the render, then sample with the target prompt."""
+
+    T_steps: int = 28
+    """Length of the full (shifted) sigma schedule."""
+    n_steps: int = 10
+    """Sampling steps run from the noised render (strength = n_steps / T_steps)."""
+    guidance: float = 5.5
+    """FLUX distilled-guidance value for the target prompt."""
+    target_prompt: str = PAPER_TARGET_PROMPT
+    """Prompt describing the desired refined image."""
+    seed: int = 0
+    """Base seed used when refine() gets no per-image seeds (image k of the run gets seed + k)."""
+
+
+@dataclass
+class DepthModelConfig:
+    """A monocular depth model loaded from the Hub or a local copy."""
+
+    model: str | None = None
+    """Hub id or local path; None = the backend default (MoGe v1 'Ruicheng/moge-vitl', v2
+    'Ruicheng/moge-2-vitl'; Depth Anything V2 Metric Outdoor Large)."""
+    moge_version: Literal[1, 2] = 1
+    """MoGe generation (1 = the reference's model; 2 = metric-scale upgrade, a deviation)."""
+    local_files_only: bool = False
+    """Never contact the Hub: use the local Hugging Face cache or the local path only."""
+    cache_dir: str | None = None
+    """Hugging Face cache folder; None = the default (honours HF_HOME / HF_HUB_CACHE)."""
+    device: str | None = None
+    """Device to run on; None = cuda when available, else cpu."""
+    dtype: Dtype = "float32"
+    """Weights/compute dtype ('float16' halves memory on GPUs)."""

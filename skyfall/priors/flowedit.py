@@ -1,0 +1,220 @@
+"""FlowEdit (Kulikov et al. 2024) on a FLUX transformer: latent packing, schedule and the edit loop.
+
+The loop works on normalised VAE latents and pre-encoded prompts, so it runs unchanged on the real
+FLUX.1-dev transformer and on tiny random ones in tests. It owns the pieces that diffusers keeps
+private (2x2 latent packing, image position ids, the resolution-dependent sigma shift): their
+conventions changed in diffusers 0.32 (the latent-size fix, PR #9929), which is why the reference
+pins diffusers 0.30.1 (diffusion-depth-notes.md §3.5).
+
+Conventions (reference-pipeline.md §4.2): rectified flow ``z_t = (1 - t) x0 + t eps``; the transformer
+predicts ``v ~ eps - x0``; an Euler step from t_i to t_{i+1} < t_i is ``z <- z + (t_{i+1} - t_i) v``.
+Cost per image: ``2 n_avg (n_max - n_min) + n_min`` transformer rows, run as
+``n_avg (n_max - n_min) + n_min`` calls because the source and target rows share one batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass
+class PromptEmbedding:
+    """A prompt encoded for FLUX (computed once and cached: the prompts of a run are fixed).
+
+    Attributes:
+        embeds: [1, L, D] T5 sequence embedding (``encoder_hidden_states``; D = 4096 for FLUX.1-dev).
+        pooled: [1, P] CLIP pooled embedding (``pooled_projections``; P = 768).
+    """
+
+    embeds: Tensor
+    pooled: Tensor
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> PromptEmbedding:
+        return PromptEmbedding(self.embeds.to(device, dtype), self.pooled.to(device, dtype))
+
+
+# ---------------------------------------------------------------------------------------------------
+# packing, ids, schedule
+# ---------------------------------------------------------------------------------------------------
+def pack_latents(x: Tensor) -> Tensor:
+    """Latents [B, C, h, w] (h, w even) -> tokens [B, (h/2)(w/2), 4C]; each 2x2 patch is one token."""
+    b, c, h, w = x.shape
+    patches = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // 2) * (w // 2), 4 * c)
+
+
+def unpack_latents(tokens: Tensor, h: int, w: int) -> Tensor:
+    """Tokens [B, (h/2)(w/2), 4C] -> latents [B, C, h, w]; h, w are latent (not pixel) sizes."""
+    b, _, d = tokens.shape
+    patches = tokens.reshape(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(b, d // 4, h, w)
+
+
+def image_ids(h: int, w: int, device: torch.device | str | None = None) -> Tensor:
+    """RoPE position ids [(h/2)(w/2), 3] of the packed latent tokens: channels [0, row, col]."""
+    rows, cols = torch.meshgrid(
+        torch.arange(h // 2, device=device, dtype=torch.float32),
+        torch.arange(w // 2, device=device, dtype=torch.float32),
+        indexing="ij",
+    )
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+
+
+def shifted_sigmas(T: int, image_seq_len: int, scheduler_config: dict | None = None) -> Tensor:
+    """FLUX sigma schedule [T + 1]: ``linspace(1, 1/T, T)`` time-shifted, then a terminal 0.
+
+    With dynamic shifting (FLUX.1-dev), ``mu`` is linear in the packed token count (base_shift at
+    base_image_seq_len .. max_shift at max_image_seq_len; 1.15 at 1024^2) and
+    ``sigma' = e^mu / (e^mu + 1/sigma - 1)``. Without it (schnell), ``sigma' = s sigma / (1 + (s - 1) sigma)``
+    with the static ``shift`` s. Computed in float64, returned as float32 like the scheduler's.
+    """
+    cfg = {
+        "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+        "max_image_seq_len": 4096, "shift": 3.0, **(scheduler_config or {}),
+    }  # fmt: skip
+    s = np.linspace(1.0, 1.0 / T, T)
+    if cfg["use_dynamic_shifting"]:
+        slope = (cfg["max_shift"] - cfg["base_shift"]) / (
+            cfg["max_image_seq_len"] - cfg["base_image_seq_len"]
+        )
+        mu = cfg["base_shift"] + slope * (image_seq_len - cfg["base_image_seq_len"])
+        s = math.exp(mu) / (math.exp(mu) + (1.0 / s - 1.0))
+    else:
+        s = cfg["shift"] * s / (1.0 + (cfg["shift"] - 1.0) * s)
+    return torch.cat([torch.from_numpy(s).to(torch.float32), torch.zeros(1)])
+
+
+def num_transformer_calls(n_max: int, n_min: int, n_avg: int = 1) -> int:
+    """Transformer calls of one :func:`flowedit_latents` run (source and target share a call)."""
+    return n_avg * max(n_max - n_min, 0) + min(n_min, n_max)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------------
+def _noise(generators: Sequence[torch.Generator], shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """One standard normal draw per image from that image's own CPU generator -> [B, *shape] fp32.
+
+    Drawing on the CPU makes a seed give the same noise on every device and whatever the batch
+    grouping, so a seed reproduces its sample.
+    """
+    return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]).to(device)
+
+
+class _Velocity:
+    """Calls the transformer on fp32 state, casting inputs to its compute dtype and outputs back to fp32."""
+
+    def __init__(self, transformer: torch.nn.Module, h: int, w: int, L: int, dtype: torch.dtype, device):  # noqa: ANN001
+        self.transformer = transformer
+        self.dtype = dtype
+        self.img_ids = image_ids(h, w, device)
+        self.txt_ids = torch.zeros(L, 3, device=device)
+        self.guided = bool(getattr(transformer.config, "guidance_embeds", False))
+
+    def __call__(self, z: Tensor, sigma: float, embeds: Tensor, pooled: Tensor, guidance: Tensor) -> Tensor:
+        n = z.shape[0]
+        out = self.transformer(
+            hidden_states=z.to(self.dtype),
+            timestep=torch.full((n,), sigma, device=z.device, dtype=self.dtype),
+            # FLUX.1-dev is guidance-distilled: the scale enters as an embedding, no CFG pass (schnell: None)
+            guidance=guidance if self.guided else None,
+            pooled_projections=pooled,
+            encoder_hidden_states=embeds,
+            txt_ids=self.txt_ids,
+            img_ids=self.img_ids,
+            return_dict=False,
+        )[0]
+        return out.float()
+
+
+@torch.no_grad()
+def flowedit_latents(
+    transformer: torch.nn.Module,
+    x_src: Tensor,
+    src: PromptEmbedding,
+    tar: PromptEmbedding,
+    generators: Sequence[torch.Generator],
+    *,
+    T_steps: int = 28,
+    n_max: int = 10,
+    n_min: int = 4,
+    n_avg: int = 1,
+    src_guidance: float = 1.5,
+    tar_guidance: float = 5.5,
+    scheduler_config: dict | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Edit normalised latents from the source prompt towards the target prompt.
+
+    Steps with ``T - i > n_max`` are skipped; the ODE phase (velocity difference, fresh noise
+    ``n_avg`` times per step) runs while ``T - i > n_min``; the last ``n_min`` steps sample with the
+    target prompt from the noised edit (SDEdit-like tail). ``n_max == n_min`` is SDEdit, ``n_max == 0``
+    returns the input. The state is kept in fp32 and only the transformer inputs are cast to its
+    dtype (the reference casts the state back to fp16 after each step; identical in fp32).
+
+    Args:
+        transformer: a ``FluxTransformer2DModel`` (or the same call signature and ``config``).
+        x_src: [B, 16, h, w] normalised VAE latents (h, w even) on the compute device.
+        src: source prompt embedding (batch 1, broadcast to B).
+        tar: target prompt embedding; its length must equal the source's (both are padded to the
+            same max_sequence_length) because the two velocities run as one batch.
+        generators: B CPU generators, one per image (its seed alone determines its noise).
+        T_steps: length of the full schedule.
+        n_max: edit strength (0 <= n_min <= n_max <= T_steps).
+        n_min: length of the target-sampling tail.
+        n_avg: noise draws averaged per ODE step.
+        src_guidance: distilled guidance of the source velocity.
+        tar_guidance: distilled guidance of the target velocity.
+        scheduler_config: the pipeline's scheduler config (shift parameters); None = FLUX.1-dev's.
+        dtype: transformer compute dtype; None = the transformer's parameter dtype.
+
+    Returns:
+        [B, 16, h, w] edited latents (fp32).
+    """
+    if not 0 <= n_min <= n_max <= T_steps or n_avg < 1:
+        raise ValueError(
+            f"need 0 <= n_min ({n_min}) <= n_max ({n_max}) <= T_steps ({T_steps}) and n_avg >= 1"
+        )
+    if len(generators) != x_src.shape[0]:
+        raise ValueError(f"{len(generators)} generators for {x_src.shape[0]} images")
+    if src.embeds.shape != tar.embeds.shape:
+        raise ValueError("source and target prompt embeddings must have the same length to share a batch")
+    b, _, h, w = x_src.shape
+    device = x_src.device
+    dtype = dtype or next(transformer.parameters()).dtype
+    x0 = pack_latents(x_src.float())
+    sigmas = shifted_sigmas(T_steps, x0.shape[1], scheduler_config).tolist()
+    velocity = _Velocity(transformer, h, w, src.embeds.shape[1], dtype, device)
+
+    # rows [src_0 .. src_{B-1}, tar_0 .. tar_{B-1}]: both velocities in one transformer call
+    s_, t_ = src.to(device, dtype), tar.to(device, dtype)
+    pair_embeds = torch.cat([s_.embeds.expand(b, -1, -1), t_.embeds.expand(b, -1, -1)])
+    pair_pooled = torch.cat([s_.pooled.expand(b, -1), t_.pooled.expand(b, -1)])
+    pair_guidance = torch.tensor([src_guidance] * b + [tar_guidance] * b, device=device)
+    tar_guidance_b = torch.full((b,), tar_guidance, device=device)
+
+    z_edit = x0.clone()
+    x_tar = None
+    for i in range(T_steps - n_max, T_steps):
+        s_i, s_next = sigmas[i], sigmas[i + 1]
+        if T_steps - i > n_min:  # ODE phase on the velocity difference
+            v_delta = torch.zeros_like(x0)
+            for _ in range(n_avg):
+                z_src = (1.0 - s_i) * x0 + s_i * _noise(generators, x0.shape[1:], device)
+                z_tar = z_edit + z_src - x0  # the source's noise offset applied to the edit
+                v = velocity(torch.cat([z_src, z_tar]), s_i, pair_embeds, pair_pooled, pair_guidance)
+                v_delta += (v[b:] - v[:b]) / n_avg
+            z_edit = z_edit + (s_next - s_i) * v_delta
+        else:  # tail: plain Euler sampling with the target prompt from the re-noised edit
+            if x_tar is None:
+                x_src_t = (1.0 - s_i) * x0 + s_i * _noise(generators, x0.shape[1:], device)
+                x_tar = z_edit + x_src_t - x0
+            v = velocity(x_tar, s_i, t_.embeds.expand(b, -1, -1), t_.pooled.expand(b, -1), tar_guidance_b)
+            x_tar = x_tar + (s_next - s_i) * v
+    return unpack_latents(x_tar if x_tar is not None else z_edit, h, w)

@@ -1,0 +1,160 @@
+"""Diffusion refiners on FLUX.1-dev: FlowEdit (the paper's) and SDEdit (its ablation).
+
+Both implement :class:`skyfall.priors.refine.ImageRefiner`: images [B, 3, H, W] in [0, 1] plus one
+seed per image -> refined images of the same shape. A seed alone determines its image's noise (and,
+with ``n_max_end != -1``, its n_max), whatever the batch grouping or device, so a fixed seed
+reproduces its sample and different seeds give the "multi-sample diffusion" of Stage 2.
+
+Differences from the reference (performance only, reference-pipeline.md §8 #14/#15): the model is
+loaded once and kept across calls (episodes), prompts are encoded once and cached (then the text
+encoders are freed), the source and target velocities share one transformer call, several images
+may share a call (``batch_size``), and the compute dtype is an option (bf16 default; the reference
+used fp16). Inputs stay float (the reference quantised renders to 8-bit PNGs and back).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from skyfall.errors import ConfigError
+from skyfall.priors.config import FlowEditConfig, SDEditConfig
+from skyfall.priors.flowedit import flowedit_latents
+from skyfall.priors.flux import FluxModel
+
+
+class _FluxRefiner:
+    """Shared refine() plumbing: seeds, per-image n_max, grouping into batches, VAE encode/decode."""
+
+    cfg: FlowEditConfig | SDEditConfig
+
+    def __init__(self, model: FluxModel):
+        self.model = model
+        self._next_seed = self.cfg.seed
+
+    def _prompts(self) -> list[str]:
+        raise NotImplementedError
+
+    def n_max_for(self, seed: int) -> int:
+        """The n_max of the image with this seed."""
+        raise NotImplementedError
+
+    def _edit(self, latents: Tensor, generators: list[torch.Generator], n_max: int) -> Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def refine(self, images: Tensor, *, seeds: Sequence[int] | None = None, cameras=None) -> Tensor:  # noqa: ANN001
+        """Refine images [B, 3, H, W] in [0, 1] (H, W multiples of 16) -> [B, 3, H, W] in [0, 1].
+
+        Args:
+            images: renders to refine (any device/float dtype; the result matches it).
+            seeds: one seed per image; None = consecutive seeds from ``cfg.seed`` on, continuing across
+                calls.
+            cameras: unused (pose-free refiner).
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
+        b = images.shape[0]
+        if seeds is None:
+            seeds = list(range(self._next_seed, self._next_seed + b))
+            self._next_seed += b
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != b:
+            raise ValueError(f"{len(seeds)} seeds for {b} images")
+        out = torch.empty(images.shape, dtype=torch.float32, device=images.device)
+        groups: dict[int, list[int]] = {}
+        for k, s in enumerate(seeds):
+            groups.setdefault(self.n_max_for(s), []).append(k)
+        bs = max(1, self.cfg.batch_size)
+        with self.model.on_device():
+            for n_max, idx in sorted(groups.items()):
+                for start in range(0, len(idx), bs):
+                    chunk = idx[start : start + bs]
+                    lat = self.model.encode_images(images[chunk])
+                    gens = [torch.Generator().manual_seed(seeds[k]) for k in chunk]
+                    edited = self._edit(lat, gens, n_max)
+                    out[chunk] = self.model.decode_latents(edited).to(images.device)
+        return out.to(images.dtype)
+
+    def close(self) -> None:
+        """Free the model (GPU memory); the refiner is unusable afterwards."""
+        self.model.release()
+
+
+class FlowEditRefiner(_FluxRefiner):
+    """FlowEdit on FLUX.1-dev with the paper's settings (T=28, n_min=4, n_max ~ U{4..10}, 1.5/5.5).
+
+    Args:
+        cfg: the options; None = :class:`FlowEditConfig` defaults.
+        model: an already loaded :class:`FluxModel` (holding both prompts); None = load from
+            ``cfg.model_id`` (missing weights raise ``WeightsNotFoundError``).
+    """
+
+    def __init__(self, cfg: FlowEditConfig | None = None, *, model: FluxModel | None = None):
+        self.cfg = cfg = cfg or FlowEditConfig()
+        if not 0 <= cfg.n_min <= cfg.n_max <= cfg.T_steps:
+            raise ConfigError(
+                f"flowedit: need 0 <= n_min ({cfg.n_min}) <= n_max ({cfg.n_max}) <= T_steps ({cfg.T_steps})"
+            )
+        if cfg.n_max_end != -1 and not cfg.n_min <= cfg.n_max_end <= cfg.T_steps:
+            raise ConfigError(f"flowedit: n_max_end ({cfg.n_max_end}) must be -1 or in [n_min, T_steps]")
+        if cfg.n_avg < 1:
+            raise ConfigError(f"flowedit: n_avg ({cfg.n_avg}) must be >= 1")
+        super().__init__(model or FluxModel.load(cfg, [cfg.source_prompt, cfg.target_prompt]))
+
+    def n_max_for(self, seed: int) -> int:
+        """Fixed ``n_max``, or drawn from U{n_min..n_max_end} by the image's seed (paper scripts)."""
+        if self.cfg.n_max_end == -1:
+            return self.cfg.n_max
+        # a stream separate from the noise generator's, so the draw does not shift the noise
+        return random.Random(f"n_max:{seed}").randint(self.cfg.n_min, self.cfg.n_max_end)
+
+    def _edit(self, latents: Tensor, generators: list[torch.Generator], n_max: int) -> Tensor:
+        c = self.cfg
+        return flowedit_latents(
+            self.model.transformer, latents, self.model.prompt(c.source_prompt), self.model.prompt(c.target_prompt),
+            generators, T_steps=c.T_steps, n_max=n_max, n_min=c.n_min, n_avg=c.n_avg,
+            src_guidance=c.src_guidance, tar_guidance=c.tar_guidance,
+            scheduler_config=self.model.scheduler_config, dtype=self.model.dtype,
+        )  # fmt: skip
+
+
+class SDEditRefiner(_FluxRefiner):
+    """SDEdit on FLUX.1-dev: noise the render to sigma at step T - n_steps, then sample with the target prompt.
+
+    This is FlowEdit's tail alone (n_max = n_min = n_steps), the ablation of the paper.
+    """
+
+    def __init__(self, cfg: SDEditConfig | None = None, *, model: FluxModel | None = None):
+        self.cfg = cfg = cfg or SDEditConfig()
+        if not 0 <= cfg.n_steps <= cfg.T_steps:
+            raise ConfigError(f"sdedit: need 0 <= n_steps ({cfg.n_steps}) <= T_steps ({cfg.T_steps})")
+        super().__init__(model or FluxModel.load(cfg, [cfg.target_prompt]))
+
+    def n_max_for(self, seed: int) -> int:
+        return self.cfg.n_steps
+
+    def _edit(self, latents: Tensor, generators: list[torch.Generator], n_max: int) -> Tensor:
+        c = self.cfg
+        tar = self.model.prompt(c.target_prompt)
+        # the source prompt is never evaluated when n_max == n_min; the target stands in for it
+        return flowedit_latents(
+            self.model.transformer, latents, tar, tar, generators, T_steps=c.T_steps, n_max=n_max,
+            n_min=n_max, tar_guidance=c.guidance, scheduler_config=self.model.scheduler_config,
+            dtype=self.model.dtype,
+        )  # fmt: skip
+
+
+def config_with(base: object, options: dict) -> object:
+    """``dataclasses.replace(base, **options)``; an unknown option is a ConfigError naming it."""
+    names = {f.name for f in dataclasses.fields(base)}  # type: ignore[arg-type]
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise ConfigError(
+            f"{type(base).__name__}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+        )
+    return dataclasses.replace(base, **options)  # type: ignore[type-var]

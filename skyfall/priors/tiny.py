@@ -1,0 +1,159 @@
+"""Tiny, randomly initialised stand-ins for the real prior models, built offline from configs.
+
+They keep the structural facts the code depends on (FLUX: 16 latent channels, VAE scale factor 8,
+64-wide packed tokens, guidance embedding, CLIP pooled + T5 sequence conditioning, the FLUX.1-dev
+scheduler config; Depth Anything: a DINOv2 backbone with a metric head) and shrink only the widths,
+so tests and ``scripts/bench_flowedit.py --tiny`` run the same code paths as real weights in
+milliseconds on a CPU. Nothing is downloaded: the tokenizers are built from in-memory vocabularies
+(transformers >= 5).
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+# FLUX.1-dev's scheduler config (diffusion-depth-notes.md §2.1).
+FLUX_DEV_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+
+# FLUX.1-dev transformer config (public model config); used by the benchmark with random weights.
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+
+# FLUX.1-dev VAE config (public model config).
+FLUX_DEV_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=16,
+    norm_num_groups=32,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    shift_factor=0.1159,
+    scaling_factor=0.3611,
+    sample_size=1024,
+)
+
+
+def _clip_tokenizer():  # noqa: ANN202
+    """CLIP byte-level BPE without merges: each byte symbol is a token, alone or word-final."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for sym in sorted(ByteLevel.alphabet()):
+        for piece in (sym, sym + "</w>"):
+            vocab[piece] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _t5_tokenizer():  # noqa: ANN202
+    """T5 Unigram over single characters (word-initial forms scored higher) plus 4 sentinels."""
+    from transformers import T5TokenizerFast
+
+    chars = string.ascii_letters + string.digits + string.punctuation
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + c, -2.5) for c in chars]
+    pieces += [(c, -5.0) for c in chars]
+    n_sentinels = 4
+    pieces += [(f"<extra_id_{k}>", 0.0) for k in reversed(range(n_sentinels))]
+    return T5TokenizerFast(vocab=pieces, extra_ids=n_sentinels, model_max_length=512)
+
+
+def tiny_flux_components(seed: int = 0, guidance_embeds: bool = True) -> dict:
+    """Keyword arguments for ``diffusers.FluxPipeline`` with tiny random modules (eval mode, no grad).
+
+    Widths: transformer 1 double + 1 single block, 2 heads of 16; VAE channels (8, 8, 16, 16);
+    CLIP 2 layers x 32; T5 2 layers x 32. The real VAE shift/scale and scheduler config are kept.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer()
+    with torch.random.fork_rng():  # building from configs draws from the global RNG; leave it untouched
+        torch.manual_seed(seed)
+        clip = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(clip_tok), hidden_size=32, intermediate_size=48, num_attention_heads=2,
+                num_hidden_layers=2, max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu",
+                # the real eos id: with the legacy value 2, transformers pools by argmax instead
+                bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
+                pad_token_id=clip_tok.pad_token_id,
+            )
+        )  # fmt: skip
+        t5 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+                use_cache=False, pad_token_id=0, eos_token_id=1,
+            )
+        )  # fmt: skip
+        vae_cfg = dict(FLUX_DEV_VAE, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
+        vae = AutoencoderKL(**vae_cfg)
+        transformer = FluxTransformer2DModel(
+            **dict(
+                FLUX_DEV_TRANSFORMER, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8),
+            )
+        )  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
+    # modules built from configs start in train(): T5's dropout would make prompt embeddings random
+    for m in (clip, t5, vae, transformer):
+        m.eval().requires_grad_(False)
+    return dict(
+        scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5,
+        tokenizer_2=t5_tok, transformer=transformer, image_encoder=None, feature_extractor=None,
+    )  # fmt: skip
+
+
+def save_tiny_flux(path: str | Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """Write a tiny FLUX pipeline folder (the layout of ``black-forest-labs/FLUX.1-dev``) to ``path``."""
+    from diffusers import FluxPipeline
+
+    path = Path(path)
+    FluxPipeline(**tiny_flux_components(seed, guidance_embeds)).save_pretrained(path)
+    return path
+
+
+def tiny_depth_anything(seed: int = 0, depth_estimation_type: str = "metric", max_depth: int = 80):  # noqa: ANN201
+    """A ~140k-parameter Depth Anything (V2 architecture) with a 4-layer, 32-wide DINOv2 backbone."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
+
+    backbone = Dinov2Config(
+        image_size=56, patch_size=14, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+        intermediate_size=64, out_indices=[1, 2, 3, 4], reshape_hidden_states=False, apply_layernorm=True,
+    )  # fmt: skip
+    extra = {"max_depth": max_depth} if depth_estimation_type == "metric" else {}
+    cfg = DepthAnythingConfig(
+        backbone_config=backbone, reassemble_hidden_size=32, patch_size=14, neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16, head_hidden_size=8, reassemble_factors=[4, 2, 1, 0.5],
+        depth_estimation_type=depth_estimation_type, **extra,
+    )  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = DepthAnythingForDepthEstimation(cfg)
+    return model.eval().requires_grad_(False)
