@@ -1,0 +1,43 @@
+"""``skyfall export RUN``: viewer-ready splat files from a run's latest checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import tyro
+
+
+@dataclass
+class Export:
+    """Export a run as a splat file for web viewers (3D filter and appearance baked into the splats).
+
+    Default: RUN/ply/export.ply, a standard 3DGS PLY (SH degree of the run) rotated to -Y up, which
+    SuperSplat, the PlayCanvas engine and Spark load upright. Non-finite Gaussians are dropped and
+    counted. `--format raw-ply` writes the raw parameters plus filter_3D (round trips, not for viewing).
+    """
+
+    run: tyro.conf.Positional[Path]
+    """Run directory (RUN/ckpts/ckpt_*.pt)."""
+    format: Literal["ply", "raw-ply", "splat", "ply-compressed", "spz"] = "ply"
+    """ply: standard 3DGS PLY; raw-ply: + filter_3D, unbaked; splat: antimatter15 (no SH);
+    ply-compressed: PlayCanvas/SuperSplat; spz: Niantic (gzip v2)."""
+    up: Literal["y", "z"] = "y"
+    """y: rotate ENU Z-up to the -Y-up frame 3DGS viewers assume; z: keep ENU (e.g. the Mip-Splatting
+    viewer with up 0,0,1)."""
+    embedding: str | None = None
+    """Appearance embedding baked into the colours: 'mean' or an image index (default: the run's
+    appearance.test_embedding)."""
+    out: Path | None = None
+    """Output file (default RUN/ply/export[_zup].<ext>)."""
+
+    def main(self) -> None:
+        from skyfall.export.run import export_run
+
+        res = export_run(self.run, self.format, up=self.up, embedding=self.embedding, out=self.out)
+        size = res.path.stat().st_size / 1e6
+        print(
+            f"[export] {res.path}  format={res.format} up={res.up} embedding={res.embedding}  "
+            f"{res.written} splats ({res.dropped} non-finite dropped), {size:.2f} MB, {res.seconds:.2f} s"
+        )

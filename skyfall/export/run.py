@@ -1,0 +1,132 @@
+"""Export a run directory: load the latest checkpoint, bake, sanitise, rotate, write."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from skyfall.errors import ConfigError, SkyfallError
+from skyfall.export.bake import Splats, bake, sanitize, splats_from_params
+from skyfall.export.formats import FORMATS, write_ply, write_splats
+from skyfall.export.upaxis import to_up_axis
+from skyfall.gaussians.appearance import AppearanceModel
+from skyfall.gaussians.model import GaussianModel
+from skyfall.storage.checkpoints import latest_checkpoint, load_checkpoint
+from skyfall.storage.run_dir import RunDir
+from skyfall.train.scene import Scene, parse_embedding
+
+
+@dataclass
+class LoadedRun:
+    """A run's latest checkpoint rebuilt as a ``Scene``."""
+
+    scene: Scene
+    checkpoint: Path
+    step: int
+    config: dict[str, Any]
+
+    @property
+    def default_embedding(self) -> str:
+        """The run's configured novel-view embedding rule ('mean' or an index as text)."""
+        return str(self.config.get("appearance", {}).get("test_embedding", "mean"))
+
+
+def load_run(run: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
+    """Rebuild the Gaussian and appearance models of RUN's latest checkpoint."""
+    rd = RunDir(run)
+    ckpt = latest_checkpoint(rd.ckpts)
+    if ckpt is None:
+        raise SkyfallError(f"{rd.ckpts}: no checkpoint (is {rd.root} a run directory?)")
+    st = load_checkpoint(ckpt, map_location=device)
+    model = GaussianModel.from_state_dict(st["model"], device=device)
+    appearance = None
+    if st.get("appearance") is not None:
+        weight = st["appearance"]["image_embeddings.weight"]
+        gdim = model.params["app_features"].shape[1]
+        appearance = AppearanceModel(weight.shape[0], weight.shape[1], gdim).to(device)
+        appearance.load_state_dict(st["appearance"])
+        appearance.eval()
+    cfg = st.get("config", {}) or {}
+    scene = Scene(model, appearance, eps2d=float(cfg.get("eps2d", 0.1)))
+    return LoadedRun(scene, ckpt, int(st.get("step", 0)), cfg)
+
+
+def baked_splats(loaded: LoadedRun, embedding: str | int | None = None) -> tuple[Splats, int]:
+    """Viewer-ready splats of a loaded run (3D filter and appearance baked, non-finite rows dropped)."""
+    scene = loaded.scene
+    rule = loaded.default_embedding if embedding is None else embedding
+    emb = scene.novel_embedding(parse_embedding(rule))
+    p = {k: v.detach() for k, v in scene.model.params.items()}
+    splats = bake(
+        p,
+        scene.model.filter_3d,
+        appearance=scene.appearance,
+        embedding=emb,
+        sh_degree=scene.model.active_sh_degree,
+    )
+    return sanitize(splats)
+
+
+@dataclass
+class ExportResult:
+    """What ``export_run`` wrote."""
+
+    path: Path
+    format: str
+    written: int
+    dropped: int
+    seconds: float
+    embedding: str
+    up: str
+
+
+def default_output(run: str | Path, fmt: str, up: str) -> Path:
+    """RUN/ply/export[_raw][_zup]<ext> (``_zup`` marks files left in the ENU frame)."""
+    stem = "export_raw" if fmt == "raw-ply" else "export"
+    return RunDir(run).ply / f"{stem}{'_zup' if up == 'z' else ''}{FORMATS[fmt]}"
+
+
+def export_run(
+    run: str | Path,
+    fmt: str = "ply",
+    *,
+    up: str = "y",
+    embedding: str | int | None = None,
+    out: str | Path | None = None,
+) -> ExportResult:
+    """Export RUN's latest checkpoint as a splat file.
+
+    Args:
+        run: run directory.
+        fmt: one of ``FORMATS``: 'ply' (viewer-ready, default), 'raw-ply' (raw parameters +
+            ``filter_3D``, for round trips; appearance not applied), 'splat', 'ply-compressed', 'spz'.
+        up: 'y' rotates ENU Z-up to the -Y-up frame viewers assume; 'z' keeps ENU.
+        embedding: appearance bake: 'mean', an image index, or None for the run's ``test_embedding``.
+        out: output file (default ``default_output``).
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    t0 = time.perf_counter()
+    loaded = load_run(run)
+    rule = str(loaded.default_embedding if embedding is None else embedding)
+    if fmt == "raw-ply":
+        model = loaded.scene.model
+        splats, dropped = sanitize(splats_from_params(dict(model.params), model.filter_3d))
+        rule = "none"
+    else:
+        splats, dropped = baked_splats(loaded, rule)
+    splats = to_up_axis(splats, up)
+    path = Path(out) if out is not None else default_output(run, fmt, up)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt in ("ply", "raw-ply"):
+        comment = (
+            f"skyfall step={loaded.step} embedding={rule} up={up} {'raw' if fmt == 'raw-ply' else 'baked'}"
+        )
+        write_ply(path, splats, comment=comment)
+    else:
+        write_splats(path, splats, fmt)
+    return ExportResult(path, fmt, len(splats), dropped, time.perf_counter() - t0, rule, up)
