@@ -17,6 +17,7 @@ Face model id in the local cache or a model folder. ``load_clip`` returns the re
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +73,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         mu1, mu2: [D] means. sigma1, sigma2: [D, D] covariances.
     """
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    with warnings.catch_warnings():
+        # Few samples per altitude band give singular covariances; handled just below.
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         # Singular product (few samples): regularise as clean-fid does.
         off = np.eye(sigma1.shape[0]) * 1e-6
