@@ -459,11 +459,10 @@ def _evaluate_ckpt(
                   "width": grid.width, "height": grid.height}  # fmt: skip
         nadir = render_dsm(scene, georef).astype(np.float64) + off[2]
         dsm_maps["nadir"] = nadir
-        if opts.data or opts.run:
-            cams = _geometry_cameras(opts, view_sets)
-            if cams is not None:
-                pts = geo.render_points(scene, cams.to(opts.device), None) + off
-                dsm_maps["views"] = geo.flatten_points(pts, grid, radius=1, reduce="mean")
+        cams = _geometry_cameras(opts)
+        if cams is not None:
+            pts = geo.render_points(scene, cams.to(opts.device), None) + off
+            dsm_maps["views"] = geo.flatten_points(pts, grid, radius=1, reduce="mean")
         for name, pred in dsm_maps.items():
             geometry[name] = geo.dsm_metrics(pred, dsm)
         dsm_maps["gt"] = dsm
@@ -484,7 +483,7 @@ def _evaluate_ckpt(
     }
 
 
-def _geometry_cameras(opts: EvalOptions, view_sets: list[ViewSet]) -> Cameras | None:
+def _geometry_cameras(opts: EvalOptions) -> Cameras | None:
     """The first ``geometry_views`` training satellite cameras (the reference's fallback cameras)."""
     if opts.geometry_views <= 0:
         return None
