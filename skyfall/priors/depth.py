@@ -11,7 +11,9 @@ Backends here:
 * ``TinyDepth``: a tiny randomly initialised CNN for tests (its output is meaningless but shaped,
   positive and deterministic).
 
-MoGe and Depth-Anything backends (real weights) are added in ``skyfall.priors`` by the priors work.
+* ``MoGeDepth`` / ``DepthAnythingDepth`` (real weights, ``skyfall.priors.depth_backends``): MoGe v1/v2
+  (the reference's prior; the ``moge`` package comes from git) and Depth Anything V2 metric outdoor
+  (transformers). Build any of them with ``make_depth_estimator``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor
 
 from skyfall.data.cameras import Cameras
+from skyfall.priors.config import DepthModelConfig
 
 
 @dataclass
@@ -93,10 +96,41 @@ class TinyDepth(torch.nn.Module):
         return DepthPrediction(depth=depth, valid=torch.ones_like(depth, dtype=torch.bool))
 
 
-def make_depth_estimator(name: str, *, tile_dir: str | Path | None = None) -> DepthEstimator:
-    """Build a depth estimator by name ('ground-truth', 'tiny', 'moge', 'depth-anything')."""
+def make_depth_estimator(
+    name: str,
+    *,
+    tile_dir: str | Path | None = None,
+    model: str | None = None,
+    moge_version: int = 1,
+    local_files_only: bool = False,
+    cache_dir: str | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+    config: DepthModelConfig | None = None,
+) -> DepthEstimator:
+    """Build a depth estimator by name.
+
+    Args:
+        name: 'ground-truth' (synthetic tiles), 'tiny' (tests), 'moge' (the reference's prior; needs the
+            MoGe package from git) or 'depth-anything' (Depth Anything V2 metric outdoor, transformers).
+        tile_dir: the tile folder ('ground-truth' only).
+        model: Hub id or local path of the weights; None = the backend's default.
+        moge_version: 1 (reference, ``Ruicheng/moge-vitl``) or 2 (``Ruicheng/moge-2-vitl``).
+        local_files_only: never contact the Hub (local cache / path only).
+        cache_dir: Hugging Face cache folder; None = the HF_HOME / HF_HUB_CACHE default.
+        device: None = cuda when available, else cpu.
+        dtype: 'float32' | 'float16' | 'bfloat16'.
+        config: a :class:`skyfall.priors.config.DepthModelConfig` supplying the model options instead.
+
+    Raises:
+        ConfigError: unknown name / bad option. MissingDependencyError: MoGe or transformers missing;
+        WeightsNotFoundError (a MissingDependencyError): weights absent or gated.
+    """
     from skyfall.errors import ConfigError
 
+    if config is not None:
+        model, moge_version, local_files_only = config.model, config.moge_version, config.local_files_only
+        cache_dir, device, dtype = config.cache_dir, config.device, config.dtype
     if name == "ground-truth":
         if tile_dir is None or not (Path(tile_dir) / "synth.json").exists():
             raise ConfigError(
@@ -106,9 +140,15 @@ def make_depth_estimator(name: str, *, tile_dir: str | Path | None = None) -> De
         return GroundTruthDepth(tile_dir)
     if name == "tiny":
         return TinyDepth()
-    if name in ("moge", "depth-anything"):
-        raise ConfigError(
-            f"the {name!r} depth estimator is not available in this version of skyfall yet; "
-            "use pseudo.estimator=ground-truth on synthetic tiles or disable pseudo depth (--pseudo.no-enabled)"
-        )
-    raise ConfigError(f"unknown depth estimator {name!r}")
+    common = dict(local_files_only=local_files_only, cache_dir=cache_dir, device=device, dtype=dtype)
+    if name == "moge":
+        from skyfall.priors.depth_backends import MoGeDepth
+
+        return MoGeDepth(model, version=moge_version, **common)
+    if name == "depth-anything":
+        from skyfall.priors.depth_backends import DepthAnythingDepth
+
+        return DepthAnythingDepth(model, **common)
+    raise ConfigError(
+        f"unknown depth estimator {name!r}; choose from ground-truth, tiny, moge, depth-anything"
+    )
