@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("skyfall.cli.demo", "Demo"),
     "synth": ("skyfall.cli.synth", "Synth"),
     "info": ("skyfall.cli.info", "Info"),
+    "doctor": ("skyfall.cli.doctor", "Doctor"),
     "eval": ("skyfall.cli.eval", "Eval"),
     "export": ("skyfall.cli.export", "Export"),
     "render": ("skyfall.cli.render", "Render"),
