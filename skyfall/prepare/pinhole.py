@@ -8,7 +8,8 @@ for its affine approximation). Steps, all float64:
    camera P (11 degrees of freedom, i.e. with skew).
 2. **RQ decomposition** P = K [R | t], K upper triangular with a positive diagonal, det R = +1.
 3. **Levenberg-Marquardt** on the reprojection error of a *skew-free* pinhole (fx, fy, cx, cy,
-   rotation, centre: 10 parameters), started from step 2 with the skew dropped. The reference
+   rotation, centre: 10 parameters), started from step 2 with the skew dropped, and from
+   off-axis principal points if that start stays worse than the skewed camera (see ``fit_pinhole``). The reference
    removes skew afterwards (SatelliteSfM ``skew_correct.py``); we fit the skew-free model directly
    so that the written camera is exactly the one whose error we report. The general (skewed)
    projective fit's error is reported next to it, so that a user sees what dropping skew cost.
@@ -126,7 +127,7 @@ def fit_pinhole(xyz: np.ndarray, uv: np.ndarray) -> PinholeFit:
     dist = float(np.linalg.norm(xyz.mean(axis=0) - c0))
 
     def unpack(q: np.ndarray, skewed: bool) -> tuple[np.ndarray, np.ndarray]:
-        fx, fy = k0[0, 0] * (1 + q[0]), k0[1, 1] * (1 + q[1])
+        fx, fy = k0[0, 0] * np.exp(q[0]), k0[1, 1] * np.exp(q[1])  # exp: focals stay positive
         cx, cy = k0[0, 2] + k0[0, 0] * q[2], k0[1, 2] + k0[1, 1] * q[3]
         r = Rotation.from_rotvec(q[4:7]).as_matrix().T @ r0  # camera-frame perturbation of R0
         k = np.array([[fx, (k0[0, 1] + k0[0, 0] * q[10]) if skewed else 0.0, cx], [0, fy, cy], [0, 0, 1]])
@@ -136,17 +137,39 @@ def fit_pinhole(xyz: np.ndarray, uv: np.ndarray) -> PinholeFit:
         k, c2w = unpack(q, skewed)
         return (project_pinhole(k, c2w, xyz) - uv).ravel()
 
-    def solve(skewed: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        q0 = np.zeros(11 if skewed else 10)
-        # Relative parameters are O(1e-3) at most; 1e-9 steps stay far above float64 noise.
+    def solve(
+        skewed: bool, q0: np.ndarray, nfev: int = 1500
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        # Relative parameters are O(0.1) at most; 1e-9 steps stay far above float64 noise.
         sol = least_squares(residual, q0, args=(skewed,), method="lm", x_scale=1.0, diff_step=1e-9,
-                            xtol=1e-15, ftol=1e-15, gtol=1e-15, max_nfev=2000)  # fmt: skip
+                            xtol=1e-15, ftol=1e-15, gtol=1e-15, max_nfev=nfev)  # fmt: skip
         k, c2w = unpack(sol.x, skewed)
         err = np.linalg.norm(project_pinhole(k, c2w, xyz) - uv, axis=1)
-        return k, c2w, err
+        return k, c2w, err, sol.x
 
-    k_s, _, err_s = solve(True)
-    k, c2w, err = solve(False)
+    k_s, _, err_s, _ = solve(True, np.zeros(11))
+    rms_s = float(np.sqrt((err_s**2).mean()))
+    # A far, nearly affine camera can only mimic skew through an off-axis principal point (the
+    # local affine map of an off-axis perspective camera is sheared), which is a long, flat valley
+    # for LM from the on-axis start. So we also start from off-axis principal points (tangent t,
+    # with the rotation that keeps the scene centre in place) and keep the best fit.
+    best = None
+    rms = lambda e: float(np.sqrt((e**2).mean()))  # noqa: E731
+    for tx, ty in [(0.0, 0.0)] + [(a, b) for a in (-0.3, 0.0, 0.3) for b in (-0.3, 0.0, 0.3) if a or b]:
+        q0 = np.zeros(10)
+        q0[2], q0[3], q0[4], q0[5] = tx, ty, ty, -tx
+        trial = solve(False, q0, nfev=300)  # short runs to rank the starts
+        if np.median(((xyz - trial[1][:3, 3]) @ trial[1][:3, :3])[:, 2]) <= 0:
+            continue  # a mirrored camera looking away from the scene
+        if best is None or rms(trial[2]) < rms(best[2]):
+            best = trial
+        # Within 1.5x (or 0.002 px) of the skewed camera: no meaningfully better start to find.
+        if rms(best[2]) <= max(1.5 * rms_s, rms_s + 2e-3):
+            break
+    if best is None:
+        raise ValueError("no skew-free pinhole with the points in front of it was found")
+    k, c2w, err, _ = solve(False, best[3])  # polish the best start
+
     return PinholeFit(
         K=k,
         c2w=c2w,

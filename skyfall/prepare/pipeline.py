@@ -64,9 +64,9 @@ class PrepareConfig:
     """Match features between view 0 and the other views (initial points + bundle adjustment)."""
     adjust: bool = True
     """Relative bundle adjustment of the RPCs (image offsets) from the matches."""
-    grid_xy: int = 11
+    grid_xy: int = 9
     """Fit grid: points per horizontal axis of the AOI."""
-    grid_z: int = 7
+    grid_z: int = 5
     """Fit grid: heights across the altitude range."""
     origin_below: float = 20.0
     """ENU origin height below the lowest AOI height (metres; the reference uses 20)."""

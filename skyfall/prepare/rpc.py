@@ -222,7 +222,7 @@ def read_rpb(path: str | Path) -> RPCModel:
     path = Path(path)
     text = _read_text(path)
     kv: dict[str, str] = {}
-    for m in re.finditer(r"(\w+)\s*=\s*(\([^)]*\)|[^;]*);", text):
+    for m in re.finditer(r"(\w+)[ \t]*=[ \t]*(\([^)]*\)|[^;\n]*);", text):
         kv[m.group(1)] = m.group(2).strip()
     mapping = {
         "lon_off": "longOffset", "lon_scale": "longScale", "lat_off": "latOffset", "lat_scale": "latScale",
