@@ -322,7 +322,8 @@ def write_spz(path: str | Path, splats: Splats, *, antialiased: bool = True) -> 
     qsh = np.clip((qsh + bucket // 2) // bucket * bucket, 0, 255).astype(np.uint8)
     header = struct.pack("<IIIBBBB", SPZ_MAGIC, 2, n, deg, fb, SPZ_FLAG_ANTIALIASED if antialiased else 0, 0)
     body = b"".join(np.ascontiguousarray(a).tobytes() for a in (pos, alpha, color, scales, rot, qsh))
-    return _write_bytes(path, [gzip.compress(header + body, compresslevel=6)])
+    # level 1: 1M splats in ~3 s instead of ~7 s at level 6, for a 2 % larger file (measured)
+    return _write_bytes(path, [gzip.compress(header + body, compresslevel=1)])
 
 
 def read_spz(path: str | Path) -> Splats:
