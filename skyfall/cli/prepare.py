@@ -62,9 +62,9 @@ class Prepare:
         for v in s["views"]:
             print(
                 f"  {v['name']}: pinhole vs RPC over the AOI: rms {v['check_rms_px']:.4f} px, max "
-                f"{v['check_max_px']:.4f} px (with skew: max {v['skewed_fit_max_px']:.4f} px); RPC from {v['rpc']}"
+                f"{v['check_max_px']:.4f} px (projective with skew, fit grid: max {v['skewed_fit_max_px']:.4f} px); RPC from {v['rpc']}"
             )
-            if v["aoi_inside_image"] < 1:
+            if v["aoi_inside_image"] < 0.995:
                 print(
                     f"    note: {100 * (1 - v['aoi_inside_image']):.0f}% of the AOI is outside this image (masked)"
                 )
