@@ -37,7 +37,8 @@ PACKAGES = ["playcanvas", "three", "@sparkjsdev/spark"]
 
 
 def find_chromium() -> str | None:
-    return os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
+    exe = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
+    return exe if exe and os.path.isfile(exe) else None
 
 
 def unavailable_reason() -> str | None:
