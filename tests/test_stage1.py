@@ -134,3 +134,20 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_tile: Path, tmp_path: P
         timeout=120,
     )
     assert out.returncode == 2 and "no checkpoint" in out.stderr
+
+
+def test_tensorboard_logging_or_a_clear_missing_dependency_error(tiny_tile: Path, tmp_path: Path):
+    from skyfall.errors import MissingDependencyError
+
+    cfg = get_preset("tiny")
+    cfg.tensorboard = True
+    cfg.steps = 10
+    trainer = Stage1Trainer(cfg, tiny_tile, tmp_path / "run", progress=False)
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(MissingDependencyError, match="pip install tensorboard"):
+            trainer.run()
+        return
+    trainer.run()
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))

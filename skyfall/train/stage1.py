@@ -436,6 +436,7 @@ class Stage1Trainer:
             self._fresh_state()
             self.run_dir.save_config({"stage": "stage1", "data": str(self.data), "stage1": to_dict(cfg)})
         self._t0 = time.perf_counter()
+        self.tb = self._tensorboard()
         bar = tqdm(
             total=cfg.steps, initial=self.step, desc="stage1", disable=not self.progress, dynamic_ncols=True
         )
@@ -448,14 +449,19 @@ class Stage1Trainer:
                 if it % cfg.log_every == 0 or it == cfg.steps:
                     bar.set_postfix(loss=f"{stats['loss']:.4f}", psnr=f"{stats['psnr']:.2f}", n=stats["n"])
                     self.run_dir.log_metrics({"step": it, **stats, "wall_s": self._wall()})
+                    self._tb_log(it, stats)
                 if it % cfg.eval_every == 0 and it != cfg.steps:
                     last_eval = self.evaluate()
                     self.run_dir.log_metrics({"step": it, **last_eval})
+                    self._tb_log(it, last_eval, prefix="eval")
                 if it % cfg.checkpoint_every == 0 or it == cfg.steps:
                     self.save()
         finally:
             bar.close()
         last_eval = self.evaluate()
+        self._tb_log(self.step, last_eval, prefix="eval")
+        if self.tb is not None:
+            self.tb.close()
         summary = {
             "stage1": {
                 "steps": self.step,
@@ -474,6 +480,27 @@ class Stage1Trainer:
             if k in summary["stage1"]
         }
         return self.run_dir.update_summary(**summary, **flat)
+
+    def _tensorboard(self):  # noqa: ANN202
+        """A TensorBoard SummaryWriter in RUN/tb when ``cfg.tensorboard``, else None."""
+        if not self.cfg.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            from skyfall.errors import MissingDependencyError
+
+            raise MissingDependencyError(
+                f"--tensorboard needs the tensorboard package: pip install tensorboard ({e})"
+            ) from None
+        return SummaryWriter(str(self.run_dir.root / "tb"))
+
+    def _tb_log(self, step: int, stats: dict, prefix: str = "train") -> None:
+        if getattr(self, "tb", None) is None:
+            return
+        for k, v in stats.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.tb.add_scalar(f"{prefix}/{k}", v, step)
 
     def _wall(self) -> float:
         return self.wall_offset + (time.perf_counter() - self._t0)
