@@ -8,7 +8,7 @@ from pathlib import Path
 
 @dataclass
 class Demo:
-    """Run the main job on the embedded default: synthesize the default city tile (if missing), reconstruct it with Stage 1, export a PLY.
+    """Run the main job on the embedded default: synthesize the default city tile (if missing), reconstruct it with Stage 1, export a viewer-ready PLY.
 
     The synthetic tile has exact ground truth, so the demo reports how good the reconstruction is
     (held-out satellite PSNR and DSM error). Everything lands in OUT: OUT/tile, OUT/run (checkpoints,
@@ -27,9 +27,10 @@ class Demo:
     def main(self) -> None:
         import dataclasses
 
+        from skyfall.export.run import export_run
         from skyfall.presets import get_preset
         from skyfall.synth import write_synthetic_tile
-        from skyfall.train.stage1 import export_raw_ply, train_stage1
+        from skyfall.train.stage1 import train_stage1
 
         tile_dir = self.out / "tile"
         if (tile_dir / "transforms_train.json").exists():
@@ -41,7 +42,7 @@ class Demo:
             cfg = dataclasses.replace(cfg, steps=self.steps)
         run = self.out / "run"
         summary = train_stage1(cfg, tile_dir, run, resume=self.resume)
-        ply = export_raw_ply(run)
+        ply = export_run(run, "ply").path
         s = summary["stage1"]
         print(
             f"[demo] held-out satellite PSNR {s.get('psnr_test', float('nan')):.2f} dB, "
@@ -49,4 +50,5 @@ class Demo:
             f"{s['wall_s'] / 60:.1f} min"
         )
         print(f"[demo] summary: {run / 'summary.json'}")
-        print(f"[demo] PLY: {ply}")
+        print(f"[demo] viewer-ready PLY (3D filter + appearance baked, -Y up): {ply}")
+        print(f"[demo] next: skyfall view {ply}   or   skyfall train stage2 --run {run} --preset demo")
