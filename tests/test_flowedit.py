@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 
 pytest.importorskip("diffusers")
-pytest.importorskip("transformers")
+pytest.importorskip(
+    "transformers", minversion="5"
+)  # the tiny tokenizers are built in memory (transformers 5)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -288,3 +290,25 @@ class _nothing:
 
     def __exit__(self, *a: object) -> bool:
         return False
+
+
+def test_bench_script_prints_json_lines():
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_flowedit.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--random-weights", "--tiny", "--size", "32", "--modes", "gpu,nf4", "--warmup", "0"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [(r["what"], r["mode"]) for r in rows][:2] == [("flowedit", "gpu"), ("flowedit", "nf4")]
+    for r in rows:
+        assert {"what", "mode", "device", "size", "seconds", "peak_mem_mb"} <= set(r)
+    assert rows[0]["seconds"] > 0 and rows[0]["finite"] and rows[0]["transformer_calls"] == 10
+    assert rows[1]["seconds"] is None and "skipped" in rows[1]
+    assert any(r["what"] == "depth-anything-tiny" and r["seconds"] > 0 for r in rows)

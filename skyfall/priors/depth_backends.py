@@ -164,6 +164,19 @@ class DepthAnythingDepth:
             ),  # fmt: skip
             model, "Depth Anything", local_files_only=local_files_only, cache_dir=cache_dir,
         )  # fmt: skip
+        self._setup(net, model, input_size)
+
+    @classmethod
+    def from_module(
+        cls, net: torch.nn.Module, *, device: str | None = None, dtype: str = "float32", input_size: int = 518
+    ) -> DepthAnythingDepth:
+        """Wrap an already built ``DepthAnythingForDepthEstimation`` (benchmarks with random weights)."""
+        self = cls.__new__(cls)
+        self.device, self.dtype = resolve_device(device), torch_dtype(dtype)
+        self._setup(net.to(self.dtype), "<module>", input_size)
+        return self
+
+    def _setup(self, net: torch.nn.Module, model: str, input_size: int) -> None:
         kind = getattr(net.config, "depth_estimation_type", "relative")
         if kind != "metric":
             raise ConfigError(

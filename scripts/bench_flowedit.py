@@ -1,0 +1,253 @@
+"""Time one FlowEdit refinement and one depth prediction with *random* full-size weights (no download).
+
+The FLUX.1-dev transformer (11.9 B parameters) is built on the meta device and materialised with
+``to_empty`` plus a cheap random init, so timings and peak memory are those of the real shapes
+(the numbers of a trained model are the same up to data-dependent kernels). Prompt embeddings are
+random tensors of the real shapes (T5 [1, 512, 4096], CLIP pooled [1, 768]): the text encoders run
+once per run, not per image, so they are not part of a refinement.
+
+Prints one JSON line per measurement with the keys what, mode, device, size, seconds, peak_mem_mb
+(CUDA: max allocated by torch; CPU: the process's peak RSS so far), plus details.
+
+    # GPU (full size, paper settings: T=28, n_min=4, n_max=10 -> 16 transformer rows in 10 calls)
+    python scripts/bench_flowedit.py --random-weights
+    # CPU smoke versions
+    python scripts/bench_flowedit.py --random-weights --tiny --size 64
+    python scripts/bench_flowedit.py --random-weights --size 64 --layers 1 --seq-len 64 --modes gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def _reset(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _random_init_(module: torch.nn.Module, seed: int = 0) -> None:
+    """Cheap init after ``to_empty``: matrices N(0, 0.02), 1-D weights (norm scales) 1, biases 0."""
+    g = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
+    for name, p in module.named_parameters():
+        if p.ndim >= 2:
+            p.normal_(0.0, 0.02, generator=g)
+        elif name.endswith("weight"):
+            p.fill_(1.0)
+        else:
+            p.zero_()
+
+
+def build_transformer(args: argparse.Namespace, home: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    from skyfall.priors.tiny import FLUX_DEV_TRANSFORMER, tiny_flux_components
+
+    if args.tiny:
+        return tiny_flux_components()["transformer"].to(home, dtype)
+    cfg = dict(FLUX_DEV_TRANSFORMER)
+    if args.layers is not None:
+        cfg.update(num_layers=args.layers, num_single_layers=2 * args.layers)
+    with init_empty_weights():  # no memory, no init cost: parameters on the meta device
+        model = FluxTransformer2DModel(**cfg)
+    model = model.to_empty(device=home).to(dtype)
+    _random_init_(model)
+    return model.eval().requires_grad_(False)
+
+
+def build_vae(args: argparse.Namespace, dtype: torch.dtype) -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    from skyfall.priors.tiny import FLUX_DEV_VAE, tiny_flux_components
+
+    if args.tiny:
+        return tiny_flux_components()["vae"].to(dtype)
+    torch.manual_seed(0)
+    return AutoencoderKL(**FLUX_DEV_VAE).to(dtype).eval().requires_grad_(False)
+
+
+def quantise_fp8(transformer: torch.nn.Module) -> str | None:
+    """In-place torchao float8 weight-only quantisation; returns a skip reason or None."""
+    try:
+        from torchao.quantization import quantize_
+    except ImportError:
+        return "torchao not installed (pip install torchao)"
+    try:
+        from torchao.quantization import Float8WeightOnlyConfig
+
+        quantize_(transformer, Float8WeightOnlyConfig())
+    except Exception as e:  # noqa: BLE001 - report, do not abort the other modes
+        return f"torchao float8 failed here: {type(e).__name__}: {e}"
+    return None
+
+
+def bench_flowedit(args: argparse.Namespace, mode: str, device: torch.device) -> dict:
+    from skyfall.priors.config import FlowEditConfig
+    from skyfall.priors.flowedit import PromptEmbedding, num_transformer_calls
+    from skyfall.priors.flux import FluxModel, torch_dtype
+    from skyfall.priors.flux_refiners import FlowEditRefiner
+    from skyfall.priors.tiny import FLUX_DEV_SCHEDULER
+
+    dtype = torch_dtype(args.dtype if device.type == "cuda" or args.dtype != "float16" else "float32")
+    row = dict(
+        what="flowedit", mode=mode, device=str(device), size=args.size, dtype=str(dtype).replace("torch.", "")
+    )
+    if mode == "nf4":
+        row.update(seconds=None, peak_mem_mb=None, skipped="bitsandbytes quantises at from_pretrained time; "
+                   "random in-memory weights cannot be nf4-quantised this way (measure with real weights)")  # fmt: skip
+        return row
+    memory_mode = "cpu-offload" if mode == "cpu-offload" else "gpu"
+    _reset(device)
+    home = torch.device("cpu") if memory_mode == "cpu-offload" else device
+    t0 = time.perf_counter()
+    transformer = build_transformer(args, home, dtype)
+    if mode == "fp8":
+        reason = quantise_fp8(transformer.to(device))
+        if reason:
+            row.update(seconds=None, peak_mem_mb=None, skipped=reason)
+            return row
+    vae = build_vae(args, dtype)
+    build_s = time.perf_counter() - t0
+    c = transformer.config
+    cfg = FlowEditConfig(device=str(device), dtype=args.dtype, memory_mode=memory_mode, n_max=args.n_max,
+                         n_max_end=-1, n_min=args.n_min, batch_size=1)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    prompts = {
+        p: PromptEmbedding(
+            torch.randn(1, args.seq_len, c.joint_attention_dim, generator=g),
+            torch.randn(1, c.pooled_projection_dim, generator=g),
+        )  # fmt: skip
+        for p in (cfg.source_prompt, cfg.target_prompt)
+    }
+    model = FluxModel(
+        transformer, vae, FLUX_DEV_SCHEDULER, prompts, device=device, dtype=dtype, memory_mode=memory_mode
+    )
+    refiner = FlowEditRefiner(cfg, model=model)
+    image = torch.rand(1, 3, args.size, args.size, generator=g).to(device)
+    for _ in range(args.warmup):
+        refiner.refine(image, seeds=[0])
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    out = refiner.refine(image, seeds=[1])
+    _sync(device)
+    row.update(
+        seconds=round(time.perf_counter() - t0, 4),
+        peak_mem_mb=round(_peak_mb(device), 1),
+        params_m=round(sum(p.numel() for p in transformer.parameters()) / 1e6, 2),
+        transformer_calls=num_transformer_calls(args.n_max, args.n_min),
+        T=cfg.T_steps, n_max=args.n_max, n_min=args.n_min, seq_len=args.seq_len,
+        build_seconds=round(build_s, 2), finite=bool(torch.isfinite(out).all()),
+    )  # fmt: skip
+    del refiner, model, transformer, vae
+    return row
+
+
+def bench_depth(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
+
+    from skyfall.priors.depth_backends import DepthAnythingDepth
+    from skyfall.priors.tiny import tiny_depth_anything
+
+    rows = []
+    if args.tiny:
+        net, label = tiny_depth_anything(), "depth-anything-tiny"
+    else:
+        # Depth Anything V2 Large (ViT-L/14 backbone, 335 M parameters: the same backbone size as MoGe v1 ViT-L)
+        backbone = Dinov2Config(image_size=518, patch_size=14, hidden_size=1024, num_hidden_layers=24,
+                                num_attention_heads=16, intermediate_size=4096, out_indices=[5, 12, 18, 24],
+                                reshape_hidden_states=False, apply_layernorm=True)  # fmt: skip
+        cfg = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=1024, patch_size=14,
+                                  neck_hidden_sizes=[256, 512, 1024, 1024], fusion_hidden_size=256,
+                                  depth_estimation_type="metric", max_depth=80)  # fmt: skip
+        torch.manual_seed(0)
+        net, label = DepthAnythingForDepthEstimation(cfg), "depth-anything-large"
+    dtype = args.dtype if device.type == "cuda" else "float32"
+    _reset(device)
+    est = DepthAnythingDepth.from_module(net, device=str(device), dtype=dtype)
+    image = torch.rand(1, 3, args.size, args.size).to(device)
+    for _ in range(args.warmup):
+        est(image, 60.0)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    est(image, 60.0)
+    _sync(device)
+    rows.append(dict(what=label, mode="gpu", device=str(device), size=args.size, dtype=dtype,
+                     seconds=round(time.perf_counter() - t0, 4), peak_mem_mb=round(_peak_mb(device), 1),
+                     params_m=round(sum(p.numel() for p in net.parameters()) / 1e6, 2)))  # fmt: skip
+    try:
+        import moge  # noqa: F401
+
+        moge_note = "moge installed; use scripts with real weights for MoGe itself"
+    except ImportError:
+        moge_note = "moge not installed; depth-anything-large has the same ViT-L/14 backbone size as MoGe v1"
+    rows.append(dict(what="moge", mode="gpu", device=str(device), size=args.size, seconds=None, peak_mem_mb=None,
+                     skipped=moge_note))  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--random-weights", action="store_true", help="random weights (the only mode; no download)"
+    )
+    ap.add_argument("--tiny", action="store_true", help="tiny widths (CPU smoke test)")
+    ap.add_argument("--size", type=int, default=1024, help="image side in pixels (multiple of 16)")
+    ap.add_argument(
+        "--layers", type=int, default=None, help="double-stream blocks (single = 2x); default 19/38"
+    )
+    ap.add_argument("--seq-len", type=int, default=512, help="T5 prompt tokens (512 for FLUX.1-dev)")
+    ap.add_argument(
+        "--modes", default="gpu,cpu-offload,fp8,nf4", help="comma list of gpu, cpu-offload, fp8, nf4"
+    )
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--device", default=None, help="default: cuda if available else cpu")
+    ap.add_argument("--n-max", type=int, default=10, help="paper: n_max ~ U{4..10}; 10 is the slowest draw")
+    ap.add_argument("--n-min", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--no-depth", action="store_true")
+    args = ap.parse_args()
+    if not args.random_weights:
+        ap.error("only --random-weights is implemented (real-weight timings: use the refiner directly)")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    from diffusers.utils import logging as dlog
+
+    dlog.set_verbosity_error()  # the ".to(dtype) with keep-in-fp32 modules: []" notice is noise here
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for mode in args.modes.split(","):
+        print(json.dumps(bench_flowedit(args, mode.strip(), device)), flush=True)
+        gc.collect()
+    if not args.no_depth:
+        for row in bench_depth(args, device):
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
