@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from skyfall.priors.config import FlowEditConfig, SDEditConfig
+
 EstimatorName = Literal["ground-truth", "tiny", "moge", "depth-anything"]
 
 
@@ -287,6 +289,10 @@ class Stage2Config:
     the ground-truth render of the pose — a measuring instrument, not a method), 'identity' (no refine)."""
     ideal_noise: float = 0.0
     """IdealRefiner only: std of per-sample colour perturbation, mimicking diffusion variance."""
+    flowedit: FlowEditConfig = field(default_factory=FlowEditConfig)
+    """FlowEdit on FLUX.1-dev: model, memory mode, schedule and prompts (refiner 'flowedit')."""
+    sdedit: SDEditConfig = field(default_factory=SDEditConfig)
+    """SDEdit on FLUX.1-dev (refiner 'sdedit', the paper's ablation)."""
     pseudo_weight: float = 0.5
     """Pseudo-camera depth weight in Stage 2 (JAX 0.5, NYC 0)."""
     pseudo_elevation_start: float = 85.0
@@ -356,5 +362,14 @@ def parse_curriculum(spec: str) -> tuple[float | None, list[tuple[float, float]]
 
 _DATACLASSES = {
     c.__name__: c
-    for c in (OptimConfig, AppearanceConfig, DensifyConfig, PseudoDepthConfig, Stage1Config, Stage2Config)
+    for c in (
+        OptimConfig,
+        AppearanceConfig,
+        DensifyConfig,
+        PseudoDepthConfig,
+        Stage1Config,
+        Stage2Config,
+        FlowEditConfig,
+        SDEditConfig,
+    )
 }

@@ -165,13 +165,13 @@ class IdealRefiner:
 def make_stage2_refiner(cfg: Stage2Config, tile_dir: Path) -> ImageRefiner:
     if cfg.refiner == "ideal":
         return IdealRefiner(tile_dir, noise=cfg.ideal_noise)
-    from skyfall.priors import refine as refine_mod
+    from skyfall.priors.refine import make_refiner
 
-    if hasattr(refine_mod, "make_refiner"):
-        return refine_mod.make_refiner(cfg.refiner)
-    if cfg.refiner == "identity":
-        return refine_mod.IdentityRefiner()
-    raise ConfigError(f"refiner {cfg.refiner!r} is not available in this installation")
+    if cfg.refiner == "flowedit":
+        return make_refiner("flowedit", config=cfg.flowedit)
+    if cfg.refiner == "sdedit":
+        return make_refiner("sdedit", config=cfg.sdedit)
+    return make_refiner(cfg.refiner)
 
 
 class Stage2Trainer(Stage1Trainer):
