@@ -54,18 +54,21 @@ def _print_summary(s: dict) -> None:
     print("[stage1] " + "  ".join(parts))
 
 
-def _preset_default(argv: list[str]) -> TrainStage1:
-    """Default TrainStage1 for the ``--preset`` named on the command line (pre-parsed)."""
-    from skyfall.presets import get_preset
-
+def _scan_preset(argv: list[str]) -> str:
     name = "paper-jax"
     for i, a in enumerate(argv):
         if a == "--preset" and i + 1 < len(argv):
             name = argv[i + 1]
         elif a.startswith("--preset="):
             name = a.split("=", 1)[1]
-    if name not in PresetName.__args__:  # type: ignore[attr-defined]
-        name = "paper-jax"  # tyro then reports the invalid choice itself
+    return name if name in PresetName.__args__ else "paper-jax"  # type: ignore[attr-defined]
+
+
+def _preset_default(argv: list[str]) -> TrainStage1:
+    """Default TrainStage1 for the ``--preset`` named on the command line (pre-parsed)."""
+    from skyfall.presets import get_preset
+
+    name = _scan_preset(argv)
     return TrainStage1(data=tyro.MISSING, out=tyro.MISSING, preset=name, cfg=get_preset(name))  # type: ignore[arg-type]
 
 
@@ -132,16 +135,6 @@ def _print_stage2(summary: dict) -> None:
             f"[stage2] episode {e['episode']} (elev {e['elevation']:g}, r {e['radius']:g}): "
             f"psnr_gt_45={e.get('psnr_gt_45')} psnr_test={e.get('psnr_test')} dsm_mae_m={e.get('dsm_mae_m')} n={e['num_gaussians']}"
         )
-
-
-def _scan_preset(argv: list[str]) -> str:
-    name = "paper-jax"
-    for i, a in enumerate(argv):
-        if a == "--preset" and i + 1 < len(argv):
-            name = argv[i + 1]
-        elif a.startswith("--preset="):
-            name = a.split("=", 1)[1]
-    return name if name in PresetName.__args__ else "paper-jax"  # type: ignore[attr-defined]
 
 
 def _stage2_default(argv: list[str]) -> TrainStage2:

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from skyfall.eval.options import CLIP_FID_MODEL, CMMD_MODEL  # noqa: F401 (clean-fid clip_vit_b_32; cmmd_pytorch)
+
 PATCH = 512
 CMMD_SIGMA = 10.0
 CMMD_SCALE = 1000.0
-CLIP_FID_MODEL = "openai/clip-vit-base-patch32"  # clean-fid's clip_vit_b_32
-CMMD_MODEL = "openai/clip-vit-large-patch14-336"  # cmmd_pytorch's model
 # OpenAI CLIP normalisation (used when a model folder has no preprocessor_config.json).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

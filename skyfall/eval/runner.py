@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,38 +23,9 @@ from skyfall.errors import ConfigError, SkyfallError, TileFormatError
 from skyfall.eval import distribution as dist
 from skyfall.eval import geometry as geo
 from skyfall.eval.image_metrics import load_lpips, lpips_distance, psnr, ssim
+from skyfall.eval.options import DEFAULT_BAND_EDGES, EvalOptions  # noqa: F401 (re-exported)
 
-DEFAULT_BAND_EDGES = (0.0, 10.0, 50.0, 100.0, 150.0, 200.0, 250.0, 300.0, 350.0)
 SATELLITE_BAND = "satellite"
-
-
-@dataclass
-class EvalOptions:
-    """What to evaluate and how (the CLI fills it)."""
-
-    run: Path
-    out: Path | None = None
-    gt: Path | None = None
-    data: Path | None = None
-    ckpts: tuple[Path, ...] = ()
-    embedding: str | None = None
-    device: str = "cpu"
-    sets: tuple[str, ...] = ()
-    max_views: int = 0
-    satellite: bool = True
-    geometry: bool = True
-    geometry_views: int = 5
-    gt_dsm: Path | None = None
-    world_offset: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    lpips: bool = True
-    lpips_backbone: Path | None = None
-    lpips_lin: Path | None = None
-    clip: bool = True
-    clip_fid_model: str = dist.CLIP_FID_MODEL
-    cmmd_model: str = dist.CMMD_MODEL
-    band_edges: tuple[float, ...] = DEFAULT_BAND_EDGES
-    embedders: dict[str, Any] = field(default_factory=dict)
-    """Pre-built embedders {"clip_fid"|"cmmd": ClipEmbedder} (tests); skips loading from disk."""
 
 
 @dataclass

@@ -1,0 +1,63 @@
+"""Options of ``skyfall eval`` (torch-free: the CLI builds its help from this dataclass)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import tyro
+
+CLIP_FID_MODEL = "openai/clip-vit-base-patch32"
+CMMD_MODEL = "openai/clip-vit-large-patch14-336"
+DEFAULT_BAND_EDGES = (0.0, 10.0, 50.0, 100.0, 150.0, 200.0, 250.0, 300.0, 350.0)
+
+
+@dataclass
+class EvalOptions:
+    """What to evaluate and how; the field docstrings are the ``skyfall eval`` help."""
+
+    run: Annotated[Path, tyro.conf.Positional]
+    """Run directory (config.yml, ckpts/)."""
+    out: Path | None = None
+    """Output folder (default RUN/eval)."""
+    gt: Path | None = None
+    """Ground-truth views: a tile, its gt/ or gt/views folder, or one <set> folder (default: the run's tile)."""
+    data: Path | None = None
+    """Tile folder (default: `data` in RUN/config.yml)."""
+    ckpts: Annotated[tuple[Path, ...], tyro.conf.arg(name="ckpt")] = ()
+    """Checkpoint(s) to evaluate (default: the latest in RUN/ckpts)."""
+    embedding: str | None = None
+    """Appearance embedding for novel views: 'mean' or an image index (default: the run's test_embedding)."""
+    device: str = "cpu"
+    """Torch device."""
+    sets: tuple[str, ...] = ()
+    """Only these GT view sets (default: all)."""
+    max_views: int = 0
+    """Views per set (0 = all)."""
+    satellite: bool = True
+    """Also score the held-out satellite views (transforms_test.json)."""
+    geometry: bool = True
+    """DSM metrics against the ground-truth DSM."""
+    geometry_views: int = 5
+    """Training satellite cameras back-projected for the reference-protocol DSM (0 = nadir render only)."""
+    gt_dsm: Path | None = None
+    """Ground-truth DSM: a DFC2019 <AOI>_DSM.tif (+ <AOI>_DSM.txt bounds; needs rasterio) or a synthetic tile."""
+    world_offset: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """Added to world points before comparing with --gt-dsm (e.g. the UTM easting/northing of the ENU origin)."""
+    lpips: bool = True
+    """LPIPS (AlexNet) when its weights are available locally."""
+    lpips_backbone: Path | None = None
+    """torchvision AlexNet state dict (default: TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth)."""
+    lpips_lin: Path | None = None
+    """lpips v0.1 alex.pth linear heads (default: inside an installed lpips package)."""
+    clip: bool = True
+    """CLIP-FID and CMMD when the CLIP weights are available locally."""
+    clip_fid_model: str = CLIP_FID_MODEL
+    """CLIP model for CLIP-FID (clean-fid clip_vit_b_32): a cached Hugging Face id or a local folder."""
+    cmmd_model: Annotated[str, tyro.conf.arg(name="clip-model")] = CMMD_MODEL
+    """CLIP model for CMMD (ViT-L/14-336): a cached Hugging Face id or a local folder."""
+    band_edges: tuple[float, ...] = DEFAULT_BAND_EDGES
+    """Altitude band edges in metres for the per-altitude tables (above the last edge: its own band)."""
+    embedders: Annotated[dict[str, Any], tyro.conf.Suppress] = field(default_factory=dict)
+    """Preloaded embedders by metric name (tests inject tiny encoders); not a CLI option."""
