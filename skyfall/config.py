@@ -182,6 +182,14 @@ class Stage1Config:
     """How many step checkpoints to keep (the final one is always kept)."""
     eval_every: int = 5000
     """Evaluate held-out PSNR every this many steps (and at the end)."""
+    eval_appearance: Literal["fit-left-half", "novel"] = "fit-left-half"
+    """Appearance of held-out satellite views in psnr_test. 'fit-left-half' (NeRF-W/WildGaussians
+    protocol): a held-out view's acquisition lighting is unknowable, so its appearance embedding is
+    fitted on the left half of the image (model frozen) and PSNR is measured on the right half.
+    'novel': the novel-view embedding (appearance.test_embedding), as the reference evaluates.
+    Both are always reported (psnr_test and psnr_test_novel_embedding)."""
+    eval_fit_steps: int = 30
+    """Adam steps (lr 0.02) of the held-out embedding fit."""
     log_every: int = 10
     """Write metrics.jsonl every this many steps."""
     min_gaussians: int = 100

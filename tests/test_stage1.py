@@ -29,6 +29,10 @@ def test_tiny_run_writes_run_dir_and_learns(tiny_tile: Path, tmp_path: Path):
     assert s1["steps"] == cfg.steps
     assert summary["steps"] == cfg.steps and summary["num_gaussians"] == s1["num_gaussians"] > 0
     assert "psnr_test" in s1 and s1["psnr_test"] > 5
+    # both held-out protocols are reported: embedding fitted on the left half (psnr_test) and the
+    # novel-view embedding; the fit can only help on the same view
+    assert s1["psnr_test_novel_embedding"] > 5
+    assert s1["psnr_test"] > s1["psnr_test_novel_embedding"] - 1.0
     assert s1["pseudo_used"] + s1["pseudo_skipped"] > 0  # pseudo-depth branch exercised
     run = tmp_path / "run"
     assert (run / "config.yml").exists() and (run / "ckpts" / f"ckpt_{cfg.steps:06d}.pt").exists()

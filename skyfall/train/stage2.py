@@ -407,7 +407,6 @@ class Stage2Trainer(Stage1Trainer):
 
     # ------------------------------------------------------------------ evaluation
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         res = super().evaluate()
         gt = Path(self.data) / "gt" / "views" / "orbit_e45_r250"
@@ -416,7 +415,8 @@ class Stage2Trainer(Stage1Trainer):
             emb = self.scene.novel_embedding(self.cfg.appearance.test_embedding)
             vals = []
             for i in range(len(cams)):
-                out = self.scene.render(cams[i], emb, absgrad=False)
+                with torch.no_grad():
+                    out = self.scene.render(cams[i], emb, absgrad=False)
                 img = _read_png(gt / "images" / f"{i:05d}.png", self.device).permute(1, 2, 0)
                 vals.append(psnr(out.colors[0], img))
             res["psnr_gt_45"] = float(np.mean(vals))
