@@ -109,8 +109,6 @@ class Stage1Trainer:
         self.images = tr.images.to(dev).permute(0, 3, 1, 2).float() / 255.0  # [N,3,H,W]
         self.masks = tr.masks.to(dev)  # [N,H,W]
         self.cameras: Cameras = tr.cameras
-        self.viewmats = tr.cameras.viewmats.to(dev)
-        self.Ks = tr.cameras.Ks.to(dev)
         self.W, self.H = tr.cameras.width, tr.cameras.height
 
     def _fresh_state(self) -> None:
