@@ -112,6 +112,9 @@ def test_tiny_stage2_end_to_end(stage1_run: Path, tmp_path: Path):
     assert all((run / "ckpts" / f"ckpt_{m:06d}.pt").exists() for m in milestones)
     ck = torch.load(run / "ckpts" / f"ckpt_{last:06d}.pt", weights_only=True)
     assert ck["stage"] == "stage2" and ck["step"] == last
+    # the final Stage 1 checkpoint is protected, not rewritten
+    s1 = torch.load(run / "ckpts" / "ckpt_000060.pt", weights_only=True)
+    assert s1["stage"] == "stage1" and s1["step"] == 60
 
 
 DRIVER = textwrap.dedent(

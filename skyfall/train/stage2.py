@@ -331,12 +331,15 @@ class Stage2Trainer(Stage1Trainer):
         return st
 
     def save_milestone(self) -> Path:
-        """A checkpoint that pruning never removes (end of Stage 1 / of each episode)."""
+        """A checkpoint that pruning never removes (the end of each episode)."""
         path = save_checkpoint(checkpoint_path(self.run_dir.ckpts, self.step), self.state())
-        ms = self._milestones()
-        ms.add(self.step)
-        atomic_write_text(self.run_dir.ckpts / "milestones.json", json.dumps(sorted(ms)))
+        self._protect(self.step)
         return path
+
+    def _protect(self, step: int) -> None:
+        ms = self._milestones()
+        ms.add(step)
+        atomic_write_text(self.run_dir.ckpts / "milestones.json", json.dumps(sorted(ms)))
 
     def _milestones(self) -> set[int]:
         f = self.run_dir.ckpts / "milestones.json"
@@ -437,8 +440,9 @@ class Stage2Trainer(Stage1Trainer):
         self._t0 = time.perf_counter()
         summary = self.run_dir.read_summary()
         if st.get("stage") != "stage2":
-            # Entering Stage 2: protect the final Stage 1 checkpoint and record the Stage 1 baseline.
-            self.save_milestone()
+            # Entering Stage 2: protect the final Stage 1 checkpoint (left as Stage 1 wrote it) and
+            # record the Stage 1 baseline.
+            self._protect(self.step)
             base = self.evaluate()
             summary = self.run_dir.update_summary(stage2={"stage1_baseline": base, "episodes": []})
         n_done = len(summary.get("stage2", {}).get("episodes", []))
