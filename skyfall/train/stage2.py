@@ -459,9 +459,10 @@ class Stage2Trainer(Stage1Trainer):
             if not in_progress:
                 # Per-episode restarts (reference §3.3): the position LR schedule and the filter over
                 # satellite + refined cameras; the SH degree keeps its value.
+                # Not checkpointed here: a resume before the first step checkpoint recomputes this
+                # start state exactly, and the previous milestone stays as it was written.
                 self.model.restart_position_lr(self.first_step, self.cfg2.episode_steps)
                 self._recompute_filter()
-                self.save()
             end = self.first_step + self.cfg2.episode_steps
             bar = tqdm(
                 total=self.cfg2.episode_steps,
