@@ -446,3 +446,28 @@ def _empty_split(like: Cameras) -> Split:
         images=torch.zeros(0, h, w, 3, dtype=torch.uint8),
         masks=torch.zeros(0, h, w, dtype=torch.bool),
     )
+
+
+def transforms_document(cameras: Cameras, names: list[str]) -> dict:
+    """The ``transforms_*.json`` document for ``cameras`` (the inverse of what ``load_tile`` reads).
+
+    Frames point at ``./images/<name>.png``; ``transform_matrix`` is the OpenCV camera-to-world matrix
+    at full float64 precision (JSON floats round-trip exactly).
+    """
+    assert len(names) == len(cameras), (len(names), len(cameras))
+    frames = []
+    for i, name in enumerate(names):
+        k = cameras.Ks[i]
+        frames.append(
+            {
+                "file_path": f"./images/{name}.png",
+                "fl_x": float(k[0, 0]),
+                "fl_y": float(k[1, 1]),
+                "cx": float(k[0, 2]),
+                "cy": float(k[1, 2]),
+                "w": cameras.width,
+                "h": cameras.height,
+                "transform_matrix": cameras.camtoworlds[i].tolist(),
+            }
+        )
+    return {"camera_model": "PINHOLE", "w": cameras.width, "h": cameras.height, "frames": frames}

@@ -435,29 +435,26 @@ def _write_tile(
     out: Path, views: list[_View], width: int, height: int,
     points: np.ndarray, colors: np.ndarray, errors: np.ndarray, summary: dict[str, Any],
 ) -> None:  # fmt: skip
+    import torch
     from PIL import Image
+
+    from skyfall.data.cameras import Cameras
+    from skyfall.data.tile import transforms_document
 
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    frames = []
     for v in views:
         Image.fromarray(v.rgb).save(out / "images" / f"{v.name}.png")
         np.save(out / "masks" / f"{v.name}.npy", v.valid.astype(np.uint8))  # type: ignore[union-attr]
-        K = v.fit.K  # type: ignore[union-attr]
-        frames.append(
-            {
-                "file_path": f"./images/{v.name}.png",
-                "fl_x": float(K[0, 0]),
-                "fl_y": float(K[1, 1]),
-                "cx": float(K[0, 2]),
-                "cy": float(K[1, 2]),
-                "w": width,
-                "h": height,
-                "transform_matrix": v.fit.c2w.tolist(),  # type: ignore[union-attr]
-            }
-        )
-    header = {"camera_model": "PINHOLE", "w": width, "h": height}
-    (out / "transforms_train.json").write_text(json.dumps({**header, "frames": frames}, indent=1))
+    cams = Cameras(
+        torch.as_tensor(np.stack([v.fit.c2w for v in views])),  # type: ignore[union-attr]
+        torch.as_tensor(np.stack([v.fit.K for v in views])),  # type: ignore[union-attr]
+        width,
+        height,
+    )
+    doc = transforms_document(cams, [v.name for v in views])
+    header = {k: doc[k] for k in ("camera_model", "w", "h")}
+    (out / "transforms_train.json").write_text(json.dumps(doc, indent=1))
     (out / "transforms_test.json").write_text(json.dumps({**header, "frames": []}, indent=1))
     with open(out / "points3D.txt", "w", encoding="utf-8") as fh:
         fh.write("# 3D point list: POINT3D_ID X Y Z R G B ERROR (ENU metres, see prepare.json)\n")

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from skyfall.data.camera_path import write_camera_path
 from skyfall.data.cameras import Cameras
+from skyfall.data.tile import transforms_document
 from skyfall.errors import ConfigError
 from skyfall.synth.cameras import (
     CURRICULUM,
@@ -93,25 +94,6 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
             elif p.exists():
                 p.unlink()
     out.mkdir(parents=True, exist_ok=True)
-
-
-def _frames(cams: Cameras, names: list[str]) -> dict:
-    frames = []
-    for i, name in enumerate(names):
-        k = cams.Ks[i]
-        frames.append(
-            {
-                "file_path": f"./images/{name}.png",
-                "fl_x": float(k[0, 0]),
-                "fl_y": float(k[1, 1]),
-                "cx": float(k[0, 2]),
-                "cy": float(k[1, 2]),
-                "w": cams.width,
-                "h": cams.height,
-                "transform_matrix": cams.camtoworlds[i].tolist(),
-            }
-        )
-    return {"camera_model": "PINHOLE", "w": cams.width, "h": cams.height, "frames": frames}
 
 
 def _sample_points(
@@ -260,7 +242,7 @@ def write_synthetic_tile(
         Image.fromarray(rgb[i]).save(out / "images" / f"{name}.png")
         np.save(out / "masks" / f"{name}.npy", mask[i])
     for split, ids in (("train", train), ("test", test)):
-        doc = _frames(sat[ids], [names[i] for i in ids])
+        doc = transforms_document(sat[ids], [names[i] for i in ids])
         (out / f"transforms_{split}.json").write_text(json.dumps(doc, indent=1))
     timings["satellite views"] = time.perf_counter() - t
 
