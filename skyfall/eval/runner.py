@@ -55,8 +55,6 @@ def band_label(altitude_m: float, edges: tuple[float, ...]) -> str:
 
 def load_scene(ckpt: Path, device: str = "cpu"):  # noqa: ANN201 (Scene, dict)
     """Rebuild the Scene (Gaussians + appearance) of a checkpoint; returns (scene, checkpoint dict)."""
-    from skyfall.gaussians.appearance import AppearanceModel
-    from skyfall.gaussians.model import GaussianModel
     from skyfall.storage.checkpoints import load_checkpoint
     from skyfall.train.scene import Scene
 
@@ -66,18 +64,7 @@ def load_scene(ckpt: Path, device: str = "cpu"):  # noqa: ANN201 (Scene, dict)
         raise ConfigError(f"{ckpt}: cannot load checkpoint: {e}") from e
     if "model" not in st:
         raise ConfigError(f"{ckpt}: not a skyfall checkpoint (no 'model' entry)")
-    model = GaussianModel.from_state_dict(st["model"], device=device)
-    app = None
-    sd = st.get("appearance")
-    if sd:
-        n, idim = sd["image_embeddings.weight"].shape
-        w0 = sd["mlp.0.weight"]
-        sh_dim = sd["mlp.4.weight"].shape[0] // 2
-        app = AppearanceModel(n, idim, w0.shape[1] - sh_dim - idim, w0.shape[0], sh_dim)
-        app.load_state_dict(sd)
-        app = app.to(device).eval()
-    eps2d = _find_key(st.get("config") or {}, "eps2d", 0.1)
-    return Scene(model, app, eps2d=float(eps2d)), st
+    return Scene.from_checkpoint(st, device), st
 
 
 def _find_key(d: Any, key: str, default: Any) -> Any:

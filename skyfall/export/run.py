@@ -13,8 +13,6 @@ from skyfall.errors import ConfigError, SkyfallError
 from skyfall.export.bake import Splats, bake, sanitize, splats_from_params
 from skyfall.export.formats import FORMATS, write_ply, write_splats
 from skyfall.export.upaxis import to_up_axis
-from skyfall.gaussians.appearance import AppearanceModel
-from skyfall.gaussians.model import GaussianModel
 from skyfall.storage.checkpoints import latest_checkpoint, load_checkpoint
 from skyfall.storage.run_dir import RunDir
 from skyfall.train.scene import Scene, parse_embedding
@@ -42,17 +40,8 @@ def load_run(run: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     if ckpt is None:
         raise SkyfallError(f"{rd.ckpts}: no checkpoint (is {rd.root} a run directory?)")
     st = load_checkpoint(ckpt, map_location=device)
-    model = GaussianModel.from_state_dict(st["model"], device=device)
-    appearance = None
-    if st.get("appearance") is not None:
-        weight = st["appearance"]["image_embeddings.weight"]
-        gdim = model.params["app_features"].shape[1]
-        appearance = AppearanceModel(weight.shape[0], weight.shape[1], gdim).to(device)
-        appearance.load_state_dict(st["appearance"])
-        appearance.eval()
     cfg = st.get("config", {}) or {}
-    scene = Scene(model, appearance, eps2d=float(cfg.get("eps2d", 0.1)))
-    return LoadedRun(scene, ckpt, int(st.get("step", 0)), cfg)
+    return LoadedRun(Scene.from_checkpoint(st, device), ckpt, int(st.get("step", 0)), cfg)
 
 
 def baked_splats(loaded: LoadedRun, embedding: str | int | None = None) -> tuple[Splats, int]:

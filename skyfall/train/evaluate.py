@@ -13,21 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from skyfall.data.orbits import nadir_grid_camera
+from skyfall.eval.image_metrics import psnr  # noqa: F401 (one PSNR for training logs and evaluation)
 from skyfall.train.scene import Scene
-
-
-def psnr(pred: Tensor, gt: Tensor, mask: Tensor | None = None) -> float:
-    """PSNR in dB for images in [0, 1] (``[..., H, W, 3]``), over the pixels where ``mask`` is set."""
-    err = (pred.clamp(0, 1) - gt) ** 2
-    if mask is not None:
-        m = mask.to(err.dtype)[..., None].expand_as(err)
-        mse = (err * m).sum() / m.sum().clamp_min(1)
-    else:
-        mse = err.mean()
-    return float(-10.0 * torch.log10(mse.clamp_min(1e-12)))
 
 
 def load_gt_dsm(tile_dir: str | Path) -> tuple[np.ndarray, dict] | None:

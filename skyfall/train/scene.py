@@ -39,6 +39,26 @@ class Scene:
     appearance: AppearanceModel | None
     eps2d: float = 0.1
 
+    @classmethod
+    def from_checkpoint(cls, state: dict, device: str | torch.device = "cpu") -> Scene:
+        """Rebuild the scene of a loaded checkpoint dict (Stage 1 or Stage 2).
+
+        The appearance model's sizes are read from its state dict, so any configuration round-trips;
+        the 2D filter comes from the checkpoint's Stage 1 config.
+        """
+        model = GaussianModel.from_state_dict(state["model"], device=device)
+        app = None
+        sd = state.get("appearance")
+        if sd:
+            n, idim = sd["image_embeddings.weight"].shape
+            w0 = sd["mlp.0.weight"]
+            sh_dim = sd["mlp.4.weight"].shape[0] // 2
+            app = AppearanceModel(n, idim, w0.shape[1] - sh_dim - idim, w0.shape[0], sh_dim)
+            app.load_state_dict(sd)
+            app = app.to(device).eval()
+        eps2d = (state.get("config") or {}).get("eps2d", 0.1)
+        return cls(model, app, eps2d=float(eps2d))
+
     def colors(self, embedding: Tensor | int | None) -> tuple[Tensor, int]:
         """SH coefficients [N, K, 3] for one appearance embedding, and the SH degree to evaluate.
 
