@@ -24,7 +24,7 @@ from skyfall.gaussians.filters import apply_3d_filter
 from skyfall.render.camera_space import camera_centers
 from skyfall.render.sh import sh_to_rgb
 
-__all__ = ["RenderOutput", "render", "resolve_backend"]
+__all__ = ["RenderOutput", "render", "render_median_depth", "resolve_backend"]
 
 
 @dataclass
@@ -171,3 +171,45 @@ def render(
         visible=radii > 0,
         backend=name,
     )
+
+
+@torch.no_grad()
+def render_median_depth(
+    means: Tensor,  # [N, 3]
+    quats: Tensor,  # [N, 4]
+    scales: Tensor,  # [N, 3] log scales
+    opacities: Tensor,  # [N] logits
+    viewmats: Tensor,  # [C, 4, 4]
+    Ks: Tensor,  # [C, 3, 3]
+    width: int,
+    height: int,
+    *,
+    filter_3d: Tensor | None = None,
+    eps2d: float = 0.1,
+    rasterize_mode: Literal["antialiased", "classic"] = "antialiased",
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+) -> Tensor:
+    """Median depth [C, H, W, 1]: camera z of the Gaussian where transmittance falls to 0.5; NaN where
+    it never does. Same projection and compositing rules as ``render``, no gradients.
+
+    gsplat 1.5.3 has no median-depth mode, so this runs the torch compositor on any device; it is an
+    evaluation tool (DSM extraction), not a training path.
+    """
+    from skyfall.render.camera_space import quat_scale_to_covar, to_camera_space
+    from skyfall.render.composite import median_depth_pixels
+    from skyfall.render.projection import project
+
+    scales_eff, opac_eff = apply_3d_filter(scales, opacities, filter_3d)
+    cam = to_camera_space(means, quat_scale_to_covar(quats, scales_eff), viewmats, Ks, int(width), int(height))
+    proj = project(
+        cam.means, cam.covars, opac_eff, cam.Ks, int(width), int(height), float(eps2d),
+        float(near_plane), float(far_plane), rasterize_mode == "antialiased",
+    )
+    outs = [
+        median_depth_pixels(
+            proj.means2d[c], proj.conics[c], proj.opacities[c], proj.radii[c], proj.depths[c], int(width), int(height)
+        )
+        for c in range(viewmats.shape[0])
+    ]
+    return torch.stack(outs)[..., None]

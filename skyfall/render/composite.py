@@ -392,3 +392,59 @@ def rasterize_pixels(
         absgrad,
         max_pairs,
     )
+
+
+@torch.no_grad()
+def median_depth_pixels(
+    means2d: Tensor,  # [N, 2]
+    conics: Tensor,  # [N, 3]
+    opacities: Tensor,  # [N]
+    radii: Tensor,  # [N, 2]
+    depths: Tensor,  # [N]
+    width: int,
+    height: int,
+    max_pairs: int | None = None,
+) -> Tensor:
+    """Median depth [H, W] of one camera: the depth of the Gaussian at which T falls to <= 0.5.
+
+    Same pairs, order and cut-off rules as the colour forward pass; NaN where T stays above 0.5.
+    Unlike the accumulated (expected) depth it does not average a roof with the ground behind it
+    at an edge, which is what a DSM wants (the median-depth rule of 2DGS/GOF-style geometry).
+    """
+    if max_pairs is None:
+        max_pairs = DEFAULT_MAX_PAIRS
+    dev = means2d.device
+    hw = width * height
+    out = torch.full((hw,), math.nan, dtype=depths.dtype, device=dev)
+    vis = torch.nonzero((radii > 0).all(-1)).squeeze(1)
+    order = _take(vis, torch.argsort(_take(depths, vis), stable=True))
+    boxes = _boxes(means2d, conics, opacities, order, width, height)
+    cnt = (boxes[:, 1] - boxes[:, 0] + 1).clamp_min(0) * (boxes[:, 3] - boxes[:, 2] + 1).clamp_min(0)
+    bounds = torch.searchsorted(
+        torch.cumsum(cnt, 0), torch.arange(max_pairs, int(cnt.sum()) + max_pairs, max_pairs, device=dev)
+    ).tolist()
+    log_t = torch.zeros(hw, dtype=torch.float64, device=dev)
+    scratch = torch.empty(hw, dtype=torch.float64, device=dev)
+    done = torch.zeros(hw, dtype=torch.bool, device=dev)
+    half = math.log(0.5)
+    lo, any_done = 0, False
+    for hi in bounds + [len(order)]:
+        hi = max(min(hi, len(order)), lo + 1)
+        if lo >= len(order):
+            break
+        pix, g, alpha = _chunk_pairs(means2d, conics, opacities, order[lo:hi], boxes[lo:hi], done, any_done, width)
+        lo = hi
+        if pix.numel() == 0:
+            continue
+        pos, alpha, t_before, log1m = _composite_chunk(pix, alpha, log_t, done, scratch)
+        any_done = any_done or pos is not None or bool(done.any())
+        if pos is not None:
+            pix, g = _take(pix, pos), _take(g, pos)
+        # the crossing pair: T before > 0.5 and T after <= 0.5 (at most one per pixel)
+        log_before = torch.log(t_before.to(torch.float64).clamp_min(1e-300))
+        cross = (log_before > half) & (log_before + log1m <= half) & (alpha > 0)
+        idx = torch.nonzero(cross).squeeze(1)
+        if idx.numel():
+            out.index_copy_(0, _take(pix, idx).to(torch.int64), _take(depths, _take(g, idx).to(torch.int64)))
+        log_t.index_add_(0, pix, log1m)
+    return out.reshape(height, width)

@@ -14,7 +14,7 @@ from torch import Tensor
 from skyfall.data.cameras import Cameras
 from skyfall.gaussians.appearance import AppearanceModel
 from skyfall.gaussians.model import GaussianModel
-from skyfall.render import RenderOutput, render
+from skyfall.render import RenderOutput, render, render_median_depth
 
 
 def parse_embedding(value: str | int) -> str | int:
@@ -105,6 +105,24 @@ class Scene:
             backgrounds=bg,
             eps2d=self.eps2d,
             absgrad=absgrad,
+        )
+
+    @torch.no_grad()
+    def render_median_depth(self, cameras: Cameras) -> Tensor:
+        """Median depth [C, H, W, 1] (NaN where transmittance never reaches 0.5); see render_median_depth."""
+        p = self.model.params
+        dev = p["means"].device
+        return render_median_depth(
+            p["means"],
+            p["quats"],
+            p["scales"],
+            p["opacities"],
+            cameras.viewmats.to(dev),
+            cameras.Ks.to(dev),
+            cameras.width,
+            cameras.height,
+            filter_3d=self.model.filter_3d,
+            eps2d=self.eps2d,
         )
 
     @torch.no_grad()

@@ -441,7 +441,10 @@ class Stage1Trainer:
         if gt is not None:
             dsm, georef = gt
             with torch.no_grad():
-                res.update(dsm_errors(render_dsm(scene, georef), dsm))
+                res.update(dsm_errors(render_dsm(scene, georef, depth="median"), dsm))
+                # the alpha-normalised expected depth too, for comparison with earlier runs
+                expected = dsm_errors(render_dsm(scene, georef, depth="expected"), dsm)
+                res["dsm_mae_expected_depth_m"] = expected["dsm_mae_m"]
         return res
 
     # ------------------------------------------------------------------ main loop
