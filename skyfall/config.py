@@ -75,7 +75,8 @@ class DensifyConfig:
     start: int = 1000
     """Densify only after this step (--densify_from_iter)."""
     until: int = 21_000
-    """Densify only before this step (--densify_until_iter)."""
+    """Densify only before this step (--densify_until_iter); 0 turns densification and the opacity
+    resets off (the 3D filter is then recomputed every filter_recompute_interval steps)."""
     interval: int = 100
     """Densify every this many steps (--densification_interval)."""
     grad_threshold: float = 1e-4
@@ -140,6 +141,10 @@ class PseudoDepthConfig:
     """Skip the term when fewer than this fraction of pixels are valid."""
     alpha_threshold: float = 0.5
     """Pixels whose rendered alpha is below this are invalid (nothing rendered there)."""
+    render_depth: Literal["accumulated", "expected"] = "accumulated"
+    """Rendered depth correlated with the prior: 'accumulated' D = sum T a z (the reference, gsplat
+    RGB+D) or 'expected' D / alpha. With semi-transparent Gaussians D is alpha times a depth, and the
+    correlation can be raised by changing opacities instead of geometry."""
 
 
 @dataclass

@@ -155,3 +155,37 @@ def test_tensorboard_logging_or_a_clear_missing_dependency_error(tiny_tile: Path
         return
     trainer.run()
     assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("render_depth", ["accumulated", "expected"])
+def test_pseudo_depth_correlates_the_configured_rendered_depth(tiny_tile: Path, tmp_path: Path, render_depth):
+    """A prior equal to the render's own expected depth gives zero loss only with 'expected'."""
+    import dataclasses
+
+    from skyfall.priors.depth import DepthPrediction
+
+    cfg = get_preset("tiny")
+    cfg = dataclasses.replace(cfg, pseudo=dataclasses.replace(cfg.pseudo, render_depth=render_depth))
+    trainer = Stage1Trainer(cfg, tiny_tile, tmp_path / "run", progress=False)
+
+    class SelfDepth:
+        needs_pose = True
+
+        def __call__(self, images, fov_x_deg, cameras=None):
+            with torch.no_grad():
+                d = trainer.scene.render(cameras, None, absgrad=False).expected_depths[..., 0]
+            return DepthPrediction(depth=d, valid=torch.ones_like(d, dtype=torch.bool))
+
+    trainer._depth_estimator = SelfDepth()
+    trainer._setup_data()
+    trainer._fresh_state()
+    trainer.appearance = None  # colours do not matter here; keep the render and the prior identical
+    with torch.no_grad():  # semi-transparent Gaussians: D = alpha * expected depth differs from it
+        trainer.model.params["opacities"].fill_(-0.5)
+    loss = trainer._pseudo_loss(cfg.pseudo.start + cfg.pseudo.ramp + 1, 60.0, 300.0)
+    assert loss is not None
+    value = float(loss.detach())
+    if render_depth == "expected":
+        assert value < 1e-4
+    else:
+        assert value > 1e-3

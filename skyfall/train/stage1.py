@@ -289,8 +289,10 @@ class Stage1Trainer:
             image = out.colors[0].clamp(0, 1).permute(2, 0, 1)[None]
             pred = self.depth_estimator()(image, p.fov, cam)
         valid = pred.valid[0] & (out.alphas[0, ..., 0].detach() > p.alpha_threshold)
+        # 'accumulated' is the reference's D (RGB+D); 'expected' divides by alpha, see the config
+        rendered = out.depths if p.render_depth == "accumulated" else out.expected_depths
         res = pearson_depth_loss(
-            out.depths[0, ..., 0],
+            rendered[0, ..., 0],
             pred.depth[0],
             valid,
             min_valid_fraction=p.min_valid_fraction,
