@@ -73,3 +73,18 @@ def test_empty_cells_are_nan():
     scene, _, georef = _roof_scene()
     far_away = dict(georef, x_min=200.0)
     assert np.isnan(render_dsm(scene, far_away)).all()
+
+
+def test_a_half_transparent_surface_still_counts():
+    """Cells whose alpha is below 0.5 but above alpha_min read the surface instead of being dropped."""
+    scene, gt, georef = _roof_scene()
+    with torch.no_grad():
+        scene.model.params["opacities"].fill_(-2.5)  # sigmoid = 0.076 per splat: alpha ~0.2-0.4 per cell
+    med = render_dsm(scene, georef)
+    m = dsm_errors(med, gt)
+    assert m["dsm_completeness"] == 1.0
+    far = np.abs((np.arange(48) + 0.5) * 0.5 - 12.0) > 2.5
+    # the ground reads 0; the half-transparent roof reads the roof or, through it, the ground
+    np.testing.assert_allclose(med[:, far & (np.arange(48) >= 24)], 0.0, atol=0.05)
+    assert set(np.round(med).ravel().tolist()) <= {0.0, 10.0}
+    assert np.isnan(render_dsm(scene, georef, alpha_min=0.99)).all()

@@ -357,32 +357,41 @@ def test_row_bands_give_identical_results(monkeypatch: pytest.MonkeyPatch):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
-def brute_median_depth(m2d, conics, depths, opac, radii, W, H):
-    """Per pixel: depth of the Gaussian after which T <= 0.5 (gsplat's alpha/cut-off rules); NaN if none."""
+def brute_median_depth(m2d, conics, depths, opac, radii, W, H, normalized=False):
+    """Per pixel: depth of the Gaussian after which T <= level (gsplat's alpha/cut-off rules); NaN if none.
+
+    The level is 0.5, or (1 + T_final) / 2 with ``normalized`` (found by a first pass)."""
     jj, ii = torch.meshgrid(torch.arange(W, dtype=F64), torch.arange(H, dtype=F64), indexing="xy")
     pxy = torch.stack([jj.reshape(-1), ii.reshape(-1)], -1) + 0.5
-    T = torch.ones(H * W, dtype=F64)
-    done = torch.zeros(H * W, dtype=torch.bool)
-    med = torch.full((H * W,), math.nan, dtype=F64)
-    for i in torch.argsort(depths).tolist():
-        if radii[i] <= 0:
-            continue
-        d = m2d[i] - pxy
-        a, b, c = conics[i]
-        s = 0.5 * (a * d[:, 0] ** 2 + c * d[:, 1] ** 2) + b * d[:, 0] * d[:, 1]
-        al = torch.clamp_max(opac[i] * torch.exp(-s), 0.999)
-        use = (s >= 0) & (al >= 1 / 255) & ~done
-        nT = T * (1 - al)
-        stop = use & (nT <= 1e-4)
-        done = done | stop
-        use = use & ~stop
-        med = torch.where(use & (T > 0.5) & (nT <= 0.5), depths[i], med)
-        T = torch.where(use, nT, T)
-    return med.reshape(H, W)
+
+    def sweep(level):
+        T = torch.ones(H * W, dtype=F64)
+        done = torch.zeros(H * W, dtype=torch.bool)
+        med = torch.full((H * W,), math.nan, dtype=F64)
+        for i in torch.argsort(depths).tolist():
+            if radii[i] <= 0:
+                continue
+            d = m2d[i] - pxy
+            a, b, c = conics[i]
+            s = 0.5 * (a * d[:, 0] ** 2 + c * d[:, 1] ** 2) + b * d[:, 0] * d[:, 1]
+            al = torch.clamp_max(opac[i] * torch.exp(-s), 0.999)
+            use = (s >= 0) & (al >= 1 / 255) & ~done
+            nT = T * (1 - al)
+            stop = use & (nT <= 1e-4)
+            done = done | stop
+            use = use & ~stop
+            med = torch.where(use & (T > level) & (nT <= level), depths[i], med)
+            T = torch.where(use, nT, T)
+        return med, T
+
+    _, t_final = sweep(torch.full((H * W,), 0.5, dtype=F64))
+    level = (1 + t_final) / 2 if normalized else torch.full((H * W,), 0.5, dtype=F64)
+    med, t_final = sweep(level)
+    return med.reshape(H, W), (1 - t_final).reshape(H, W)
 
 
-@pytest.mark.parametrize("max_pairs", [None, 300])
-def test_median_depth_matches_brute_force(max_pairs, monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.parametrize("max_pairs,normalized", [(None, False), (300, False), (None, True), (300, True)])
+def test_median_depth_matches_brute_force(max_pairs, normalized, monkeypatch: pytest.MonkeyPatch):
     from skyfall.render import render_median_depth
 
     if max_pairs is not None:
@@ -392,11 +401,16 @@ def test_median_depth_matches_brute_force(max_pairs, monkeypatch: pytest.MonkeyP
     W, H = 41, 33
     means, quats, scales, opac, _, K = make_scene(70, W, H, seed=5, opa=(0.3, 0.99), spread=0.8)
     vm = torch.eye(4, dtype=F64)[None]
-    med = render_median_depth(means, quats, scales, opac, vm, K[None], W, H)[0, ..., 0]
+    med, alpha = render_median_depth(means, quats, scales, opac, vm, K[None], W, H, normalized=normalized)
+    med, alpha = med[0, ..., 0], alpha[0, ..., 0]
     m2d, con, z, op, radii = brute_project(means, quats, scales, opac, vm[0], K, W, H, 0.1, True)
-    ref = brute_median_depth(m2d.detach(), con.detach(), z.detach(), op.detach(), radii, W, H)
+    ref, ref_alpha = brute_median_depth(m2d.detach(), con.detach(), z.detach(), op.detach(), radii, W, H, normalized)
+    torch.testing.assert_close(alpha, ref_alpha, atol=1e-10, rtol=0)
     finite = torch.isfinite(ref)
-    assert 0.3 < finite.float().mean() < 1.0  # some pixels reach T <= 0.5, some do not
+    if normalized:  # defined wherever anything is rendered
+        assert torch.equal(finite, ref_alpha > 0) and finite.float().mean() > 0.9
+    else:  # only where T reaches 0.5
+        assert 0.3 < finite.float().mean() < 0.9
     assert torch.equal(torch.isfinite(med), finite)
     torch.testing.assert_close(med[finite], ref[finite], atol=1e-12, rtol=0)
     # a median depth is one Gaussian's depth, unlike the alpha-normalised expected depth

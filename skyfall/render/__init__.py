@@ -189,9 +189,14 @@ def render_median_depth(
     rasterize_mode: Literal["antialiased", "classic"] = "antialiased",
     near_plane: float = 0.01,
     far_plane: float = 1e10,
-) -> Tensor:
-    """Median depth [C, H, W, 1]: camera z of the Gaussian where transmittance falls to 0.5; NaN where
-    it never does. Same projection and compositing rules as ``render``, no gradients.
+    normalized: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Median depth [C, H, W, 1] and accumulated alpha [C, H, W, 1], no gradients.
+
+    The median depth is the camera z of the Gaussian where transmittance falls to 0.5 (NaN where it
+    never does); with ``normalized`` the level is half of the pixel's own alpha, the median of its
+    weight distribution (defined wherever anything is rendered). Same projection and compositing
+    rules as ``render``.
 
     gsplat 1.5.3 has no median-depth mode, so this runs the torch compositor on any device; it is an
     evaluation tool (DSM extraction), not a training path.
@@ -208,8 +213,15 @@ def render_median_depth(
     )
     outs = [
         median_depth_pixels(
-            proj.means2d[c], proj.conics[c], proj.opacities[c], proj.radii[c], proj.depths[c], int(width), int(height)
+            proj.means2d[c],
+            proj.conics[c],
+            proj.opacities[c],
+            proj.radii[c],
+            proj.depths[c],
+            int(width),
+            int(height),
+            normalized=normalized,
         )
         for c in range(viewmats.shape[0])
     ]
-    return torch.stack(outs)[..., None]
+    return torch.stack([o[0] for o in outs])[..., None], torch.stack([o[1] for o in outs])[..., None]

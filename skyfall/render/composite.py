@@ -403,19 +403,24 @@ def median_depth_pixels(
     depths: Tensor,  # [N]
     width: int,
     height: int,
+    *,
+    normalized: bool = False,
     max_pairs: int | None = None,
-) -> Tensor:
-    """Median depth [H, W] of one camera: the depth of the Gaussian at which T falls to <= 0.5.
+) -> tuple[Tensor, Tensor]:
+    """Median depth [H, W] of one camera and its accumulated alpha [H, W].
 
-    Same pairs, order and cut-off rules as the colour forward pass; NaN where T stays above 0.5.
-    Unlike the accumulated (expected) depth it does not average a roof with the ground behind it
-    at an edge, which is what a DSM wants (the median-depth rule of 2DGS/GOF-style geometry).
+    The median is the depth of the Gaussian at which T falls to <= 0.5 (NaN where it never does).
+    With ``normalized`` it is the median of the per-pixel weight distribution instead (the level
+    ``(1 + T_final) / 2``, i.e. half of the pixel's alpha), defined wherever anything is rendered:
+    the median counterpart of the alpha-normalised expected depth. Same pairs, order and cut-off
+    rules as the colour forward pass. Unlike the expected depth it does not average a roof with the
+    ground behind it at an edge, which is what a DSM wants (the median-depth rule of 2DGS/GOF-style
+    geometry).
     """
     if max_pairs is None:
         max_pairs = DEFAULT_MAX_PAIRS
-    dev = means2d.device
     hw = width * height
-    out = torch.full((hw,), math.nan, dtype=depths.dtype, device=dev)
+    dev = means2d.device
     vis = torch.nonzero((radii > 0).all(-1)).squeeze(1)
     order = _take(vis, torch.argsort(_take(depths, vis), stable=True))
     boxes = _boxes(means2d, conics, opacities, order, width, height)
@@ -423,28 +428,45 @@ def median_depth_pixels(
     bounds = torch.searchsorted(
         torch.cumsum(cnt, 0), torch.arange(max_pairs, int(cnt.sum()) + max_pairs, max_pairs, device=dev)
     ).tolist()
-    log_t = torch.zeros(hw, dtype=torch.float64, device=dev)
-    scratch = torch.empty(hw, dtype=torch.float64, device=dev)
-    done = torch.zeros(hw, dtype=torch.bool, device=dev)
-    half = math.log(0.5)
-    lo, any_done = 0, False
-    for hi in bounds + [len(order)]:
-        hi = max(min(hi, len(order)), lo + 1)
-        if lo >= len(order):
-            break
-        pix, g, alpha = _chunk_pairs(means2d, conics, opacities, order[lo:hi], boxes[lo:hi], done, any_done, width)
-        lo = hi
-        if pix.numel() == 0:
-            continue
-        pos, alpha, t_before, log1m = _composite_chunk(pix, alpha, log_t, done, scratch)
-        any_done = any_done or pos is not None or bool(done.any())
-        if pos is not None:
-            pix, g = _take(pix, pos), _take(g, pos)
-        # the crossing pair: T before > 0.5 and T after <= 0.5 (at most one per pixel)
-        log_before = torch.log(t_before.to(torch.float64).clamp_min(1e-300))
-        cross = (log_before > half) & (log_before + log1m <= half) & (alpha > 0)
-        idx = torch.nonzero(cross).squeeze(1)
-        if idx.numel():
-            out.index_copy_(0, _take(pix, idx).to(torch.int64), _take(depths, _take(g, idx).to(torch.int64)))
-        log_t.index_add_(0, pix, log1m)
-    return out.reshape(height, width)
+
+    def sweep(level: Tensor | None) -> tuple[Tensor, Tensor]:
+        out = torch.full((hw,), math.nan, dtype=depths.dtype, device=dev)
+        log_t = torch.zeros(hw, dtype=torch.float64, device=dev)
+        scratch = torch.empty(hw, dtype=torch.float64, device=dev)
+        done = torch.zeros(hw, dtype=torch.bool, device=dev)
+        lo, any_done = 0, False
+        for hi in bounds + [len(order)]:
+            hi = max(min(hi, len(order)), lo + 1)
+            if lo >= len(order):
+                break
+            pix, g, alpha = _chunk_pairs(
+                means2d, conics, opacities, order[lo:hi], boxes[lo:hi], done, any_done, width
+            )
+            lo = hi
+            if pix.numel() == 0:
+                continue
+            pos, alpha, t_before, log1m = _composite_chunk(pix, alpha, log_t, done, scratch)
+            any_done = any_done or pos is not None or bool(done.any())
+            if pos is not None:
+                pix, g = _take(pix, pos), _take(g, pos)
+            if level is not None:
+                # the crossing pair: T before above the level, T after at or below it (one per pixel)
+                lv = _take(level, pix.to(torch.int64))
+                log_before = torch.log(t_before.to(torch.float64).clamp_min(1e-300))
+                cross = (log_before > lv) & (log_before + log1m <= lv) & (alpha > 0)
+                idx = torch.nonzero(cross).squeeze(1)
+                if idx.numel():
+                    g_idx = _take(g, idx).to(torch.int64)
+                    out.index_copy_(0, _take(pix, idx).to(torch.int64), _take(depths, g_idx))
+            log_t.index_add_(0, pix, log1m)
+        return out, log_t
+
+    if normalized:
+        _, log_t_final = sweep(None)
+        # log((1 + T) / 2); pixels with T = 1 get level 0, which no pair can cross (NaN stays)
+        level = torch.log1p(torch.exp(log_t_final)) - math.log(2.0)
+    else:
+        level = torch.full((hw,), math.log(0.5), dtype=torch.float64, device=dev)
+    med, log_t = sweep(level)
+    alphas = (1.0 - torch.exp(log_t)).to(depths.dtype)
+    return med.reshape(height, width), alphas.reshape(height, width)

@@ -29,15 +29,18 @@ def load_gt_dsm(tile_dir: str | Path) -> tuple[np.ndarray, dict] | None:
 
 @torch.no_grad()
 def render_dsm(
-    scene: Scene, georef: dict, *, depth: str = "median", alpha_min: float = 0.5, block: int = 256
+    scene: Scene, georef: dict, *, depth: str = "median", alpha_min: float = 0.05, block: int = 256
 ) -> np.ndarray:
-    """Heights on the DSM grid from rendered near-vertical depth; NaN where nothing is rendered.
+    """Heights on the DSM grid from rendered near-vertical depth; NaN where (almost) nothing is rendered.
 
-    ``depth="median"`` (default) takes the depth where transmittance crosses 0.5, ``"expected"`` the
-    alpha-normalised accumulated depth. The expected depth blends a roof with the ground behind its
+    ``depth="median"`` (default) reads, per cell, the median of the rendered weight distribution
+    (the depth at which the accumulated alpha reaches half of the cell's alpha); ``"expected"`` the
+    alpha-normalised accumulated depth. The expected depth averages a roof with the ground behind its
     semi-transparent edge splats, which on a dense city puts metres of error on every building edge;
-    the median picks one surface. The grid is rendered in blocks of ``block`` x ``block`` cells to
-    bound memory.
+    the median picks one surface. Cells whose alpha is below ``alpha_min`` are empty (NaN), so a
+    sparse, half-transparent surface still counts towards the error instead of being dropped; the
+    completeness of ``dsm_errors`` says how much is empty. The grid is rendered in blocks of
+    ``block`` x ``block`` cells to bound memory.
     """
     if depth not in ("median", "expected"):
         raise ValueError(f"depth must be 'median' or 'expected', got {depth!r}")
@@ -52,14 +55,13 @@ def render_dsm(
             )
             cam_z = float(cam.camtoworlds[0, 2, 3])
             if depth == "median":
-                d = scene.render_median_depth(cam)[0, ..., 0].double().cpu().numpy()
-                ok = np.isfinite(d)
+                med, alpha = scene.render_median_depth(cam, normalized=True)
+                d = med[0, ..., 0].double().cpu().numpy()
             else:
                 r = scene.render(cam, None, absgrad=False)
-                d = r.expected_depths[0, ..., 0].double().cpu().numpy()
-                ok = r.alphas[0, ..., 0].cpu().numpy() >= alpha_min
-            z = cam_z - d
-            out[i0 : i0 + bh, j0 : j0 + bw] = np.where(ok, z, np.nan)
+                d, alpha = r.expected_depths[0, ..., 0].double().cpu().numpy(), r.alphas
+            ok = (alpha[0, ..., 0].cpu().numpy() >= alpha_min) & np.isfinite(d)
+            out[i0 : i0 + bh, j0 : j0 + bw] = np.where(ok, cam_z - d, np.nan)
     return out
 
 

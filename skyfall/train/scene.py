@@ -108,8 +108,8 @@ class Scene:
         )
 
     @torch.no_grad()
-    def render_median_depth(self, cameras: Cameras) -> Tensor:
-        """Median depth [C, H, W, 1] (NaN where transmittance never reaches 0.5); see render_median_depth."""
+    def render_median_depth(self, cameras: Cameras, *, normalized: bool = False) -> tuple[Tensor, Tensor]:
+        """Median depth and alpha, each [C, H, W, 1]; see ``skyfall.render.render_median_depth``."""
         p = self.model.params
         dev = p["means"].device
         return render_median_depth(
@@ -123,6 +123,7 @@ class Scene:
             cameras.height,
             filter_3d=self.model.filter_3d,
             eps2d=self.eps2d,
+            normalized=normalized,
         )
 
     @torch.no_grad()
