@@ -16,7 +16,9 @@ from pathlib import Path
 
 VARIANTS = {
     "full": lambda c: c,
-    "no-appearance": lambda c: dataclasses.replace(c, appearance=dataclasses.replace(c.appearance, enabled=False)),
+    "no-appearance": lambda c: dataclasses.replace(
+        c, appearance=dataclasses.replace(c.appearance, enabled=False)
+    ),
     "no-opacity-reg": lambda c: dataclasses.replace(c, lambda_opacity=0.0),
     "no-pseudo-depth": lambda c: dataclasses.replace(c, pseudo=dataclasses.replace(c.pseudo, enabled=False)),
 }

@@ -40,7 +40,12 @@ def main() -> None:
         emb = scene.novel_embedding("mean")
         row = []
         for v in args.views:
-            gt = torch.from_numpy(np.array(Image.open(gt_dir / "images" / f"{v:05d}.png").convert("RGB"))).float() / 255
+            gt = (
+                torch.from_numpy(
+                    np.array(Image.open(gt_dir / "images" / f"{v:05d}.png").convert("RGB"))
+                ).float()
+                / 255
+            )
             with torch.no_grad():
                 img = scene.render(cams[v], emb, absgrad=False).colors[0].clamp(0, 1)
             row.append((img, psnr(img, gt), int(st["step"])))
@@ -49,7 +54,7 @@ def main() -> None:
     for i, v in enumerate(args.views):
         gt = np.array(Image.open(gt_dir / "images" / f"{v:05d}.png").convert("RGB"))
         cells = []
-        for r, name in zip(rows, ("before", "after")):
+        for r, name in zip(rows, ("before", "after"), strict=True):
             img, p, step = r[i]
             im = Image.fromarray((img.numpy() * 255 + 0.5).astype(np.uint8))
             ImageDraw.Draw(im).text((4, 4), f"{name} (step {step}) {p:.1f} dB", fill=(255, 255, 0))

@@ -68,13 +68,16 @@ def brute_project(means, quats, scales, opacities, viewmat, K, W, H, eps2d, anti
     return m2d, conics, pz, op, radii
 
 
-def brute_composite(m2d_pp, conics, depths, opac, feats, radii, W, H, bg=None):
-    """Per-pixel front-to-back compositing; m2d_pp is [H*W, N, 2] (one copy per pixel)."""
+def brute_steps(m2d_pp, conics, depths, opac, radii, W, H):
+    """Walk the Gaussians front to back over all pixels with gsplat's alpha and cut-off rules.
+
+    m2d_pp is [H*W, N, 2] (one copy per pixel). Yields (Gaussian i, alpha [HW], T before [HW],
+    T after [HW], contributes [HW]); ``brute_steps.done`` holds the pixels that hit the cut-off.
+    """
     jj, ii = torch.meshgrid(torch.arange(W, dtype=F64), torch.arange(H, dtype=F64), indexing="xy")
     pxy = torch.stack([jj.reshape(-1), ii.reshape(-1)], -1) + 0.5  # [HW, 2]
     T = torch.ones(H * W, dtype=F64)
     done = torch.zeros(H * W, dtype=torch.bool)
-    out = torch.zeros(H * W, feats.shape[-1], dtype=F64)
     for i in torch.argsort(depths.detach()).tolist():
         if radii[i] <= 0:
             continue
@@ -87,11 +90,20 @@ def brute_composite(m2d_pp, conics, depths, opac, feats, radii, W, H, bg=None):
         stop = use & (nT <= 1e-4)
         done = done | stop
         use = use & ~stop
-        out = out + torch.where(use[:, None], (al * T)[:, None] * feats[i], torch.zeros_like(out))
+        yield i, al, T, nT, use
         T = torch.where(use, nT, T)
+    brute_steps.done, brute_steps.T = done, T
+
+
+def brute_composite(m2d_pp, conics, depths, opac, feats, radii, W, H, bg=None):
+    """Per-pixel front-to-back compositing; m2d_pp is [H*W, N, 2] (one copy per pixel)."""
+    out = torch.zeros(H * W, feats.shape[-1], dtype=F64)
+    for i, al, T, _, use in brute_steps(m2d_pp, conics, depths, opac, radii, W, H):
+        out = out + torch.where(use[:, None], (al * T)[:, None] * feats[i], torch.zeros_like(out))
+    T = brute_steps.T
     if bg is not None:
         out = out + T[:, None] * bg
-    brute_composite.n_cut = int(done.sum())  # pixels that hit the T cut-off (for test coverage)
+    brute_composite.n_cut = int(brute_steps.done.sum())  # pixels that hit the T cut-off (for test coverage)
     return out.reshape(H, W, -1), (1 - T).reshape(H, W, 1)
 
 
@@ -361,28 +373,13 @@ def brute_median_depth(m2d, conics, depths, opac, radii, W, H, normalized=False)
     """Per pixel: depth of the Gaussian after which T <= level (gsplat's alpha/cut-off rules); NaN if none.
 
     The level is 0.5, or (1 + T_final) / 2 with ``normalized`` (found by a first pass)."""
-    jj, ii = torch.meshgrid(torch.arange(W, dtype=F64), torch.arange(H, dtype=F64), indexing="xy")
-    pxy = torch.stack([jj.reshape(-1), ii.reshape(-1)], -1) + 0.5
+    m2d_pp = m2d[None].expand(H * W, -1, -1)
 
     def sweep(level):
-        T = torch.ones(H * W, dtype=F64)
-        done = torch.zeros(H * W, dtype=torch.bool)
         med = torch.full((H * W,), math.nan, dtype=F64)
-        for i in torch.argsort(depths).tolist():
-            if radii[i] <= 0:
-                continue
-            d = m2d[i] - pxy
-            a, b, c = conics[i]
-            s = 0.5 * (a * d[:, 0] ** 2 + c * d[:, 1] ** 2) + b * d[:, 0] * d[:, 1]
-            al = torch.clamp_max(opac[i] * torch.exp(-s), 0.999)
-            use = (s >= 0) & (al >= 1 / 255) & ~done
-            nT = T * (1 - al)
-            stop = use & (nT <= 1e-4)
-            done = done | stop
-            use = use & ~stop
+        for i, _, T, nT, use in brute_steps(m2d_pp, conics, depths, opac, radii, W, H):
             med = torch.where(use & (T > level) & (nT <= level), depths[i], med)
-            T = torch.where(use, nT, T)
-        return med, T
+        return med, brute_steps.T
 
     _, t_final = sweep(torch.full((H * W,), 0.5, dtype=F64))
     level = (1 + t_final) / 2 if normalized else torch.full((H * W,), 0.5, dtype=F64)
@@ -404,7 +401,9 @@ def test_median_depth_matches_brute_force(max_pairs, normalized, monkeypatch: py
     med, alpha = render_median_depth(means, quats, scales, opac, vm, K[None], W, H, normalized=normalized)
     med, alpha = med[0, ..., 0], alpha[0, ..., 0]
     m2d, con, z, op, radii = brute_project(means, quats, scales, opac, vm[0], K, W, H, 0.1, True)
-    ref, ref_alpha = brute_median_depth(m2d.detach(), con.detach(), z.detach(), op.detach(), radii, W, H, normalized)
+    ref, ref_alpha = brute_median_depth(
+        m2d.detach(), con.detach(), z.detach(), op.detach(), radii, W, H, normalized
+    )
     torch.testing.assert_close(alpha, ref_alpha, atol=1e-10, rtol=0)
     finite = torch.isfinite(ref)
     if normalized:  # defined wherever anything is rendered

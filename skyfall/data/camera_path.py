@@ -66,7 +66,7 @@ def write_camera_path(
 ) -> None:
     """Write ``cameras`` (centred principal point, fx == fy assumed) as a reference camera-path JSON."""
     frames = []
-    for c2w, k in zip(cameras.camtoworlds, cameras.Ks):
+    for c2w, k in zip(cameras.camtoworlds, cameras.Ks, strict=True):
         gl = (c2w @ _FLIP_YZ).reshape(-1).tolist()
         fov = math.degrees(2 * math.atan(0.5 * cameras.height / float(k[1, 1])))
         frames.append({"camera_to_world": gl, "fov": fov, "aspect": 1})

@@ -206,10 +206,20 @@ def render_median_depth(
     from skyfall.render.projection import project
 
     scales_eff, opac_eff = apply_3d_filter(scales, opacities, filter_3d)
-    cam = to_camera_space(means, quat_scale_to_covar(quats, scales_eff), viewmats, Ks, int(width), int(height))
+    cam = to_camera_space(
+        means, quat_scale_to_covar(quats, scales_eff), viewmats, Ks, int(width), int(height)
+    )
     proj = project(
-        cam.means, cam.covars, opac_eff, cam.Ks, int(width), int(height), float(eps2d),
-        float(near_plane), float(far_plane), rasterize_mode == "antialiased",
+        cam.means,
+        cam.covars,
+        opac_eff,
+        cam.Ks,
+        int(width),
+        int(height),
+        float(eps2d),
+        float(near_plane),
+        float(far_plane),
+        rasterize_mode == "antialiased",
     )
     outs = [
         median_depth_pixels(

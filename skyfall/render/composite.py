@@ -219,6 +219,48 @@ def _composite_chunk(
     return pos, alpha, t_before, log1m
 
 
+def _front_to_back(
+    means2d: Tensor, conics: Tensor, opacities: Tensor, radii: Tensor, depths: Tensor,
+    width: int, height: int, max_pairs: int, log_t: Tensor,
+):  # fmt: skip
+    """Walk one camera's contributing pairs front to back, one depth chunk at a time.
+
+    Yields, per chunk, pixel ids [K], Gaussian ids [K], alphas [K], T before [K] and
+    ``log(1 - alpha)`` [K] (float64) of the pairs that contribute; ``log_t`` ([HW] float64 log T,
+    zeros on entry) is advanced past each chunk before the next one is made.
+    """
+    dev = means2d.device
+    hw = width * height
+    vis = torch.nonzero((radii > 0).all(-1)).squeeze(1)
+    order = _take(vis, torch.argsort(_take(depths, vis), stable=True))
+    boxes = _boxes(means2d, conics, opacities, order, width, height)
+    cnt = (boxes[:, 1] - boxes[:, 0] + 1).clamp_min(0) * (boxes[:, 3] - boxes[:, 2] + 1).clamp_min(0)
+    # depth chunks of about max_pairs candidates (a chunk holds at least one Gaussian)
+    bounds = torch.searchsorted(
+        torch.cumsum(cnt, 0),
+        torch.arange(max_pairs, int(cnt.sum()) + max_pairs, max_pairs, device=dev),
+    ).tolist()
+    scratch = torch.empty(hw, dtype=torch.float64, device=dev)
+    done = torch.zeros(hw, dtype=torch.bool, device=dev)
+    lo, any_done = 0, False
+    for hi in bounds + [len(order)]:
+        hi = max(min(hi, len(order)), lo + 1)
+        if lo >= len(order):
+            break
+        pix, g, alpha = _chunk_pairs(
+            means2d, conics, opacities, order[lo:hi], boxes[lo:hi], done, any_done, width
+        )
+        lo = hi
+        if pix.numel() == 0:
+            continue
+        pos, alpha, t_before, log1m = _composite_chunk(pix, alpha, log_t, done, scratch)
+        any_done = any_done or pos is not None or bool(done.any())
+        if pos is not None:
+            pix, g = _take(pix, pos), _take(g, pos)
+        yield pix, g, alpha, t_before, log1m
+        log_t.index_add_(0, pix, log1m)
+
+
 class _RasterizeFunction(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -244,32 +286,11 @@ class _RasterizeFunction(torch.autograd.Function):
         for cam in range(n_cam):
             m2d, con, op = means2d[cam], conics[cam], opacities[cam]
             col_t = colors[cam].t().contiguous()
-            vis = torch.nonzero((radii[cam] > 0).all(-1)).squeeze(1)
-            order = _take(vis, torch.argsort(_take(depths[cam], vis), stable=True))
-            boxes = _boxes(m2d, con, op, order, width, height)
-            cnt = (boxes[:, 1] - boxes[:, 0] + 1).clamp_min(0) * (boxes[:, 3] - boxes[:, 2] + 1).clamp_min(0)
-            # depth chunks of about max_pairs candidates (a chunk holds at least one Gaussian)
-            bounds = torch.searchsorted(
-                torch.cumsum(cnt, 0),
-                torch.arange(max_pairs, int(cnt.sum()) + max_pairs, max_pairs, device=dev),
-            ).tolist()
             log_t = torch.zeros(hw, dtype=torch.float64, device=dev)
-            scratch = torch.empty(hw, dtype=torch.float64, device=dev)
-            done = torch.zeros(hw, dtype=torch.bool, device=dev)
-            lo, count, any_done = 0, 0, False
-            for hi in bounds + [len(order)]:
-                hi = max(min(hi, len(order)), lo + 1)
-                if lo >= len(order):
-                    break
-                pix, g, alpha = _chunk_pairs(m2d, con, op, order[lo:hi], boxes[lo:hi], done, any_done, width)
-                lo = hi
-                if pix.numel() == 0:
-                    continue
-                pos, alpha, t_before, log1m = _composite_chunk(pix, alpha, log_t, done, scratch)
-                any_done = any_done or pos is not None or bool(done.any())
-                if pos is not None:
-                    pix, g = _take(pix, pos), _take(g, pos)
-                log_t.index_add_(0, pix, log1m)
+            count = 0
+            for pix, g, alpha, t_before, _ in _front_to_back(
+                m2d, con, op, radii[cam], depths[cam], width, height, max_pairs, log_t
+            ):
                 w = alpha * t_before
                 _add_rows(out_c[cam], pix, [w * _take(col_t[k], g) for k in range(n_ch)])
                 saved += [pix, g, alpha, t_before]
@@ -421,44 +442,22 @@ def median_depth_pixels(
         max_pairs = DEFAULT_MAX_PAIRS
     hw = width * height
     dev = means2d.device
-    vis = torch.nonzero((radii > 0).all(-1)).squeeze(1)
-    order = _take(vis, torch.argsort(_take(depths, vis), stable=True))
-    boxes = _boxes(means2d, conics, opacities, order, width, height)
-    cnt = (boxes[:, 1] - boxes[:, 0] + 1).clamp_min(0) * (boxes[:, 3] - boxes[:, 2] + 1).clamp_min(0)
-    bounds = torch.searchsorted(
-        torch.cumsum(cnt, 0), torch.arange(max_pairs, int(cnt.sum()) + max_pairs, max_pairs, device=dev)
-    ).tolist()
 
     def sweep(level: Tensor | None) -> tuple[Tensor, Tensor]:
         out = torch.full((hw,), math.nan, dtype=depths.dtype, device=dev)
         log_t = torch.zeros(hw, dtype=torch.float64, device=dev)
-        scratch = torch.empty(hw, dtype=torch.float64, device=dev)
-        done = torch.zeros(hw, dtype=torch.bool, device=dev)
-        lo, any_done = 0, False
-        for hi in bounds + [len(order)]:
-            hi = max(min(hi, len(order)), lo + 1)
-            if lo >= len(order):
-                break
-            pix, g, alpha = _chunk_pairs(
-                means2d, conics, opacities, order[lo:hi], boxes[lo:hi], done, any_done, width
-            )
-            lo = hi
-            if pix.numel() == 0:
+        walk = _front_to_back(means2d, conics, opacities, radii, depths, width, height, max_pairs, log_t)
+        for pix, g, alpha, t_before, log1m in walk:
+            if level is None:
                 continue
-            pos, alpha, t_before, log1m = _composite_chunk(pix, alpha, log_t, done, scratch)
-            any_done = any_done or pos is not None or bool(done.any())
-            if pos is not None:
-                pix, g = _take(pix, pos), _take(g, pos)
-            if level is not None:
-                # the crossing pair: T before above the level, T after at or below it (one per pixel)
-                lv = _take(level, pix.to(torch.int64))
-                log_before = torch.log(t_before.to(torch.float64).clamp_min(1e-300))
-                cross = (log_before > lv) & (log_before + log1m <= lv) & (alpha > 0)
-                idx = torch.nonzero(cross).squeeze(1)
-                if idx.numel():
-                    g_idx = _take(g, idx).to(torch.int64)
-                    out.index_copy_(0, _take(pix, idx).to(torch.int64), _take(depths, g_idx))
-            log_t.index_add_(0, pix, log1m)
+            # the crossing pair: T before above the level, T after at or below it (one per pixel)
+            lv = _take(level, pix.to(torch.int64))
+            log_before = torch.log(t_before.to(torch.float64).clamp_min(1e-300))
+            cross = (log_before > lv) & (log_before + log1m <= lv) & (alpha > 0)
+            idx = torch.nonzero(cross).squeeze(1)
+            if idx.numel():
+                g_idx = _take(g, idx).to(torch.int64)
+                out.index_copy_(0, _take(pix, idx).to(torch.int64), _take(depths, g_idx))
         return out, log_t
 
     if normalized:
