@@ -189,3 +189,27 @@ def test_pseudo_depth_correlates_the_configured_rendered_depth(tiny_tile: Path, 
         assert value < 1e-4
     else:
         assert value > 1e-3
+
+
+def test_demo_command_end_to_end_on_an_existing_tile(tiny_tile: Path, tmp_path: Path):
+    """`skyfall demo --out DIR` reuses DIR/tile, trains, exports and reports; summary.json in DIR/run."""
+    import shutil
+
+    out = tmp_path / "demo"
+    shutil.copytree(tiny_tile, out / "tile")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        _cli("demo", "--out", str(out), "--steps", "4"), capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "using the existing synthetic tile" in proc.stdout
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["num_gaussians"] > 0
+    s1 = summary["stage1"]
+    assert (
+        0.0 < s1["dsm_completeness"] <= 1.0 and s1["dsm_mae_m"] > 0.0 and s1["dsm_mae_expected_depth_m"] > 0.0
+    )
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("[demo] held-out"))
+    assert f"PSNR {s1['psnr_test']:.2f} dB" in line and f"DSM MAE {s1['dsm_mae_m']:.2f} m" in line
+    ply = out / "run" / "ply" / "export.ply"
+    assert ply.exists() and ply.stat().st_size > 1000

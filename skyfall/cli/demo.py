@@ -44,10 +44,12 @@ class Demo:
         summary = train_stage1(cfg, tile_dir, run, resume=self.resume)
         ply = export_run(run, "ply").path
         s = summary["stage1"]
+        nan = float("nan")
         print(
-            f"[demo] held-out satellite PSNR {s.get('psnr_test', float('nan')):.2f} dB, "
-            f"DSM MAE {s.get('dsm_mae_m', float('nan')):.2f} m, {s['num_gaussians']} Gaussians, "
-            f"{s['wall_s'] / 60:.1f} min"
+            f"[demo] held-out satellite PSNR {s.get('psnr_test', nan):.2f} dB "
+            f"({s.get('psnr_test_novel_embedding', nan):.2f} dB with the mean embedding), "
+            f"DSM MAE {s.get('dsm_mae_m', nan):.2f} m ({100 * s.get('dsm_completeness', nan):.0f} % of the "
+            f"cells), {s['num_gaussians']} Gaussians, Stage 1 {s['wall_s'] / 60:.1f} min"
         )
         print(f"[demo] summary: {run / 'summary.json'}")
         print(f"[demo] viewer-ready PLY (3D filter + appearance baked, -Y up): {ply}")
