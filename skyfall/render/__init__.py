@@ -201,37 +201,21 @@ def render_median_depth(
     gsplat 1.5.3 has no median-depth mode, so this runs the torch compositor on any device; it is an
     evaluation tool (DSM extraction), not a training path.
     """
-    from skyfall.render.camera_space import quat_scale_to_covar, to_camera_space
-    from skyfall.render.composite import median_depth_pixels
-    from skyfall.render.projection import project
+    from skyfall.render.torch_backend import median_depth_torch
 
     scales_eff, opac_eff = apply_3d_filter(scales, opacities, filter_3d)
-    cam = to_camera_space(
-        means, quat_scale_to_covar(quats, scales_eff), viewmats, Ks, int(width), int(height)
-    )
-    proj = project(
-        cam.means,
-        cam.covars,
+    return median_depth_torch(
+        means,
+        quats,
+        scales_eff,
         opac_eff,
-        cam.Ks,
+        viewmats,
+        Ks,
         int(width),
         int(height),
-        float(eps2d),
-        float(near_plane),
-        float(far_plane),
-        rasterize_mode == "antialiased",
+        eps2d=float(eps2d),
+        antialiased=rasterize_mode == "antialiased",
+        near_plane=float(near_plane),
+        far_plane=float(far_plane),
+        normalized=normalized,
     )
-    outs = [
-        median_depth_pixels(
-            proj.means2d[c],
-            proj.conics[c],
-            proj.opacities[c],
-            proj.radii[c],
-            proj.depths[c],
-            int(width),
-            int(height),
-            normalized=normalized,
-        )
-        for c in range(viewmats.shape[0])
-    ]
-    return torch.stack([o[0] for o in outs])[..., None], torch.stack([o[1] for o in outs])[..., None]

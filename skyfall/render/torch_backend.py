@@ -13,8 +13,19 @@ from __future__ import annotations
 from torch import Tensor
 
 from skyfall.render.camera_space import quat_scale_to_covar, to_camera_space
-from skyfall.render.composite import rasterize_pixels
-from skyfall.render.projection import project
+from skyfall.render.composite import median_depth_pixels, rasterize_pixels
+from skyfall.render.projection import Projected, project
+
+
+def _project(
+    means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, viewmats: Tensor, Ks: Tensor,
+    width: int, height: int, eps2d: float, near_plane: float, far_plane: float, antialiased: bool,
+) -> Projected:  # fmt: skip
+    """Activated world-space Gaussians -> per-camera screen-space Gaussians (differentiable)."""
+    cam = to_camera_space(means, quat_scale_to_covar(quats, scales), viewmats, Ks, width, height)
+    return project(
+        cam.means, cam.covars, opacities, cam.Ks, width, height, eps2d, near_plane, far_plane, antialiased
+    )
 
 
 def rasterize_torch(
@@ -43,9 +54,19 @@ def rasterize_torch(
     """
     import torch
 
-    cam = to_camera_space(means, quat_scale_to_covar(quats, scales), viewmats, Ks, width, height)
-    proj = project(
-        cam.means, cam.covars, opacities, cam.Ks, width, height, eps2d, near_plane, far_plane, antialiased
+    proj = _project(
+        means,
+        quats,
+        scales,
+        opacities,
+        viewmats,
+        Ks,
+        width,
+        height,
+        eps2d,
+        near_plane,
+        far_plane,
+        antialiased,
     )
     feats = torch.cat([rgb, proj.depths[..., None]], dim=-1)
     if backgrounds is not None:
@@ -65,3 +86,53 @@ def rasterize_torch(
         max_pairs=max_pairs,
     )
     return out, alphas, proj.means2d, proj.radii
+
+
+def median_depth_torch(
+    means: Tensor,  # [N, 3]
+    quats: Tensor,  # [N, 4]
+    scales: Tensor,  # [N, 3] linear
+    opacities: Tensor,  # [N] in [0, 1]
+    viewmats: Tensor,  # [C, 4, 4]
+    Ks: Tensor,  # [C, 3, 3]
+    width: int,
+    height: int,
+    *,
+    eps2d: float,
+    antialiased: bool,
+    near_plane: float,
+    far_plane: float,
+    normalized: bool,
+) -> tuple[Tensor, Tensor]:
+    """Median depth [C, H, W, 1] and alpha [C, H, W, 1] with activated parameters (no gradients)."""
+    import torch
+
+    with torch.no_grad():
+        proj = _project(
+            means,
+            quats,
+            scales,
+            opacities,
+            viewmats,
+            Ks,
+            width,
+            height,
+            eps2d,
+            near_plane,
+            far_plane,
+            antialiased,
+        )
+        outs = [
+            median_depth_pixels(
+                proj.means2d[c],
+                proj.conics[c],
+                proj.opacities[c],
+                proj.radii[c],
+                proj.depths[c],
+                width,
+                height,
+                normalized=normalized,
+            )
+            for c in range(viewmats.shape[0])
+        ]
+    return torch.stack([o[0] for o in outs])[..., None], torch.stack([o[1] for o in outs])[..., None]
