@@ -46,3 +46,19 @@ def tiny_tile(tmp_path_factory: pytest.TempPathFactory):
     from skyfall.synth import write_synthetic_tile
 
     return write_synthetic_tile(tmp_path_factory.mktemp("tiny") / "tile", preset="tiny", seed=0)
+
+
+@pytest.fixture
+def tiny_clip():
+    """Builder of a randomly initialised CLIP vision tower (32^2 input) for offline embedder tests."""
+    transformers = pytest.importorskip("transformers")
+
+    def build(num_hidden_layers: int, projection_dim: int):
+        torch.manual_seed(0)
+        cfg = transformers.CLIPVisionConfig(
+            image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
+            num_hidden_layers=num_hidden_layers, num_attention_heads=4, projection_dim=projection_dim,
+        )  # fmt: skip
+        return transformers.CLIPVisionModelWithProjection(cfg).eval()
+
+    return build

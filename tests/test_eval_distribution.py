@@ -64,20 +64,8 @@ def test_fid_diagonal_gaussians_hand_computed():
     assert fid_from_features(x, x) == pytest.approx(0.0, abs=1e-9)
 
 
-def _tiny_clip():
-    transformers = pytest.importorskip("transformers")
-    import torch
-
-    torch.manual_seed(0)
-    cfg = transformers.CLIPVisionConfig(
-        image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, projection_dim=16,
-    )  # fmt: skip
-    return transformers.CLIPVisionModelWithProjection(cfg).eval()
-
-
-def test_tiny_clip_embedders_offline(tmp_path: Path):
-    model = _tiny_clip()
+def test_tiny_clip_embedders_offline(tmp_path: Path, tiny_clip):
+    model = tiny_clip(num_hidden_layers=2, projection_dim=16)
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (3, 48, 48, 3), dtype=np.uint8)
     cm = ClipEmbedder.from_model(model, "cmmd")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from skyfall.eval.runner import SATELLITE_BAND, EvalOptions, band_label, evaluate_run, load_scene
 
@@ -42,16 +41,10 @@ def test_load_scene_renders_like_the_trainer(tiny_run: Path, tiny_tile: Path):
     assert out.alphas.max() > 0.5  # the rebuilt scene covers the held-out view
 
 
-def test_eval_writes_reports_with_tiny_encoders(tiny_run: Path, tiny_tile: Path, tmp_path: Path):
-    transformers = pytest.importorskip("transformers")
+def test_eval_writes_reports_with_tiny_encoders(tiny_run: Path, tiny_tile: Path, tmp_path: Path, tiny_clip):
     from skyfall.eval.distribution import ClipEmbedder
 
-    torch.manual_seed(0)
-    cfg = transformers.CLIPVisionConfig(
-        image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-        num_attention_heads=4, projection_dim=8,
-    )  # fmt: skip
-    model = transformers.CLIPVisionModelWithProjection(cfg).eval()
+    model = tiny_clip(num_hidden_layers=1, projection_dim=8)
     embedders = {
         "clip_fid": ClipEmbedder.from_model(model, "clip_fid"),
         "cmmd": ClipEmbedder.from_model(model, "cmmd"),
