@@ -1,4 +1,4 @@
-"""DSM extraction from rendered nadir depth (skyfall.train.evaluate.render_dsm)."""
+"""DSM extraction from rendered nadir depth (skyfall.eval.dsm.render_dsm)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from skyfall.gaussians.model import GaussianModel
-from skyfall.train.evaluate import dsm_errors, render_dsm
-from skyfall.train.scene import Scene
+from skyfall.eval.dsm import dsm_errors, render_dsm
+from skyfall.scene import Scene
 
 
 def _flat_layer(xs: np.ndarray, ys: np.ndarray, z: float, sigma: float) -> torch.Tensor:

@@ -51,7 +51,7 @@ class Render:
         from skyfall.data.camera_path import read_camera_path
         from skyfall.export.run import load_run
         from skyfall.export.video import render_video
-        from skyfall.train.scene import parse_embedding
+        from skyfall.scene import parse_embedding
 
         loaded = load_run(self.run)
         scene = loaded.scene

@@ -56,7 +56,7 @@ def band_label(altitude_m: float, edges: tuple[float, ...]) -> str:
 def load_scene(ckpt: Path, device: str = "cpu"):  # noqa: ANN201 (Scene, dict)
     """Rebuild the Scene (Gaussians + appearance) of a checkpoint; returns (scene, checkpoint dict)."""
     from skyfall.storage.checkpoints import load_checkpoint
-    from skyfall.train.scene import Scene
+    from skyfall.scene import Scene
 
     try:
         st = load_checkpoint(ckpt, map_location=device)
@@ -411,7 +411,7 @@ def _evaluate_ckpt(
         dsm, grid = gt_dsm
         off = np.asarray(opts.world_offset, np.float64)
         # Nadir render on the grid (the Stage 1 summary's DSM), then the reference protocol from views.
-        from skyfall.train.evaluate import render_dsm
+        from skyfall.eval.dsm import render_dsm
 
         georef = {"x_min": grid.x_min - off[0], "y_max": grid.y_max - off[1], "resolution": grid.resolution,
                   "width": grid.width, "height": grid.height}  # fmt: skip

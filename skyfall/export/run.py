@@ -15,7 +15,7 @@ from skyfall.export.formats import FORMATS, write_ply, write_splats
 from skyfall.export.upaxis import to_up_axis
 from skyfall.storage.checkpoints import latest_checkpoint, load_checkpoint
 from skyfall.storage.run_dir import RunDir
-from skyfall.train.scene import Scene, parse_embedding
+from skyfall.scene import Scene, parse_embedding
 
 
 @dataclass

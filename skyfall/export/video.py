@@ -16,7 +16,7 @@ from torch import Tensor
 
 from skyfall.data.cameras import Cameras
 from skyfall.errors import MissingDependencyError
-from skyfall.train.scene import Scene
+from skyfall.scene import Scene
 
 # ColorBrewer "Spectral" (11 classes, low -> high), the reference's depth colormap.
 _SPECTRAL = np.array(

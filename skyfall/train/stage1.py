@@ -44,8 +44,9 @@ from skyfall.storage.checkpoints import (
     save_checkpoint,
 )
 from skyfall.storage.run_dir import RunDir
-from skyfall.train.evaluate import dsm_errors, load_gt_dsm, psnr, render_dsm
-from skyfall.train.scene import Scene
+from skyfall.eval.dsm import dsm_errors, load_gt_dsm, render_dsm
+from skyfall.eval.image_metrics import psnr
+from skyfall.scene import Scene
 
 
 class NonFiniteLossError(SkyfallError):

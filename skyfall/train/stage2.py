@@ -35,8 +35,8 @@ from skyfall.priors.refine import ImageRefiner
 from skyfall.render import RenderOutput
 from skyfall.storage.checkpoints import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
 from skyfall.storage.run_dir import RunDir, atomic_write_text
-from skyfall.train.evaluate import psnr
-from skyfall.train.scene import parse_embedding
+from skyfall.eval.image_metrics import psnr
+from skyfall.scene import parse_embedding
 from skyfall.train.stage1 import Stage1Trainer
 
 

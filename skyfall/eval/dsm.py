@@ -1,8 +1,8 @@
-"""Quick evaluation used by the trainers: held-out PSNR and DSM error against a ground-truth DSM.
+"""DSM read-out of a scene on a ground-truth grid and its error (the trainers' summary protocol).
 
-This is the simple protocol the Stage 1 summary needs (DSM from rendered near-vertical depth on the
-ground-truth grid, mean absolute error over cells valid in both, no registration). The evaluation
-module of the eval work generalises it (NCC shift registration, completeness, reports).
+Heights come from rendered near-vertical depth on the ground-truth DSM grid; the error is the mean
+absolute difference over cells valid in both, without registration. ``skyfall.eval.runner`` adds NCC
+shift registration and reports on top of this.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from skyfall.data.orbits import nadir_grid_camera
-from skyfall.eval.image_metrics import psnr  # noqa: F401 (one PSNR for training logs and evaluation)
-from skyfall.train.scene import Scene
+from skyfall.scene import Scene
 
 
 def load_gt_dsm(tile_dir: str | Path) -> tuple[np.ndarray, dict] | None:
