@@ -4,15 +4,21 @@ Runs the chosen preset once per variant (sequentially) and prints one JSON line 
 Markdown table (held-out satellite PSNR, DSM MAE, Gaussian count, wall time).
 
     python scripts/ablate_stage1.py --data outputs/demo/tile --out outputs/ablate --preset demo
+
+Takes the Stage 1 options of ``skyfall train stage1`` (``--preset``, ``--config``, ``--stage1.*``).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from skyfall.cli.train import PresetName
+from skyfall.config.training import Stage1Config
 
 VARIANTS = {
     "full": lambda c: c,
@@ -24,23 +30,37 @@ VARIANTS = {
 }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, required=True, help="tile folder")
-    ap.add_argument("--out", type=Path, required=True, help="parent folder of the runs")
-    ap.add_argument("--preset", default="demo")
-    ap.add_argument("--steps", type=int, default=None, help="override the preset's steps")
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
-    args = ap.parse_args()
+@dataclass
+class Ablate:
+    """Stage 1 ablations on a tile: appearance, opacity regularisation and pseudo depth on/off."""
 
-    from skyfall.presets import get_preset
+    data: Path
+    """Tile folder."""
+    out: Path
+    """Parent folder of the runs (one per variant)."""
+    variants: tuple[Literal[tuple(VARIANTS)], ...] = tuple(VARIANTS)  # type: ignore[valid-type]
+    """Variants to run, in order."""
+    preset: PresetName = "demo"
+    """Named Stage 1 defaults (configs/NAME.yaml)."""
+    config: Path | None = None
+    """A YAML file with a stage1: section layered on the preset."""
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+
+
+def main() -> None:
+    import sys
+
+    import tyro
+
+    from skyfall.cli import command_defaults, preset_options
+
+    args = tyro.cli(Ablate, default=command_defaults(Ablate, *preset_options(sys.argv[1:])))
+
     from skyfall.train.stage1 import train_stage1
 
     rows = []
     for name in args.variants:
-        cfg = VARIANTS[name](get_preset(args.preset))
-        if args.steps is not None:
-            cfg = dataclasses.replace(cfg, steps=args.steps)
+        cfg = VARIANTS[name](args.stage1)
         out = args.out / name
         shutil.rmtree(out, ignore_errors=True)
         s = train_stage1(cfg, args.data, out, progress=False)["stage1"]

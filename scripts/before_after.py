@@ -16,9 +16,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from skyfall.data.camera_path import read_camera_path
+from skyfall.eval.image_metrics import psnr
 from skyfall.eval.runner import load_scene
 from skyfall.storage.run_dir import RunDir
-from skyfall.eval.image_metrics import psnr
 
 
 def main() -> None:

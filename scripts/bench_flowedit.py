@@ -106,7 +106,7 @@ def quantise_fp8(transformer: torch.nn.Module) -> str | None:
 
 
 def bench_flowedit(args: argparse.Namespace, mode: str, device: torch.device) -> dict:
-    from skyfall.priors.config import FlowEditConfig
+    from skyfall.config.priors import FlowEditConfig
     from skyfall.priors.flowedit import PromptEmbedding, num_transformer_calls
     from skyfall.priors.flux import FluxModel, torch_dtype
     from skyfall.priors.flux_refiners import FlowEditRefiner

@@ -1,6 +1,6 @@
 """Benchmark ``skyfall.render.render``: forward/backward medians and peak memory per backend.
 
-Scene (like docs/examples/gsplat_cpu/bench_cpu_ref.py): N random Gaussians filling the frustum of
+Scene: N random Gaussians filling the frustum of
 one camera at the origin, z in [2, 6], world scales log-uniform in [0.01, 0.1], random rotations,
 opacities uniform in [0.05, 0.95], fx = fy = W, **SH degree 1** colours (K = 4), antialiased with
 eps2d 0.1, RGB+D outputs; loss = L1(colours, random target) + 0.01 * mean depth.

@@ -1,4 +1,5 @@
-"""Stage-1 training losses (reference-pipeline.md §2.2, §2.4, §8 #1).
+"""Stage-1 training losses (Skyfall-GS ``train.py:training``); the pseudo-depth Pearson loss ignores
+invalid pixels ([FIX], see `pearson_depth_loss`).
 
 Pure functions of tensors; weights and schedules (λ_op, the pseudo-depth ramp) belong to the trainer.
 """
@@ -46,7 +47,7 @@ def photometric_loss(
     mask: Tensor | None = None,  # [H, W], [1, H, W] or [B, 1, H, W]; 1 = supervised
     lambda_dssim: float = 0.2,
 ) -> Tensor:
-    """Reference photometric loss ``(1 - λ) L1 + λ (1 - SSIM)`` on masked images (§2.2 #1).
+    """Reference photometric loss ``(1 - λ) L1 + λ (1 - SSIM)`` on masked images.
 
     Both images are multiplied by the mask first; the L1 is then the mean over **all** pixels,
     masked zeros included, and SSIM runs on the masked images (as the reference does).
@@ -70,7 +71,7 @@ def photometric_loss(
 
 
 def opacity_entropy(opacity_logits: Tensor) -> Tensor:  # [N] -> []
-    """Mean binary entropy of the clamped opacities (§2.2 #3).
+    """Mean binary entropy of the clamped opacities (the reference's opacity loss).
 
     ``α_c = clamp(sigmoid(o), 1e-3, 1 - 1e-3)`` and ``H(a) = -a log a - (1 - a) log(1 - a)``. The
     reference evaluates ``BCE(input=α_c, target=α_c)`` with the gradient flowing through both
@@ -125,9 +126,9 @@ def pearson_depth_loss(
     min_valid_fraction: float = 0.01,
     policy: PearsonPolicy = "valid_only",
 ) -> PearsonResult:
-    """Pseudo-camera depth loss ``1 - Pearson(pred, target)`` (§2.4), with the §8 #1 fix.
+    """Pseudo-camera depth loss ``1 - Pearson(pred, target)``, with a fix for invalid pixels.
 
-    **[FIX]** (reference-pipeline §8 #1): the reference correlates all pixels, so any +inf from MoGe
+    **[FIX]** the reference correlates all pixels, so any +inf from MoGe
     makes r NaN and the term is silently dropped. With ``policy="valid_only"`` the correlation uses
     only pixels where ``valid ∧ isfinite(pred) ∧ isfinite(target)``, and the term is skipped only
     when fewer than ``min_valid_fraction`` of the pixels (and fewer than 2) are valid or a variance is

@@ -1,4 +1,5 @@
-"""Appearance model (reference-pipeline.md §2.3): Fourier init, forward math, embeddings, gradients."""
+"""Appearance model (Skyfall-GS / WildGaussians ``EmbeddingModel``): Fourier init, forward math, embeddings,
+gradients."""
 
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ def test_module_layout_and_init():
 def _direct_forward(
     model: AppearanceModel, sh: torch.Tensor, g: torch.Tensor, a: torch.Tensor
 ) -> torch.Tensor:
-    """Per-Gaussian, per-channel re-derivation of §2.3 with explicit matrix products."""
+    """Per-Gaussian, per-channel re-derivation of the reference's ``EmbeddingModel`` (explicit products)."""
     (w1, b1), (w2, b2), (w3, b3) = [(m.weight.detach(), m.bias.detach()) for m in model.mlp[::2]]
     n, k, _ = sh.shape
     out = torch.empty_like(sh)

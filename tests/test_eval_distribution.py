@@ -20,7 +20,7 @@ from skyfall.eval.distribution import (
 
 
 def test_patch_grid_matches_reference_counts():
-    # reference-pipeline.md §6.1: 1024^2 -> stride 34, 16 x 16 patches; 960 x 540 -> stride 3, 10 x 150.
+    # Skyfall-GS eval.py: 1024^2 -> stride 34, 16 x 16 patches; 960 x 540 -> stride 3, 10 x 150.
     assert patch_stride(1024, 1024) == 34
     assert len(patch_grid(1024, 1024)[1]) == 256
     assert patch_stride(540, 960) == 3

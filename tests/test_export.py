@@ -157,7 +157,8 @@ def test_rotation_preserves_rendered_colour_and_geometry(degree: int):
 
 
 def test_degree1_sh_rotation_equals_closed_form_rule():
-    # gsplat-notes.md §4: a = (-c3, -c1, c2), a' = R a, c'3 = -a'x, c'1 = -a'y, c'2 = a'z
+    # closed-form degree-1 rule: a = (-c3, -c1, c2) rotates as a vector,
+    # a' = R a, c'3 = -a'x, c'1 = -a'y, c'2 = a'z
     r = Z_UP_TO_NEG_Y_UP
     c = np.random.default_rng(0).normal(size=3)
     a = r @ np.array([-c[2], -c[0], c[1]])

@@ -1,7 +1,7 @@
 """FlowEdit / SDEdit on a tiny random FLUX.1-dev-shaped pipeline built offline (CPU, fp32).
 
 The batched loop (source + target rows in one call, several images per call) is checked against a
-plain per-image implementation of the notes' math (diffusion-depth-notes.md §3.1) written here.
+plain per-image implementation of FlowEdit's algorithm (Kulikov et al. 2024, ``FlowEditFLUX``) written here.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_dir, tmp_path_factory: pytest.TempPathFactory):
-    from skyfall.priors.config import FluxConfig
+    from skyfall.config.priors import FluxConfig
     from skyfall.priors.flux import FluxModel
 
     cfg = FluxConfig(
@@ -232,7 +232,7 @@ def test_bf16_runs_and_keeps_shape(tiny_dir):
 def test_prompt_cache_matches_pipeline_and_skips_text_encoders(tiny_dir, tmp_path, monkeypatch):
     from diffusers import FluxPipeline
 
-    from skyfall.priors.config import FluxConfig
+    from skyfall.config.priors import FluxConfig
     from skyfall.priors.flux import PromptEncoder
 
     cfg = FluxConfig(model_id=str(tiny_dir), local_files_only=True, device="cpu", dtype="float32",

@@ -13,8 +13,8 @@ import torch
 from skyfall.data.camera_path import read_camera_path
 from skyfall.export.video import colorize_depth, render_video, spectral
 from skyfall.gaussians.model import GaussianModel
-from skyfall.storage.checkpoints import checkpoint_path, save_checkpoint
 from skyfall.scene import Scene
+from skyfall.storage.checkpoints import checkpoint_path, save_checkpoint
 
 imageio = pytest.importorskip("imageio.v2", reason="the video extra (imageio) is not installed")
 pytest.importorskip("imageio_ffmpeg", reason="the video extra (imageio-ffmpeg) is not installed")

@@ -1,38 +1,35 @@
 """The ``skyfall`` command line.
 
 Each command is a dataclass (its docstring and field docstrings are the ``--help`` text) with a
-``main()`` method, in its own module under ``skyfall.cli``. Command modules must not import torch
-or other heavy libraries at module level, so ``skyfall --help`` answers instantly; heavy imports
-live inside ``main()``.
+``main()`` method, in its own module under ``skyfall.cli``; tyro parses one union of all of them,
+command groups (``skyfall train stage1``) as nested unions. Command modules must not import torch or
+other heavy libraries at module level, so ``skyfall --help`` answers instantly; heavy imports live
+inside ``main()``.
 
-User errors (``skyfall.errors.SkyfallError``: bad tile files, bad options) print one line and exit
-with code 2.
+Presets: a command with ``preset`` and ``config`` fields takes its ``stage1``/``stage2`` defaults
+from ``configs/PRESET.yaml`` and the user's YAML file (``command_defaults``); the two options are
+read before tyro parses, so that the defaults tyro shows and applies are the merged ones.
+
+User errors (``skyfall.errors.SkyfallError``: bad tile files, bad options, bad config files) print
+one line and exit with code 2.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib
 import sys
-from typing import Annotated, Union
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
 
-# name -> (module, class). Order is the order shown in --help.
-# A command class may define ``preset_default(argv) -> instance`` to supply preset-dependent defaults.
-COMMANDS: dict[str, tuple[str, str]] = {
+# name -> (module, class), or a group: name -> (help line, {subcommand: (module, class)}).
+# Order is the order shown in --help.
+COMMANDS: dict[str, Any] = {
     "demo": ("skyfall.cli.demo", "Demo"),
     "synth": ("skyfall.cli.synth", "Synth"),
     "info": ("skyfall.cli.info", "Info"),
     "doctor": ("skyfall.cli.doctor", "Doctor"),
-    "eval": ("skyfall.cli.eval", "Eval"),
-    "export": ("skyfall.cli.export", "Export"),
-    "render": ("skyfall.cli.render", "Render"),
-    "view": ("skyfall.cli.view", "View"),
-    "prepare": ("skyfall.cli.prepare", "Prepare"),
-}
-
-
-# Command groups (``skyfall train stage1``): group -> (help line, {subcommand: (module, class)}).
-# tyro collapses a one-member Union, so groups are dispatched here rather than by nesting types.
-GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
     "train": (
         "Train a reconstruction: `skyfall train stage1|stage2|all ...` (`--preset demo` for CPU runs).",
         {
@@ -41,10 +38,15 @@ GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
             "all": ("skyfall.cli.train", "TrainAll"),
         },
     ),
+    "eval": ("skyfall.cli.eval", "Eval"),
+    "export": ("skyfall.cli.export", "Export"),
+    "render": ("skyfall.cli.render", "Render"),
+    "view": ("skyfall.cli.view", "View"),
     "path": (
         "Write camera-path JSON files: `skyfall path orbit --target X Y Z --radius R --out PATH.json`.",
         {"orbit": ("skyfall.cli.path", "PathOrbit")},
     ),
+    "prepare": ("skyfall.cli.prepare", "Prepare"),
 }
 
 
@@ -56,73 +58,102 @@ def _first_paragraph(cls: type) -> str:
     return (cls.__doc__ or "").strip().split("\n\n")[0]
 
 
-def _group_placeholder(name: str, help_line: str) -> type:
-    """A field-less dataclass standing for a group in the top-level ``--help``."""
-    import dataclasses
+def command_defaults(cls: type, preset: str | None, config: Path | None) -> Any:
+    """An instance of command ``cls`` whose ``stage1``/``stage2`` fields hold the resolved configs.
 
-    return dataclasses.make_dataclass(name.capitalize(), [], namespace={"__doc__": help_line})
-
-
-def _command_types() -> list:
+    ``preset`` None keeps the command's own default preset. Required fields stay ``tyro.MISSING``.
+    """
     import tyro
 
-    types = []
-    for name, (module, cls_name) in COMMANDS.items():
-        cls = _load(module, cls_name)
-        types.append(Annotated[cls, tyro.conf.subcommand(name, description=_first_paragraph(cls))])
-    for name, (help_line, subs) in GROUPS.items():
-        for module, cls_name in subs.values():
-            _load(module, cls_name)  # import check (and keeps the "no heavy imports" test honest)
-        types.append(
-            Annotated[_group_placeholder(name, help_line), tyro.conf.subcommand(name, description=help_line)]
-        )
-    return types
+    from skyfall.config.presets import load_config
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if preset is None:
+        preset = fields["preset"].default
+    resolved = load_config(preset, config)
+    kwargs: dict[str, Any] = {
+        name: tyro.MISSING
+        for name, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    kwargs.update({stage: getattr(resolved, stage) for stage in ("stage1", "stage2") if stage in fields})
+    return cls(**kwargs, preset=preset, config=config)
 
 
-def _parse_group(group: str, argv: list[str]):  # noqa: ANN202
-    """Parse ``skyfall GROUP SUB [options]``; prints the group's help for ``skyfall GROUP [--help]``."""
+def preset_options(argv: list[str]) -> tuple[str | None, Path | None]:
+    """``--preset`` and ``--config`` wherever they appear in ``argv`` (the rest is tyro's)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset")
+    pre.add_argument("--config", type=Path)
+    known, _ = pre.parse_known_args(argv)
+    return known.preset, known.config
+
+
+def _subcommand(name: str, cls: type, preset: str | None, config: Path | None) -> Any:
     import tyro
 
-    help_line, subs = GROUPS[group]
-    if len(argv) < 2 or argv[1] in ("-h", "--help"):
-        print(f"usage: skyfall {group} {{{','.join(subs)}}} [OPTIONS]\n\n{help_line}\n")
-        for sub, (module, cls_name) in subs.items():
-            print(f"  {sub:10s} {_first_paragraph(_load(module, cls_name))}")
-        sys.exit(0 if len(argv) >= 2 else 2)
-    sub = argv[1]
-    if sub not in subs:
-        print(
-            f"skyfall {group}: error: unknown subcommand {sub!r}; choose from {', '.join(subs)}",
-            file=sys.stderr,
-        )
-        sys.exit(2)
-    cls = _load(*subs[sub])
-    default = cls.preset_default(argv[2:]) if hasattr(cls, "preset_default") else None
-    return tyro.cli(
-        cls, args=argv[2:], prog=f"skyfall {group} {sub}", default=default, description=cls.__doc__
+    default = None
+    if {"preset", "config"} <= {f.name for f in dataclasses.fields(cls)}:
+        default = command_defaults(cls, preset, config)
+    spec = tyro.conf.subcommand(name, default=default, description=_first_paragraph(cls))
+    return Annotated[cls, spec]
+
+
+def _single_member_group(name: str, help_line: str, sub: str, cls: type) -> type:
+    """A one-command group (``skyfall path orbit``): tyro collapses one-member unions, so the member
+    is wrapped with a positional naming it."""
+    import tyro
+
+    def main(self: Any) -> None:
+        self.command.main()
+
+    return dataclasses.make_dataclass(
+        f"{name.capitalize()}Group",
+        [
+            ("kind", tyro.conf.Positional[Literal[sub]], dataclasses.field(default=sub)),  # type: ignore[valid-type]
+            ("command", Annotated[cls, tyro.conf.arg(name="")], dataclasses.field(default_factory=cls)),
+        ],
+        namespace={"__doc__": help_line, "main": main},
     )
 
 
-def _parse_top(argv: list[str]):  # noqa: ANN202
+def command_union(argv: list[str]) -> Any:
+    """The union of every command (groups nested) with preset-resolved defaults for ``argv``."""
     import tyro
 
-    return tyro.cli(
-        Union[tuple(_command_types())],  # type: ignore[valid-type]
-        args=argv,
-        prog="skyfall",
-        description="skyfall: satellite images of a city tile -> explorable 3D Gaussian-splat scene.",
-    )
+    preset, config = preset_options(argv)
+    members = []
+    for name, entry in COMMANDS.items():
+        if isinstance(entry[1], dict):
+            help_line, subs = entry
+            loaded = {sub: _load(*where) for sub, where in subs.items()}
+            if len(loaded) == 1:
+                ((sub, cls),) = loaded.items()
+                group = _single_member_group(name, help_line, sub, cls)
+                members.append(Annotated[group, tyro.conf.subcommand(name, description=help_line)])
+                continue
+            inner = Union[tuple(_subcommand(sub, cls, preset, config) for sub, cls in loaded.items())]  # type: ignore[valid-type]
+            members.append(Annotated[inner, tyro.conf.subcommand(name, description=help_line)])
+        else:
+            members.append(_subcommand(name, _load(*entry), preset, config))
+    return Union[tuple(members)]  # type: ignore[valid-type]
 
 
 def entrypoint(argv: list[str] | None = None) -> None:
     """Console-script entry point: parse the command line and run the chosen command."""
+    import tyro
+
     from skyfall.errors import SkyfallError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmd = _parse_group(argv[0], argv) if argv and argv[0] in GROUPS else _parse_top(argv)
-    if not hasattr(cmd, "main"):  # a group placeholder chosen without a subcommand
-        _parse_group(type(cmd).__name__.lower(), [type(cmd).__name__.lower()])
     try:
+        commands = command_union(argv)
+        cmd = tyro.cli(
+            commands,
+            args=argv,
+            prog="skyfall",
+            description="skyfall: satellite images of a city tile -> explorable 3D Gaussian-splat scene.",
+        )
         cmd.main()
     except SkyfallError as e:
         print(f"skyfall: error: {e}", file=sys.stderr)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from skyfall.cli.train import PresetName
+from skyfall.config.training import Stage1Config
 
 
 @dataclass
@@ -19,16 +22,16 @@ class Demo:
     """Output folder; the synthetic tile goes to OUT/tile and the run to OUT/run."""
     seed: int = 0
     """Random seed of the synthetic city."""
-    steps: int | None = None
-    """Override the demo preset's number of Stage 1 steps."""
     resume: bool = False
     """Continue an interrupted demo run from its latest checkpoint."""
+    preset: PresetName = "demo"
+    """Named Stage 1 defaults (configs/NAME.yaml); the demo preset fits 2 CPU cores."""
+    config: Path | None = None
+    """A YAML file with a stage1: section layered on the preset."""
+    stage1: Stage1Config = field(default_factory=Stage1Config)
 
     def main(self) -> None:
-        import dataclasses
-
         from skyfall.export.run import export_run
-        from skyfall.presets import get_preset
         from skyfall.synth import write_synthetic_tile
         from skyfall.train.stage1 import train_stage1
 
@@ -37,11 +40,8 @@ class Demo:
             print(f"[demo] using the existing synthetic tile {tile_dir}")
         else:
             write_synthetic_tile(tile_dir, preset="default", seed=self.seed)
-        cfg = get_preset("demo")
-        if self.steps is not None:
-            cfg = dataclasses.replace(cfg, steps=self.steps)
         run = self.out / "run"
-        summary = train_stage1(cfg, tile_dir, run, resume=self.resume)
+        summary = train_stage1(self.stage1, tile_dir, run, resume=self.resume)
         ply = export_run(run, "ply").path
         s = summary["stage1"]
         nan = float("nan")

@@ -1,6 +1,6 @@
 """Reference camera-path JSON (``gen_render_path.py`` format) and orbit generation.
 
-File layout (reference-pipeline.md §5.5)::
+File layout (as Skyfall-GS's ``gen_render_path.py`` writes and ``render_video.py`` reads)::
 
     {"_target": [x, y, z], "_radius": r, "_elevation": deg, "camera_type": "perspective",
      "render_height": H, "render_width": W, "fps": F,

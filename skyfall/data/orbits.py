@@ -1,4 +1,5 @@
-"""Pseudo-camera sampling for depth supervision (reference-pipeline.md §2.4).
+"""Pseudo-camera sampling for depth supervision (Skyfall-GS ``train.py:generate_pseudo_cams``,
+``utils/camera_utils.py:gen_idu_orbit_camera``).
 
 Cameras orbit look-at targets on the ground plane z = 0 with up = +z, in our OpenCV convention.
 """

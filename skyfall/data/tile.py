@@ -1,14 +1,16 @@
 """Tile loader: a satellite tile folder -> cameras, images, masks and the initial point cloud.
 
-A tile folder (reference-pipeline.md §1.1) holds ``transforms_train.json`` (required),
-``transforms_test.json`` (optional, [FIX] §8 #19), ``images/``, optional ``masks/<stem>.npy``,
-``points3D.txt`` and, for synthetic tiles, ``synth.json``. Every frame gives OpenCV camera-to-world
-matrices and pinhole intrinsics in pixels; see ``skyfall.data.cameras`` for the convention.
+A tile folder (the reference's "Satellite" scene layout) holds ``transforms_train.json``
+(required), ``transforms_test.json`` (optional; [FIX] the reference reads it unconditionally),
+``images/``, optional ``masks/<stem>.npy``, ``points3D.txt`` and, for synthetic tiles,
+``synth.json``. Every frame gives OpenCV camera-to-world matrices and pinhole intrinsics in pixels;
+see ``skyfall.data.cameras`` for the convention.
 
-**Normalisation** (reference §1.3), only when the train transforms carry ``R`` and ``T``. Such
-tiles come from SatelliteSfM's COLMAP converter, which wrote each frame's
-``transform_matrix_rotated = [R·Rc | R·c − T]`` for an original camera ``[Rc | c]``, i.e. cameras
-already moved into the frame ``x' = R·x − T``; the points are still in the original frame. We then:
+**Normalisation** (as the reference's ``scene/dataset_readers.py:readSatelliteInfo``), only when
+the train transforms carry ``R`` and ``T``. Such tiles come from SatelliteSfM's COLMAP converter,
+which wrote each frame's ``transform_matrix_rotated = [R·Rc | R·c − T]`` for an original camera
+``[Rc | c]``, i.e. cameras already moved into the frame ``x' = R·x − T``; the points are still in
+the original frame. We then:
 
 1. map the points with ``x' = R·x − T``;
 2. ``scale = 256 / (99th percentile of ‖x'‖)``; ``x'' = scale·x'``;
@@ -23,8 +25,8 @@ we apply step "rotate + centre" to it ourselves (what the converter does) rather
 
 Images are read with Pillow as RGB. The validity mask is ``masks/<stem>.npy`` when present, else
 pixels that are not exactly black (reference); an RGBA alpha channel additionally masks pixels with
-alpha 0 ([FIX] §8 #7: the reference's alpha check never fires). With ``resolution = r > 1`` images
-are box-filtered and masks nearest-resized to ``round(W/r) x round(H/r)`` ([FIX] §8 #7: the
+alpha 0 ([FIX] the reference's alpha check never fires). With ``resolution = r > 1`` images
+are box-filtered and masks nearest-resized to ``round(W/r) x round(H/r)`` ([FIX] the
 reference leaves masks at full size), and intrinsics scale via ``Cameras.scaled``.
 """
 

@@ -1,4 +1,4 @@
-"""Distribution metrics on 512^2 patches: CLIP-FID and CMMD (reference-pipeline.md §6.1).
+"""Distribution metrics on 512^2 patches: CLIP-FID and CMMD (as Skyfall-GS's ``eval.py``).
 
 * **Patches**: every image is cut into ``p x p`` patches (p = 512) with one stride
   ``min((H - p) // 8, (W - p) // 15)`` in both directions (at least 9 x 16 patches on large frames).

@@ -1,6 +1,6 @@
 """Geometry evaluation: rendered depth -> world points -> DSM on the ground-truth grid -> registered errors.
 
-Protocol (reference-pipeline.md §6.2, the Sat-NeRF / DSMR one):
+Protocol (Skyfall-GS ``evaluate_gs_geometry.py`` with DSMR, the Sat-NeRF one):
 
 1. render depth for a set of cameras, back-project pixels with alpha >= ``alpha_min`` to world points;
 2. flatten the points on the ground-truth grid like s2p ``plyflatten(radius=1, sigma=inf)``: every

@@ -1,4 +1,4 @@
-"""Full-reference image metrics with the reference's definitions (pyiqa defaults, reference-pipeline.md §6.1).
+"""Full-reference image metrics with the definitions of Skyfall-GS's ``eval.py`` (pyiqa defaults).
 
 * **PSNR**: RGB, data range 1, ``10 log10(1 / (mse + 1e-8))`` over all pixels (pyiqa ``psnr``), or over
   the pixels of a mask (held-out satellite views have no-data borders).

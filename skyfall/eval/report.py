@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from skyfall.storage.run_dir import atomic_write_text
+from skyfall.storage.atomic import atomic_write_text
 
 # Colour-map anchors (viridis-like for depth/heights, inferno-like for errors), linearly interpolated.
 _VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float64)

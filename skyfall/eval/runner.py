@@ -55,8 +55,8 @@ def band_label(altitude_m: float, edges: tuple[float, ...]) -> str:
 
 def load_scene(ckpt: Path, device: str = "cpu"):  # noqa: ANN201 (Scene, dict)
     """Rebuild the Scene (Gaussians + appearance) of a checkpoint; returns (scene, checkpoint dict)."""
-    from skyfall.storage.checkpoints import load_checkpoint
     from skyfall.scene import Scene
+    from skyfall.storage.checkpoints import load_checkpoint
 
     try:
         st = load_checkpoint(ckpt, map_location=device)

@@ -1,21 +1,24 @@
 """Viewer-ready splats from a trained scene: bake the 3D filter and the appearance model, sanitise.
 
-Viewers know nothing about Mip-Splatting's 3D filter or the per-image appearance MLP. Like the
-reference's ``save_fused_ply`` (reference-pipeline.md §5.3, gsplat-notes.md §5) we write
+Viewers know nothing about Mip-Splatting's 3D filter or the per-image appearance MLP. Like
+Skyfall-GS's ``GaussianModel.save_fused_ply`` (called by its ``create_fused_ply.py``) we write
 
-* ``scale = log(sqrt(s^2 + f^2))`` and ``opacity = logit(sigmoid(o) * coef3d)`` (the filter baked in);
+* ``scale = log(sqrt(s^2 + f^2))`` and ``opacity = logit(sigmoid(o) * coef3d)`` (the filter baked in,
+  no ``filter_3D`` column);
 * the SH coefficients after the appearance model for one novel-view embedding ('mean' by default;
-  an index reproduces the reference's ``a_{min(6, N-1)}``, §8 #5/#12 [FIX]: the bake is chosen
-  independently of where the parameters come from);
+  an index reproduces the reference, which hard-codes ``a_{min(6, N-1)}``). [FIX] The reference only
+  applies the appearance model when it loads a checkpoint (``--load_from_checkpoints``); here the
+  bake is chosen independently of where the parameters come from;
 * only the SH bands the renderer evaluates (``active_sh_degree``), so viewers show what we render.
 
-Then non-finite or degenerate rows are dropped and counted, so one NaN never empties a file (gsplat's
-``export_splats`` drops every splat when one opacity is NaN, gsplat-notes.md §3).
+Then non-finite or degenerate rows are dropped and counted, so one NaN never empties a file (gsplat
+1.5.x ``export_splats`` reduces its NaN test over the 1-D opacity tensor to a scalar, so a single NaN
+opacity drops every splat).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,8 +26,7 @@ from torch import Tensor
 
 from skyfall.gaussians.appearance import AppearanceModel
 from skyfall.gaussians.filters import apply_3d_filter
-
-SH_C0 = 0.28209479177387814
+from skyfall.gaussians.sh import sh0_to_rgb
 
 # sigmoid(o) in float32 saturates near 1 - 6e-8; keep logits finite and representable.
 _OPACITY_EPS = 1e-7
@@ -70,7 +72,7 @@ class Splats:
 
     def rgb(self) -> np.ndarray:
         """[N, 3] view-independent colour ``0.5 + C0 f_dc`` (unclamped), as viewers decode band 0."""
-        return 0.5 + SH_C0 * self.sh[:, 0, :]
+        return sh0_to_rgb(self.sh[:, 0, :])
 
     def alpha(self) -> np.ndarray:
         """[N] opacity in [0, 1]."""
@@ -154,8 +156,3 @@ def sanitize(splats: Splats) -> tuple[Splats, int]:
         ok &= np.isfinite(splats.filter_3d)
     dropped = int(n - ok.sum())
     return (splats if dropped == 0 else splats.subset(ok)), dropped
-
-
-def with_sh_degree(splats: Splats, degree: int) -> Splats:
-    """The same splats keeping only SH bands up to ``degree``."""
-    return replace(splats, sh=np.ascontiguousarray(splats.sh[:, : (degree + 1) ** 2]))

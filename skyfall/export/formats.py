@@ -1,9 +1,10 @@
 """Splat file writers (and readers, for round trips): Inria PLY, antimatter15 .splat, PlayCanvas
-compressed PLY and Niantic .spz (layouts: gsplat-notes.md §4).
+compressed PLY and Niantic .spz (layouts: Inria ``GaussianModel.save_ply``, the antimatter15
+``splat`` viewer, PlayCanvas engine ``gsplat-compressed-data.js``, the ``nianticlabs/spz`` README).
 
 All are plain numpy so they work without gsplat (an optional dependency) and without its
 ``export_splats`` NaN bug; the tests compare them with gsplat's writer where it covers a format.
-Writers take ``Splats`` in the frame they should store (see ``skyfall.export.upaxis``); ``.spz``
+Both PLY flavours are written by `skyfall.storage.ply.write_ply_elements`. Writers take ``Splats`` in the frame they should store (see ``skyfall.export.upaxis``); ``.spz``
 additionally converts from the PLY convention (RDF) to its own RUB axes, as Niantic's packer does.
 """
 
@@ -11,14 +12,17 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import struct
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from skyfall.export.bake import SH_C0, Splats
-from skyfall.storage.checkpoints import atomic_write
+from skyfall.export.bake import Splats
+from skyfall.gaussians.sh import rgb_to_sh0
+from skyfall.storage.atomic import atomic_write
+from skyfall.storage.ply import raw_ply_property_names, write_ply_elements
 
 Format = Literal["ply", "raw-ply", "splat", "ply-compressed", "spz"]
 FORMATS: dict[str, str] = {
@@ -55,39 +59,31 @@ def morton_order(means: np.ndarray) -> np.ndarray:
     return np.argsort(code, kind="stable")
 
 
-def _write_bytes(path: str | Path, chunks: list[bytes | np.ndarray]) -> Path:
-    import os
+def _shareable(path: str | Path) -> Path:
+    """Give an exported file the usual ``0666 & ~umask`` permissions.
 
-    with atomic_write(path) as f:
-        for c in chunks:
-            f.write(c if isinstance(c, bytes) else np.ascontiguousarray(c).tobytes())
-    # atomic_write's temporary file is private (0600); exported files are meant to be served/shared
+    ``atomic_write``'s temporary file is private (0600); exported files are meant to be served/shared.
+    """
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
     return Path(path)
 
 
-def _ply_header(elements: list[tuple[str, int, list[tuple[str, str]]]], comment: str | None) -> bytes:
-    lines = ["ply", "format binary_little_endian 1.0"]
-    if comment:
-        lines.append(f"comment {comment}")
-    for name, count, props in elements:
-        lines.append(f"element {name} {count}")
-        lines += [f"property {t} {p}" for p, t in props]
-    lines.append("end_header")
-    return ("\n".join(lines) + "\n").encode("ascii")
+def _write_bytes(path: str | Path, chunks: list[bytes | np.ndarray]) -> Path:
+    with atomic_write(path) as f:
+        for c in chunks:
+            f.write(c if isinstance(c, bytes) else np.ascontiguousarray(c).tobytes())
+    return _shareable(path)
+
+
+def _write_ply(
+    path: str | Path, elements: list[tuple[str, np.ndarray, list[str]]], comment: str | None
+) -> Path:
+    return _shareable(write_ply_elements(path, elements, [comment] if comment else []))
 
 
 # ----------------------------------------------------------------------------- Inria PLY
-
-
-def ply_property_names(num_rest: int, *, normals: bool = True, filter_3d: bool = False) -> list[str]:
-    """Inria 3DGS vertex properties in file order (``num_rest`` = 3(K-1) f_rest values)."""
-    names = ["x", "y", "z"] + (["nx", "ny", "nz"] if normals else [])
-    names += ["f_dc_0", "f_dc_1", "f_dc_2"] + [f"f_rest_{i}" for i in range(num_rest)]
-    names += ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
-    return names + (["filter_3D"] if filter_3d else [])
 
 
 def write_ply(path: str | Path, splats: Splats, *, comment: str | None = "skyfall") -> Path:
@@ -100,9 +96,8 @@ def write_ply(path: str | Path, splats: Splats, *, comment: str | None = "skyfal
     if splats.filter_3d is not None:
         cols.append(splats.filter_3d.reshape(n, 1))
     table = np.concatenate([np.asarray(c, np.float32).reshape(n, -1) for c in cols], axis=1).astype("<f4")
-    names = ply_property_names(rest.shape[1], filter_3d=splats.filter_3d is not None)
-    header = _ply_header([("vertex", n, [(p, "float") for p in names])], comment)
-    return _write_bytes(path, [header, table])
+    names = raw_ply_property_names(rest.shape[1], splats.filter_3d is not None)
+    return _write_ply(path, [("vertex", table, names)], comment)
 
 
 def read_ply(path: str | Path) -> Splats:
@@ -155,7 +150,7 @@ def read_splat(path: str | Path) -> Splats:
         (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32),
         np.log(rec["scale"].astype(np.float64)).astype(np.float32),
         np.log(a / (1 - a)).astype(np.float32),
-        ((rgba[:, None, :3] - 0.5) / SH_C0).astype(np.float32),
+        rgb_to_sh0(rgba[:, None, :3]).astype(np.float32),
     )
 
 
@@ -223,16 +218,12 @@ def write_ply_compressed(path: str | Path, splats: Splats, *, comment: str | Non
     col = [_unorm(rgb[:, c], clo[ci, c], chi[ci, c], 8) for c in range(3)]
     alpha = np.round(np.clip(_sigmoid(s.opacities), 0, 1) * 255.0).astype(np.uint32)
     vertex[:, 3] = (col[0] << 24) | (col[1] << 16) | (col[2] << 8) | alpha
-    elements = [
-        ("chunk", m, [(p, "float") for p in _CHUNK_PROPS]),
-        ("vertex", n, [(p, "uint") for p in _VERTEX_PROPS]),
-    ]
-    data: list[bytes | np.ndarray] = [chunk, vertex]
+    elements = [("chunk", chunk, _CHUNK_PROPS), ("vertex", vertex, _VERTEX_PROPS)]
     if s.sh_degree >= 1:
         rest = s.sh[:, 1:, :].transpose(0, 2, 1).reshape(n, -1).astype(np.float64)
-        data.append(np.clip(np.round((rest + 4.0) * (255.0 / 8.0)), 0, 255).astype(np.uint8))
-        elements.append(("sh", n, [(f"f_rest_{i}", "uchar") for i in range(rest.shape[1])]))
-    return _write_bytes(path, [_ply_header(elements, comment)] + data)
+        sh_q = np.clip(np.round((rest + 4.0) * (255.0 / 8.0)), 0, 255).astype(np.uint8)
+        elements.append(("sh", sh_q, [f"f_rest_{i}" for i in range(rest.shape[1])]))
+    return _write_ply(path, elements, comment)
 
 
 def read_ply_compressed(path: str | Path) -> Splats:
@@ -263,7 +254,7 @@ def read_ply_compressed(path: str | Path) -> Splats:
     np.put_along_axis(q, others, abc, axis=1)
     q[np.arange(n), largest] = np.sqrt(np.clip(1.0 - (abc**2).sum(1), 0.0, None))
     a = np.clip(col[:, 3], 1e-6, 1 - 1e-6)
-    sh = [(rgb - 0.5) / SH_C0]
+    sh = [rgb_to_sh0(rgb)]
     if "sh" in ply:
         props = [p.name for p in ply["sh"].properties]
         rest = np.stack([np.asarray(ply["sh"][p], np.float64) for p in props], axis=1) * (8.0 / 255.0) - 4.0

@@ -13,9 +13,9 @@ from skyfall.errors import ConfigError, SkyfallError
 from skyfall.export.bake import Splats, bake, sanitize, splats_from_params
 from skyfall.export.formats import FORMATS, write_ply, write_splats
 from skyfall.export.upaxis import to_up_axis
+from skyfall.scene import Scene, parse_embedding
 from skyfall.storage.checkpoints import latest_checkpoint, load_checkpoint
 from skyfall.storage.run_dir import RunDir
-from skyfall.scene import Scene, parse_embedding
 
 
 @dataclass

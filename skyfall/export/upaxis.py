@@ -1,7 +1,7 @@
 """Up-axis conversion: rotate splats rigidly (positions, orientations and SH colours).
 
 skyfall keeps the world ENU, Z-up. 3DGS viewers expect the COLMAP/OpenCV-style frame with -Y up
-(SuperSplat/PlayCanvas rotate PLYs by 180° about Z on import; gsplat-notes.md §4), so the exporter
+(SuperSplat/PlayCanvas rotate PLY and .splat files by 180° about Z on import), so the exporter
 can rotate by ``R = Rx(+90°): (x, y, z) -> (x, -z, y)``.
 
 A rotation R acts on
@@ -11,14 +11,13 @@ A rotation R acts on
 * SH: the colour seen along direction d must equal the new colour along ``R d``. Each band l is
   rotated by a (2l+1)x(2l+1) matrix fitted exactly by least squares from basis values at random
   directions (band l's span is closed under rotation, so the fit is exact to rounding). For degree 1
-  this equals the closed-form 3x3 rule in gsplat-notes.md §4; for degrees 2-3 it gives the Wigner-D
-  matrices without hand-written formulas.
+  this equals the closed-form 3x3 rule (band 1 rotates like the vector ``(-c[3], -c[1], c[2])``); for
+  degrees 2-3 it gives the Wigner-D matrices without hand-written formulas.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Literal
 
 import numpy as np
 import torch
@@ -26,8 +25,6 @@ import torch
 from skyfall.errors import ConfigError
 from skyfall.export.bake import Splats
 from skyfall.render.sh import sh_bases
-
-UpAxis = Literal["z", "y"]
 
 # Z-up (ENU) -> -Y-up (OpenCV/COLMAP "RDF"-style frame most 3DGS viewers assume).
 Z_UP_TO_NEG_Y_UP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])

@@ -1,4 +1,4 @@
-"""Videos along camera paths (``render_video.py`` of the reference, reference-pipeline.md §5.4).
+"""Videos along camera paths (what Skyfall-GS's ``render_video.py`` does).
 
 Frames are rendered with ``Scene.render`` (the same renderer and appearance rule as evaluation), written
 as PNGs and an H.264 mp4 (imageio-ffmpeg, the ``video`` extra), plus a colourised depth video: the

@@ -1,5 +1,5 @@
-"""Per-image appearance model (reference-pipeline.md §2.3): WildGaussians' ``EmbeddingModel`` with
-``appearance_model_sh=False``, as Skyfall-GS uses it.
+"""Per-image appearance model: WildGaussians' ``EmbeddingModel`` with ``appearance_model_sh=False``,
+as Skyfall-GS uses it (``scene/gaussian_model.py:EmbeddingModel``, ``_get_fourier_features``).
 
 Each Gaussian i carries a learnable embedding g_i (initialised by `fourier_init_embeddings`, stored
 with the Gaussian parameters, inherited by split/clone children) and each training image j a learned
@@ -15,8 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-SH_C0 = 0.28209479177387814
-"""Zeroth real spherical-harmonic constant ``1 / (2 sqrt(pi))``."""
+from skyfall.gaussians.sh import SH_C0
 
 
 def fourier_init_embeddings(
@@ -67,7 +66,7 @@ def fourier_init_embeddings(
 
 
 class AppearanceModel(nn.Module):
-    """Per-image embeddings plus the colour MLP (§2.3).
+    """Per-image embeddings plus the colour MLP (the reference's ``EmbeddingModel``).
 
     Args:
         n_images: number of training images (one embedding each).
@@ -101,8 +100,9 @@ class AppearanceModel(nn.Module):
     def image_embedding(self, index: int | Literal["mean"]) -> Tensor:  # [image_dim]
         """Embedding of one image, or the mean of all trained embeddings.
 
-        An integer index is clamped to ``n_images - 1``: the reference's test-time embedding is
-        ``a_{min(6, N-1)}`` (§8 #5), so ``image_embedding(6)`` reproduces it.
+        An integer index is clamped to ``n_images - 1``: the reference hard-codes the test-time
+        embedding to ``a_{min(6, N-1)}`` (it computes the mean, then overwrites it), so
+        ``image_embedding(6)`` reproduces it; ``"mean"`` is the [FIX] default.
         """
         weight = self.image_embeddings.weight
         if isinstance(index, str):

@@ -1,4 +1,4 @@
-"""Mip-Splatting 3D smoothing filter (reference-pipeline.md §2.1, §2.5, §8 #6).
+"""Mip-Splatting 3D smoothing filter (Skyfall-GS ``GaussianModel.compute_3D_filter``, with a per-camera fix).
 
 Each Gaussian carries a filter size ``filter_3d`` (a world-space standard deviation, metres). The
 filter convolves the Gaussian with an isotropic Gaussian of that size, which widens the scales and
@@ -58,7 +58,7 @@ def compute_3d_filter(
 
     * ``"reference"``: ``sqrt(0.2) * min_c z_c / max_c fx_c`` with the maximum focal length over
       *all* cameras (Skyfall-GS / Mip-Splatting code).
-    * ``"per_camera"`` (default, reference-pipeline.md §8 #6 [FIX]): ``sqrt(0.2) * min_c (z_c / fx_c)``
+    * ``"per_camera"`` (default, [FIX] of the reference rule): ``sqrt(0.2) * min_c (z_c / fx_c)``
       over the cameras that see the Gaussian, i.e. Mip-Splatting's maximal sampling rate
       ``max_c fx_c / z_c``. With mixed cameras (satellites at fx ~ 4e6 px and ~5e5 m, orbit cameras
       at fx ~ 900 px and ~250 m) the reference rule collapses the filter to ~0.

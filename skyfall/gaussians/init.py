@@ -1,4 +1,8 @@
-"""Gaussian initialisation from a coloured point cloud (reference-pipeline.md §1.5, gsplat-notes.md §6).
+"""Gaussian initialisation from a coloured point cloud (Skyfall-GS ``GaussianModel.create_from_pcd``).
+
+SH DC from the point colours, higher bands 0; isotropic log scale from the mean squared distance to
+the 3 nearest neighbours (simple-knn ``distCUDA2``, reimplemented with a k-d tree so it runs without
+CUDA); identity rotation.
 
 Positions are stored as float32: tile coordinates are local ENU metres within about ±300 m of the
 tile centre, where float32 still resolves ~3e-5 m, far below any splat size that matters.
@@ -13,8 +17,8 @@ import torch
 from scipy.spatial import cKDTree
 from torch import Tensor
 
-SH_C0 = 0.28209479177387814
-"""Degree-0 real spherical-harmonic constant: colour = 0.5 + SH_C0 * sh0 (Inria / gsplat convention)."""
+from skyfall.gaussians.sh import SH_C0 as SH_C0  # re-exported: colour = 0.5 + SH_C0 * sh0
+from skyfall.gaussians.sh import rgb_to_sh0
 
 
 def knn_mean_sq_dist(xyz: np.ndarray, k: int = 3) -> np.ndarray:
@@ -82,7 +86,7 @@ def init_from_points(
     scales = torch.from_numpy(log_scale).float()[:, None].repeat(1, 3)
 
     colours = torch.from_numpy(rgb_np.astype(np.float32) / 255.0)
-    sh0 = ((colours - 0.5) / SH_C0)[:, None, :]
+    sh0 = rgb_to_sh0(colours)[:, None, :]
     n_rest = (sh_degree + 1) ** 2 - 1
     quats = torch.zeros(p, 4)
     quats[:, 0] = 1.0

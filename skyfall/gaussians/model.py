@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from skyfall.config import OptimConfig
 from skyfall.gaussians.filters import apply_3d_filter
+from skyfall.gaussians.optim import OptimConfig
 
 REQUIRED_KEYS = ("means", "scales", "quats", "opacities", "sh0", "shN")
 OPTIONAL_KEYS = ("app_features",)
@@ -70,7 +70,7 @@ class GaussianModel:
     Attributes:
         params: ``nn.ParameterDict`` of per-Gaussian parameters (gsplat names).
         optimizers: one ``torch.optim.Adam`` per key of ``params``, one param_group each.
-        config: the ``skyfall.config.OptimConfig`` (LRs, position schedule, Adam eps).
+        config: the ``skyfall.gaussians.optim.OptimConfig`` (LRs, position schedule, Adam eps).
         scene_extent, app_features_lr, sh_degree_interval: see ``__init__``.
         max_sh_degree: SH degree of ``shN``; ``active_sh_degree`` grows to it during training.
         filter_3d: [N] Mip-Splatting 3D filter standard deviations (metres); zeros = no filter.
@@ -92,7 +92,7 @@ class GaussianModel:
 
         Args:
             params: per-Gaussian tensors with the keys ``REQUIRED_KEYS`` and optionally ``app_features``.
-            optim: LRs and the position schedule (``skyfall.config.OptimConfig``); defaults to its defaults.
+            optim: LRs and the position schedule (``skyfall.gaussians.optim.OptimConfig``); defaults to its defaults.
             scene_extent: metres; the position LRs are multiplied by it ("spatial_lr_scale", hard-coded
                 128 in the reference, §8 #17; ``Stage1Config.scene_extent``).
             app_features_lr: LR of ``app_features`` (--embedding_lr; ``AppearanceConfig.gaussian_lr``).

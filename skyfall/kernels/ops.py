@@ -22,7 +22,7 @@ def ssim(
     padding: Literal["same", "valid"] = "same",
     reduction: Literal["mean", "none"] = "mean",
 ) -> Tensor:
-    """SSIM as ``fused_ssim`` defines it (the reference's photometric loss, reference-pipeline §2.2).
+    """SSIM as ``fused_ssim`` defines it (the SSIM term of Skyfall-GS's photometric loss in ``train.py``).
 
     Per-channel SSIM with an ``window_size``² Gaussian window (std ``sigma``) and zero "same" padding
     (like ``conv2d(padding=window_size // 2)``); see `skyfall.kernels._torch_impl._ssim` for the formula.

@@ -1,4 +1,4 @@
-"""``prepare_tile``: satellite images with RPCs -> a skyfall tile (reference-pipeline.md §1.1).
+"""``prepare_tile``: satellite images with RPCs -> a skyfall tile (the layout `skyfall.data.tile` reads).
 
 Steps (each documented where it is implemented):
 
@@ -8,7 +8,7 @@ Steps (each documented where it is implemented):
    else the first RPC's ``height_off ± height_scale / 2`` (its validity range, usually much wider
    than the terrain: pass the range when you know it).
 3. ENU frame at the AOI centre with its origin ``origin_below`` metres under the lowest AOI height,
-   as SatelliteSfM does (reference §1.2: origin at ``min(alt_range) − 20 m``).
+   as SatelliteSfM does (its ENU origin altitude is ``min(alt_range) − 20 m``).
 4. Crop: every view is cut to one common size around its image of the AOI box (AOI x altitude
    range), optionally box-downsampled; pixels outside the source image are no-data.
 5. Pinhole per view fitted to the RPC over a grid of AOI x altitude points

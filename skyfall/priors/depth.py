@@ -4,29 +4,30 @@
 (depth ``[B, H, W]`` and a validity mask). The pseudo-camera loss only uses depth up to an affine map
 (Pearson correlation), so relative depth is enough.
 
-Backends here:
+Backends are registered by name in ``skyfall.registry.DEPTH_ESTIMATORS``; build one with
+``make_depth_estimator``:
 
-* ``GroundTruthDepth``: the synthetic tile's exact depth for the camera pose (a measuring instrument
-  for synthetic tiles: it shows what the loss achieves with a perfect prior).
-* ``TinyDepth``: a tiny randomly initialised CNN for tests (its output is meaningless but shaped,
-  positive and deterministic).
-
+* ``TinyDepth`` (here): a tiny randomly initialised CNN for tests (its output is meaningless but
+  shaped, positive and deterministic).
 * ``MoGeDepth`` / ``DepthAnythingDepth`` (real weights, ``skyfall.priors.depth_backends``): MoGe v1/v2
   (the reference's prior; the ``moge`` package comes from git) and Depth Anything V2 metric outdoor
-  (transformers). Build any of them with ``make_depth_estimator``.
+  (transformers).
+* ``GroundTruthDepth`` (``skyfall.synth.oracles``): the synthetic tile's exact depth for the camera
+  pose, a measuring instrument that shows what the loss achieves with a perfect prior.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from skyfall.data.cameras import Cameras
-from skyfall.priors.config import DepthModelConfig
+from skyfall.config.priors import DepthModelConfig
 
 
 @dataclass
@@ -51,25 +52,6 @@ class DepthEstimator(Protocol):
     def __call__(
         self, images: Tensor, fov_x_deg: float, cameras: Cameras | None = None
     ) -> DepthPrediction: ...
-
-
-class GroundTruthDepth:
-    """Exact depth of a synthetic tile for the requested camera poses (images are ignored)."""
-
-    needs_pose = True
-
-    def __init__(self, tile_dir: str | Path):
-        from skyfall.synth import SyntheticCity
-
-        self.city = SyntheticCity.from_tile(tile_dir)
-
-    def __call__(self, images: Tensor, fov_x_deg: float, cameras: Cameras | None = None) -> DepthPrediction:
-        if cameras is None:
-            raise ValueError("GroundTruthDepth needs the camera poses of the images")
-        out = self.city.render(cameras)
-        depth = torch.as_tensor(out["depth"], dtype=torch.float32, device=images.device)
-        valid = torch.isfinite(depth)
-        return DepthPrediction(depth=torch.where(valid, depth, torch.zeros_like(depth)), valid=valid)
 
 
 class TinyDepth(torch.nn.Module):
@@ -100,55 +82,59 @@ def make_depth_estimator(
     name: str,
     *,
     tile_dir: str | Path | None = None,
-    model: str | None = None,
-    moge_version: int = 1,
-    local_files_only: bool = False,
-    cache_dir: str | None = None,
-    device: str | None = None,
-    dtype: str = "float32",
     config: DepthModelConfig | None = None,
+    **options: Any,
 ) -> DepthEstimator:
-    """Build a depth estimator by name.
+    """Build a registered depth estimator (``skyfall.registry.DEPTH_ESTIMATORS``) by name.
 
     Args:
-        name: 'ground-truth' (synthetic tiles), 'tiny' (tests), 'moge' (the reference's prior; needs the
-            MoGe package from git) or 'depth-anything' (Depth Anything V2 metric outdoor, transformers).
-        tile_dir: the tile folder ('ground-truth' only).
-        model: Hub id or local path of the weights; None = the backend's default.
-        moge_version: 1 (reference, ``Ruicheng/moge-vitl``) or 2 (``Ruicheng/moge-2-vitl``).
-        local_files_only: never contact the Hub (local cache / path only).
-        cache_dir: Hugging Face cache folder; None = the HF_HOME / HF_HUB_CACHE default.
-        device: None = cuda when available, else cpu.
-        dtype: 'float32' | 'float16' | 'bfloat16'.
-        config: a :class:`skyfall.priors.config.DepthModelConfig` supplying the model options instead.
+        name: 'moge' (the reference's prior; needs the MoGe package from git), 'depth-anything'
+            (Depth Anything V2 metric outdoor, transformers), 'ground-truth' (synthetic tiles), 'tiny'
+            (tests), or any other registered name.
+        tile_dir: the tile folder (pose-aware oracles such as 'ground-truth').
+        config: the model options (:class:`skyfall.config.priors.DepthModelConfig`); defaults to its
+            defaults.
+        **options: any ``DepthModelConfig`` field (``model=``, ``moge_version=``,
+            ``local_files_only=``, ``cache_dir=``, ``device=``, ``dtype=``), overriding ``config``.
 
     Raises:
-        ConfigError: unknown name / bad option. MissingDependencyError: MoGe or transformers missing;
+        ConfigError: unknown name or option. MissingDependencyError: MoGe or transformers missing;
         WeightsNotFoundError (a MissingDependencyError): weights absent or gated.
     """
     from skyfall.errors import ConfigError
+    from skyfall.registry import DEPTH_ESTIMATORS
 
-    if config is not None:
-        model, moge_version, local_files_only = config.model, config.moge_version, config.local_files_only
-        cache_dir, device, dtype = config.cache_dir, config.device, config.dtype
-    if name == "ground-truth":
-        if tile_dir is None or not (Path(tile_dir) / "synth.json").exists():
-            raise ConfigError(
-                "the 'ground-truth' depth estimator needs a synthetic tile (with synth.json); "
-                "use 'moge' or 'depth-anything' for real tiles"
-            )
-        return GroundTruthDepth(tile_dir)
-    if name == "tiny":
-        return TinyDepth()
-    common = dict(local_files_only=local_files_only, cache_dir=cache_dir, device=device, dtype=dtype)
-    if name == "moge":
-        from skyfall.priors.depth_backends import MoGeDepth
+    base = config if config is not None else DepthModelConfig()
+    known = {f.name for f in dataclasses.fields(DepthModelConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"depth estimator {name!r}: unknown option(s) {', '.join(unknown)}")
+    return DEPTH_ESTIMATORS.build(name, dataclasses.replace(base, **options), tile_dir)
 
-        return MoGeDepth(model, version=moge_version, **common)
-    if name == "depth-anything":
-        from skyfall.priors.depth_backends import DepthAnythingDepth
 
-        return DepthAnythingDepth(model, **common)
-    raise ConfigError(
-        f"unknown depth estimator {name!r}; choose from ground-truth, tiny, moge, depth-anything"
+def build_tiny(config: DepthModelConfig, tile_dir: str | Path | None) -> TinyDepth:
+    """Registry factory of ``tiny``."""
+    return TinyDepth()
+
+
+def build_moge(config: DepthModelConfig, tile_dir: str | Path | None) -> DepthEstimator:
+    """Registry factory of ``moge``."""
+    from skyfall.priors.depth_backends import MoGeDepth
+
+    return MoGeDepth(config.model, version=config.moge_version, **_hub_options(config))
+
+
+def build_depth_anything(config: DepthModelConfig, tile_dir: str | Path | None) -> DepthEstimator:
+    """Registry factory of ``depth-anything``."""
+    from skyfall.priors.depth_backends import DepthAnythingDepth
+
+    return DepthAnythingDepth(config.model, **_hub_options(config))
+
+
+def _hub_options(config: DepthModelConfig) -> dict[str, Any]:
+    return dict(
+        local_files_only=config.local_files_only,
+        cache_dir=config.cache_dir,
+        device=config.device,
+        dtype=config.dtype,
     )

@@ -5,7 +5,7 @@
   command. Depth is recovered with the known horizontal FoV, as the reference does.
 * :class:`DepthAnythingDepth`: Depth Anything V2 *metric* (outdoor) through transformers, installable
   from PyPI alone. A metric head outputs depth; relative checkpoints output disparity, which is not
-  affinely related to depth, so they are refused (diffusion-depth-notes.md §4.5).
+  affinely related to depth (1/disparity is undefined up to an unknown shift), so they are refused.
 
 Both load from a Hub id (through the Hugging Face cache) or a local path, honour
 ``local_files_only``, and turn missing weights into one :class:`skyfall.priors.hub.WeightsNotFoundError`.
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from skyfall.errors import ConfigError, MissingDependencyError
-from skyfall.priors.config import DEPTH_ANYTHING_METRIC_OUTDOOR, MOGE_V1, MOGE_V2
+from skyfall.config.priors import DEPTH_ANYTHING_METRIC_OUTDOOR, MOGE_V1, MOGE_V2
 from skyfall.priors.depth import DepthPrediction
 from skyfall.priors.flux import resolve_device, torch_dtype
 from skyfall.priors.hub import load_weights, resolve_file, transformers_dtype_kwargs
@@ -99,7 +99,8 @@ class MoGeDepth:
     @torch.no_grad()
     def __call__(self, images: Tensor, fov_x_deg: float, cameras: object = None) -> DepthPrediction:
         """Images [B, 3, H, W] in [0, 1] -> depth [B, H, W] (0 where invalid) and validity."""
-        x = images.to(self.device, torch.float32).clamp(0.0, 1.0)  # [FIX] §8 #2: clamp, never wrap
+        # [FIX] clamp: the reference converts unclamped renders to uint8, so values > 1 wrap around
+        x = images.to(self.device, torch.float32).clamp(0.0, 1.0)
         out = self.model.infer(
             x, fov_x=float(fov_x_deg), resolution_level=self.resolution_level, force_projection=True,
             apply_mask=True, **self._extra,
@@ -202,10 +203,3 @@ class DepthAnythingDepth:
         depth = F.interpolate(pred[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
         res = _finish(depth, torch.ones_like(depth, dtype=torch.bool))
         return DepthPrediction(res.depth.to(images.device), res.valid.to(images.device))
-
-
-def default_model(name: str, version: int = 1) -> str:
-    """Default Hub id of a backend ('moge' v1/v2 or 'depth-anything')."""
-    if name == "moge":
-        return MOGE_V1 if version == 1 else MOGE_V2
-    return DEPTH_ANYTHING_METRIC_OUTDOOR

@@ -4,9 +4,10 @@ The loop works on normalised VAE latents and pre-encoded prompts, so it runs unc
 FLUX.1-dev transformer and on tiny random ones in tests. It owns the pieces that diffusers keeps
 private (2x2 latent packing, image position ids, the resolution-dependent sigma shift): their
 conventions changed in diffusers 0.32 (the latent-size fix, PR #9929), which is why the reference
-pins diffusers 0.30.1 (diffusion-depth-notes.md §3.5).
+pins diffusers 0.30.1 (upstream ``FlowEditFLUX`` derives the pixel size as ``latent size *
+vae_scale_factor / 2``, right only for diffusers <= 0.31). Here the ids come from the latent shape.
 
-Conventions (reference-pipeline.md §4.2): rectified flow ``z_t = (1 - t) x0 + t eps``; the transformer
+Conventions (as in FlowEdit's ``FlowEdit_utils.py:FlowEditFLUX``): rectified flow ``z_t = (1 - t) x0 + t eps``; the transformer
 predicts ``v ~ eps - x0``; an Euler step from t_i to t_{i+1} < t_i is ``z <- z + (t_{i+1} - t_i) v``.
 Cost per image: ``2 n_avg (n_max - n_min) + n_min`` transformer rows, run as
 ``n_avg (n_max - n_min) + n_min`` calls because the source and target rows share one batch.

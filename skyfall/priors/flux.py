@@ -5,8 +5,9 @@ FLUX pipeline folder or Hub id), the same calls for real weights and for the tin
 
 Memory (FLUX.1-dev, bf16): transformer 22.2 GiB, T5-XXL 8.9 GiB, CLIP + VAE 0.4 GiB. The prompts are
 fixed, so they are encoded once (and cached on disk), after which the text encoders are freed
-(reference-pipeline.md §8 #14 [FIX]): the resident set is the transformer + VAE. ``memory_mode``
-and ``quantization`` (see :class:`skyfall.priors.config.FluxConfig`) trade speed for VRAM.
+([FIX] the reference reloads FLUX every episode and re-encodes both prompts with T5-XXL for every
+image): the resident set is the transformer + VAE. ``memory_mode``
+and ``quantization`` (see :class:`skyfall.config.priors.FluxConfig`) trade speed for VRAM.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from skyfall.config.priors import FluxConfig
 from skyfall.errors import ConfigError, MissingDependencyError
-from skyfall.priors.config import FluxConfig
 from skyfall.priors.flowedit import PromptEmbedding
 from skyfall.priors.hub import load_weights, looks_like_path, resolve_file, transformers_dtype_kwargs
+from skyfall.storage.atomic import atomic_write
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -168,13 +170,12 @@ class PromptEncoder:
                     continue
             out[p] = self.encode_now(p)
             if path is not None:
-                from safetensors.torch import save_file
+                from safetensors.torch import save
 
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                save_file({"embeds": out[p].embeds, "pooled": out[p].pooled}, str(tmp),
-                          metadata={"prompt": p, "identity": json.dumps(key_base)})  # fmt: skip
-                os.replace(tmp, path)
+                blob = save({"embeds": out[p].embeds, "pooled": out[p].pooled},
+                            metadata={"prompt": p, "identity": json.dumps(key_base)})  # fmt: skip
+                with atomic_write(path) as f:
+                    f.write(blob)
         return out
 
     def free(self) -> None:

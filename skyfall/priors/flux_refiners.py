@@ -5,11 +5,12 @@ seed per image -> refined images of the same shape. A seed alone determines its 
 with ``n_max_end != -1``, its n_max), whatever the batch grouping or device, so a fixed seed
 reproduces its sample and different seeds give the "multi-sample diffusion" of Stage 2.
 
-Differences from the reference (performance only, reference-pipeline.md §8 #14/#15): the model is
-loaded once and kept across calls (episodes), prompts are encoded once and cached (then the text
-encoders are freed), the source and target velocities share one transformer call, several images
-may share a call (``batch_size``), and the compute dtype is an option (bf16 default; the reference
-used fp16). Inputs stay float (the reference quantised renders to 8-bit PNGs and back).
+Differences from the reference (Skyfall-GS ``train.py`` with ``jayin92/FlowEdit`` ``idu_refine.py``),
+performance only: the model is loaded once and kept across calls (episodes; the reference reloads
+it every episode), prompts are encoded once and cached (then the text encoders are freed), the
+source and target velocities share one transformer call, several images may share a call
+(``batch_size``), and the compute dtype is an option (bf16 default; the reference used fp16 under
+autocast). Inputs stay float (the reference quantised renders to 8-bit PNGs and back).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from skyfall.config.priors import FlowEditConfig, SDEditConfig
 from skyfall.errors import ConfigError
-from skyfall.priors.config import FlowEditConfig, SDEditConfig
 from skyfall.priors.flowedit import flowedit_latents
 from skyfall.priors.flux import FluxModel
 
@@ -35,9 +36,6 @@ class _FluxRefiner:
     def __init__(self, model: FluxModel):
         self.model = model
         self._next_seed = self.cfg.seed
-
-    def _prompts(self) -> list[str]:
-        raise NotImplementedError
 
     def n_max_for(self, seed: int) -> int:
         """The n_max of the image with this seed."""

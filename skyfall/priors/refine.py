@@ -4,9 +4,11 @@
 One seed per image: Stage 2 draws several samples of the same view with different seeds
 ("multi-sample diffusion"), and a fixed seed must reproduce its sample.
 
-Implementations: ``IdentityRefiner`` (tests), the synthetic tile's ``IdealRefiner`` (a measuring
-instrument, in ``skyfall.train.stage2``), and the diffusion refiners ``FlowEditRefiner`` /
-``SDEditRefiner`` on FLUX.1-dev (``skyfall.priors.flux_refiners``). Build one with ``make_refiner``.
+Implementations, registered by name in ``skyfall.registry.REFINERS``: ``IdentityRefiner`` (tests),
+the diffusion refiners ``FlowEditRefiner`` / ``SDEditRefiner`` on FLUX.1-dev
+(``skyfall.priors.flux_refiners``; built with options by ``make_refiner``) and the synthetic tile's
+``IdealRefiner`` (a measuring instrument, ``skyfall.synth.oracles``). Stage 2 builds the one its
+config names with ``REFINERS.build(name, stage2_config, tile_dir)``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def make_refiner(name: Literal["flowedit", "sdedit", "identity"], **options: Any
 
     Args:
         name: 'flowedit' (the paper's), 'sdedit' (its ablation) or 'identity'.
-        **options: ``config=`` a :class:`skyfall.priors.config.FlowEditConfig` / ``SDEditConfig``,
+        **options: ``config=`` a :class:`skyfall.config.priors.FlowEditConfig` / ``SDEditConfig``,
             ``model=`` an already loaded :class:`skyfall.priors.flux.FluxModel` (kept across Stage 2
             episodes), and/or any config field as a keyword (``n_max_end=-1``, ``memory_mode="cpu-offload"``,
             ``local_files_only=True``, ...), which overrides the config's value.
@@ -52,7 +54,7 @@ def make_refiner(name: Literal["flowedit", "sdedit", "identity"], **options: Any
             raise ConfigError(f"the identity refiner takes no options (got {', '.join(sorted(options))})")
         return IdentityRefiner()
     if name in ("flowedit", "sdedit"):
-        from skyfall.priors.config import FlowEditConfig, SDEditConfig
+        from skyfall.config.priors import FlowEditConfig, SDEditConfig
         from skyfall.priors.flux_refiners import FlowEditRefiner, SDEditRefiner, config_with
 
         cls, cfg_cls = (
@@ -66,3 +68,21 @@ def make_refiner(name: Literal["flowedit", "sdedit", "identity"], **options: Any
         model = options.pop("model", None)
         return cls(config_with(base, options), model=model)
     raise ConfigError(f"unknown refiner {name!r}; choose from flowedit, sdedit, identity")
+
+
+# Registry factories: (Stage 2 config, tile folder) -> refiner.
+
+
+def build_flowedit(config: Any, tile_dir: Any = None) -> ImageRefiner:
+    """Registry factory of ``flowedit`` (options from ``config.flowedit``)."""
+    return make_refiner("flowedit", config=config.flowedit)
+
+
+def build_sdedit(config: Any, tile_dir: Any = None) -> ImageRefiner:
+    """Registry factory of ``sdedit`` (options from ``config.sdedit``)."""
+    return make_refiner("sdedit", config=config.sdedit)
+
+
+def build_identity(config: Any = None, tile_dir: Any = None) -> ImageRefiner:
+    """Registry factory of ``identity``."""
+    return IdentityRefiner()

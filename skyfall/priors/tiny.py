@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-# FLUX.1-dev's scheduler config (diffusion-depth-notes.md §2.1).
+# FLUX.1-dev's scheduler config (``scheduler/scheduler_config.json`` of black-forest-labs/FLUX.1-dev).
 FLUX_DEV_SCHEDULER = dict(
     num_train_timesteps=1000,
     shift=3.0,

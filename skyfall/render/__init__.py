@@ -7,7 +7,8 @@ Two backends with the same semantics (gsplat 1.5.3, ``packed=False``, ``render_m
 
 ``backend="auto"`` picks gsplat for CUDA tensors and torch otherwise. The choice is made from the
 tensors' device and the presence of the package, never by catching gsplat's import-time errors
-(they differ between environments; gsplat-notes.md §1).
+(they differ between environments: without CUDA, gsplat 1.5.3 imports but fails later when it tries
+to build or load its CUDA extension).
 """
 
 from __future__ import annotations
@@ -121,9 +122,10 @@ def render(
     """Render Gaussians from raw trainer parameters into C cameras.
 
     Activations happen here: ``exp`` of the log scales, ``sigmoid`` of the opacity logits and the
-    optional Mip-Splatting 3D filter (``apply_3d_filter``). Defaults follow Skyfall-GS
-    (reference-pipeline.md §2.1, §9): antialiased with eps2d 0.1 (its 2D filter), accumulated
-    depth, far plane 1e10.
+    optional Mip-Splatting 3D filter (``apply_3d_filter``). Defaults follow Skyfall-GS's renderer
+    (``gaussian_renderer/__init__.py:render``): its Mip-Splatting 2D filter (``kernel_size 0.1``) is
+    gsplat's ``antialiased`` mode with eps2d 0.1, depth is accumulated (``sum T_i a_i z_i``, not
+    divided by alpha), far plane 1e10.
 
     Returns:
         RenderOutput (see its docstring).

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_C0 = 0.28209479177387814
+from skyfall.gaussians.sh import SH_C0
+
 _C1 = 0.4886025119029199
 _C2 = (1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.0925484305920792, 0.5462742152960396)
 _C3 = (
@@ -37,7 +38,7 @@ def sh_bases(degree: int, dirs: Tensor) -> Tensor:
     """
     if not 0 <= degree <= MAX_SH_DEGREE:
         raise ValueError(f"sh_degree must be in 0..{MAX_SH_DEGREE}, got {degree}")
-    out = [torch.full_like(dirs[..., 0], _C0)]
+    out = [torch.full_like(dirs[..., 0], SH_C0)]
     if degree >= 1:
         x, y, z = dirs.unbind(-1)
         out += [-_C1 * y, _C1 * z, -_C1 * x]

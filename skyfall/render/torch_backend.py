@@ -4,7 +4,8 @@ Projection runs through autograd (cheap, [C, N] elementwise); compositing is a c
 Function with a hand-written backward (``composite.py``) that also produces the exact absgrad.
 
 Measured with ``scripts/bench_render.py`` on one CPU thread (SH degree 1, antialiased, RGB+D,
-MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ as in gsplat-notes.md §2): 10k Gaussians at 256^2
+``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184``, without which glibc spends
+much of the time in mmap/munmap churn of the large tensors): 10k Gaussians at 256^2
 ~0.16 s forward + ~0.14 s backward; 50k at 512^2 ~1.6 s + ~1.1 s with ~350 MB peak RSS increase.
 """
 

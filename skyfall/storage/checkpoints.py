@@ -1,27 +1,30 @@
-"""Atomic, ``weights_only``-loadable training checkpoints (reference-pipeline.md §5.1, §8 #11).
+"""Atomic, ``weights_only``-loadable training checkpoints.
+
+[FIX] Skyfall-GS's ``GaussianModel.capture`` checkpoint leaves out ``filter_3D`` (it is only in the
+PLY, and ``load_ply`` does not restore it), so resuming is broken; here the checkpoint holds the
+filter and the appearance state too.
 
 A checkpoint is one ``torch.save`` file holding only tensors, dicts, lists, tuples, numbers, strings,
 bools and None, so it loads with ``torch.load(path, weights_only=True)`` (no pickled code). Typical
 payload: ``{"step", "config" (plain dict), "model" (GaussianModel.state_dict(), incl. Adam states and
-filter_3d, which the reference forgot), "appearance", "rng" (capture_rng_state())}``.
+filter_3d), "appearance", "rng" (capture_rng_state())}``.
 
-Files are named ``ckpt_{step:06d}.pt`` and written atomically: a temporary file in the same folder,
-fsync, then ``os.replace``, so a crash mid-write never leaves a truncated file under a checkpoint name.
+Files are named ``ckpt_{step:06d}.pt`` and written with `skyfall.storage.atomic.atomic_write`
+(temporary file in the same folder, fsync, ``os.replace``), so a crash mid-write never leaves a
+truncated file under a checkpoint name.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import random
 import re
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
+
+from skyfall.storage.atomic import atomic_write
 
 CHECKPOINT_RE = re.compile(r"ckpt_(\d+)\.pt")
 """Full-match pattern of checkpoint file names; the group is the step."""
@@ -32,35 +35,6 @@ _PLAIN_SCALARS = (bool, int, float, str, type(None), torch.dtype)
 def checkpoint_path(directory: str | Path, step: int) -> Path:
     """``directory / ckpt_{step:06d}.pt``."""
     return Path(directory) / f"ckpt_{step:06d}.pt"
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | Path) -> Iterator[IO[bytes]]:
-    """Open a temporary binary file next to ``path``; on success fsync it and rename it to ``path``.
-
-    On any exception the temporary file is deleted and ``path`` (if it existed) is left untouched.
-    The temporary name starts with a dot and ends in ``.tmp``, so it never looks like a checkpoint.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    # Persist the rename itself (best effort: not every platform can open a directory).
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def _check_plain(obj: Any, where: str = "payload") -> None:

@@ -11,7 +11,7 @@ from skyfall.data.camera_path import orbit_camtoworlds
 from skyfall.data.cameras import Cameras, intrinsics_from_fov, look_at
 from skyfall.synth.layout import Layout
 
-# Reference jax_v1 curriculum (reference-pipeline.md §3.1): (elevation deg, radius m), FoV 60 deg.
+# Skyfall-GS's jax_v1 Stage-2 curriculum (``IDUParams``): (elevation deg, radius m), FoV 60 deg.
 CURRICULUM = ((85.0, 300.0), (75.0, 275.0), (65.0, 275.0), (55.0, 250.0), (45.0, 250.0))
 ORBIT_FOV_DEG = 60.0
 # Street views: a pedestrian/car eye on a lane, looking along the road and pitched up to see facades.

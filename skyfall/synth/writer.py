@@ -1,4 +1,4 @@
-"""Write a synthetic city as a tile folder in the reference format (reference-pipeline.md §1), plus ground truth.
+"""Write a synthetic city as a tile folder in the reference format (`skyfall.data.tile`), plus ground truth.
 
 Layout written::
 

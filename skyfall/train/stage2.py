@@ -1,9 +1,10 @@
-"""Stage 2: Iterative Dataset Update (reference-pipeline.md §3, ``train.py:training_idu``).
+"""Stage 2: Iterative Dataset Update (Skyfall-GS ``train.py:training_idu``).
 
-For each curriculum episode (elevation, radius): render orbit cameras around a GxG grid of look-at
-targets with the novel-view embedding, refine every render N_s times (independent seeds), then train
-on 75 % refined / 25 % satellite views with the episode's schedules, continuing the global step count
-and the optimizer state of the previous episode.
+The episode schedule around ``skyfall.train.loop``: for each curriculum episode (elevation, radius),
+render orbit cameras around a GxG grid of look-at targets with the novel-view embedding, refine every
+render N_s times (independent seeds), then train one phase on 75 % refined / 25 % satellite views
+with the episode's schedules, continuing the global step count and the optimizer state of the
+previous episode.
 
 Everything is resumable. Renders and refined images are written to ``RUN/idu/epNN_.../`` as they are
 produced (atomically), so an interrupted refinement phase skips finished images; training resumes
@@ -13,10 +14,9 @@ an uninterrupted run and a resumed one see identical data.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,18 +26,22 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from skyfall.config import Stage1Config, Stage2Config, from_dict, parse_curriculum, to_dict
-from skyfall.data.camera_path import read_camera_path
+from skyfall.config.presets import from_dict, to_dict
+from skyfall.config.training import Stage1Config, Stage2Config, parse_curriculum
 from skyfall.data.cameras import Cameras, intrinsics_from_fov, look_at
-from skyfall.data.orbits import linear_schedule, orbit_eye
+from skyfall.data.orbits import orbit_eye
 from skyfall.errors import ConfigError, SkyfallError
+from skyfall.eval.heldout import gt_orbit_psnr, read_image
+from skyfall.priors.depth import DepthEstimator
 from skyfall.priors.refine import ImageRefiner
-from skyfall.render import RenderOutput
-from skyfall.storage.checkpoints import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
-from skyfall.storage.run_dir import RunDir, atomic_write_text
-from skyfall.eval.image_metrics import psnr
+from skyfall.registry import REFINERS
 from skyfall.scene import parse_embedding
-from skyfall.train.stage1 import Stage1Trainer
+from skyfall.storage.atomic import atomic_write
+from skyfall.storage.checkpoints import latest_checkpoint
+from skyfall.storage.run_dir import RunDir
+from skyfall.train.loop import Phase, PseudoSchedule, Trainer, ViewSample
+from skyfall.train.stage1 import evaluate as stage1_evaluate
+from skyfall.train.stage1 import stage1_strategy
 
 
 @dataclass
@@ -120,67 +124,18 @@ def _to_uint8(img: Tensor) -> np.ndarray:
 
 
 def _write_png_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    Image.fromarray(array).save(tmp)
-    tmp.replace(path)
+    with atomic_write(path) as f:
+        Image.fromarray(array).save(f, format="PNG")
 
 
-def _read_png(path: Path, device: torch.device) -> Tensor:
-    """PNG -> [3,H,W] float in [0,1]."""
-    array = np.array(Image.open(path).convert("RGB"))  # a writable copy
-    return torch.from_numpy(array).to(device).permute(2, 0, 1).float() / 255.0
-
-
-class IdealRefiner:
-    """MEASURING INSTRUMENT, not a method: returns the synthetic tile's ground-truth render of each pose.
-
-    It shows what the iterative dataset update achieves with a perfect prior. ``noise`` adds a
-    per-sample colour perturbation (seeded) to mimic diffusion variance between samples.
-    """
-
-    def __init__(self, tile_dir: str | Path, noise: float = 0.0, supersample: int = 2):
-        from skyfall.synth import SyntheticCity
-
-        if not (Path(tile_dir) / "synth.json").exists():
-            raise ConfigError(f"{tile_dir}: the 'ideal' refiner needs a synthetic tile (synth.json)")
-        self.city = SyntheticCity.from_tile(tile_dir)
-        self.noise = float(noise)
-        self.supersample = supersample
-
-    def refine(self, images: Tensor, *, seeds=None, cameras: Cameras | None = None) -> Tensor:
-        if cameras is None:
-            raise ValueError("IdealRefiner needs the camera of every image")
-        out = self.city.render(cameras, date=None, supersample=self.supersample)
-        rgb = torch.as_tensor(out["rgb"], dtype=torch.float32).permute(0, 3, 1, 2)
-        if self.noise > 0:
-            for i in range(len(rgb)):
-                g = torch.Generator().manual_seed(int(seeds[i]) if seeds is not None else i)
-                gain = 1 + self.noise * torch.randn(3, 1, 1, generator=g)
-                rgb[i] = (rgb[i] * gain + self.noise * 0.5 * torch.randn(rgb[i].shape, generator=g)).clamp(
-                    0, 1
-                )
-        return rgb.to(images.device)
-
-
-def make_stage2_refiner(cfg: Stage2Config, tile_dir: Path) -> ImageRefiner:
-    if cfg.refiner == "ideal":
-        return IdealRefiner(tile_dir, noise=cfg.ideal_noise)
-    from skyfall.priors.refine import make_refiner
-
-    if cfg.refiner == "flowedit":
-        return make_refiner("flowedit", config=cfg.flowedit)
-    if cfg.refiner == "sdedit":
-        return make_refiner("sdedit", config=cfg.sdedit)
-    return make_refiner(cfg.refiner)
-
-
-class Stage2Trainer(Stage1Trainer):
-    """Iterative Dataset Update on top of a finished Stage 1 run directory.
+class IterativeDatasetUpdate:
+    """Stage 2 on top of a finished Stage 1 run directory: the episode schedule around the loop.
 
     Args:
         cfg2: Stage 2 config.
         run: a Stage 1 run directory (its config.yml names the tile and the Stage 1 config).
         refiner: overrides ``cfg2.refiner`` (tests).
+        depth_estimator: overrides the Stage 1 config's depth estimator (tests).
         progress: tqdm bars.
     """
 
@@ -190,173 +145,125 @@ class Stage2Trainer(Stage1Trainer):
         run: str | Path,
         *,
         refiner: ImageRefiner | None = None,
-        depth_estimator=None,
+        depth_estimator: DepthEstimator | None = None,
         progress: bool = True,
     ):
         rd = RunDir(run)
         if not rd.config_path.exists():
             raise SkyfallError(f"{rd.config_path}: not a skyfall run directory (run Stage 1 first)")
         saved = rd.load_config()
-        cfg1: Stage1Config = from_dict(Stage1Config, saved["stage1"])
-        super().__init__(
-            cfg1, saved["data"], run, resume=True, depth_estimator=depth_estimator, progress=progress
-        )
+        cfg1: Stage1Config = from_dict(Stage1Config, saved["stage1"], where=str(rd.config_path))
+        self.trainer = Trainer(cfg1, saved["data"], run, depth_estimator=depth_estimator, progress=progress)
+        self.trainer.extra_state = self.state_dict
+        self.cfg = cfg1
         self.cfg2 = cfg2
+        self.progress = progress
         self._refiner = refiner
-        self.scale = resolve_scale(cfg2, self.tile.points)
+        self.scale = resolve_scale(cfg2, self.trainer.tile.points)
         self.episodes = episodes_from_config(cfg2, self.scale)
-        self.stage1_steps = None
+        self.stage1_steps: int | None = None
         self.episode: Episode | None = None
         self.first_step = 0
         self.idu_stack: list[int] = []
+        self.idu_cams: Cameras | None = None
+        self.idu_images: list[Tensor] = []
+        self.idu_depths: list[tuple[Tensor, Tensor]] = []
 
-    # ------------------------------------------------------------------ hooks (episode-relative schedules)
+    @property
+    def run_dir(self) -> RunDir:
+        return self.trainer.run_dir
 
     def refiner(self) -> ImageRefiner:
         if self._refiner is None:
-            self._refiner = make_stage2_refiner(self.cfg2, self.data)
+            self._refiner = REFINERS.build(self.cfg2.refiner, self.cfg2, self.trainer.data)
         return self._refiner
-
-    def sample_view(self, it: int):
-        # With probability idu_ratio the next refined view (shuffled stack), else the next satellite view.
-        if float(torch.rand(())) < self.cfg2.idu_ratio:
-            if not self.idu_stack:
-                self.idu_stack = torch.randperm(len(self.idu_cams)).tolist()
-            i = self.idu_stack.pop()
-            cam = self.idu_cams[i]
-            # Refined views use the fixed novel-view embedding, detached: no gradient reaches it, but
-            # the MLP and the per-Gaussian embeddings still learn (reference: testing=True, §3.3).
-            emb = None
-            if self.appearance is not None:
-                emb = self.appearance.image_embedding(
-                    parse_embedding(self.cfg.appearance.test_embedding)
-                ).detach()
-            self._current_idu = i
-            return cam, self.idu_images[i], None, emb
-        self._current_idu = None
-        return super().sample_view(it)
-
-    def extra_loss(self, it: int, out: RenderOutput) -> Tensor | None:
-        if self.cfg2.lambda_depth <= 0 or self._current_idu is None:
-            return None
-        from skyfall.losses import pearson_depth_loss
-
-        d, v = self.idu_depths[self._current_idu]
-        res = pearson_depth_loss(out.depths[0, ..., 0], d, v)
-        return None if res.loss is None else self.cfg2.lambda_depth * res.loss
-
-    def lambda_opacity(self, it: int) -> float:
-        c = self.cfg2
-        return c.opacity_cooldown_lambda if it < self.cooldown_until else c.lambda_opacity
-
-    def pseudo_pose(self, it: int) -> tuple[float, float] | None:
-        c, p = self.cfg2, self.cfg.pseudo
-        if not (p.enabled and c.pseudo_weight > 0 and it % p.interval == 0):
-            return None
-        end = self.first_step + c.episode_steps
-        return (
-            linear_schedule(it, self.first_step, end, c.pseudo_elevation_start, c.pseudo_elevation_end),
-            self.scale
-            * linear_schedule(it, self.first_step, end, c.pseudo_radius_start, c.pseudo_radius_end),
-        )
-
-    def pseudo_weight(self, it: int) -> float:
-        # Stage 2 has no start window and no ramp (reference §3.3).
-        return self.cfg2.pseudo_weight
-
-    @property
-    def pseudo_size(self) -> int:
-        return self.cfg2.pseudo_size or self.cfg.pseudo.size
-
-    @property
-    def pseudo_target_std(self) -> float:
-        # [FIX] §8 #3: the reference ignores --target_std in Stage 2 (always 64); we honour it (scaled).
-        return self.cfg.pseudo.target_std * self.scale
-
-    def densify_schedule(self, it: int) -> tuple[bool, bool, bool]:
-        c = self.cfg2
-        active = it < self.first_step + c.densify_until
-        end = self.first_step + c.episode_steps
-        return (
-            active,
-            active and it % c.densify_interval == 0,
-            active and it % c.opacity_reset_interval == 0 and it < end - 100,
-        )
-
-    def filter_due(self, it: int) -> bool:
-        c = self.cfg2
-        end = self.first_step + c.episode_steps
-        return (
-            it % self.cfg.densify.filter_recompute_interval == 0
-            and it < end - self.cfg.densify.filter_recompute_interval
-        )
-
-    @property
-    def grad_threshold(self) -> float:
-        return self.cfg2.grad_threshold
-
-    @property
-    def cooldown_steps(self) -> int:
-        return self.cfg2.opacity_cooldown_steps
-
-    def filter_cameras(self) -> list[Cameras]:
-        # Satellite + refined views (reference §3.3), grouped by image size.
-        if self.episode is None or not hasattr(self, "idu_cams"):
-            return [self.cameras]
-        return [self.cameras, self.idu_cams]
 
     # ------------------------------------------------------------------ state
 
-    def state(self) -> dict[str, Any]:
-        st = super().state()
-        st.update(
-            stage="stage2",
-            episode=-1 if self.episode is None else self.episode.index,
-            first_step=self.first_step,
-            stage1_steps=self.stage1_steps,
-            idu_stack=list(self.idu_stack),
-            stage2_config=to_dict(self.cfg2),
-        )
-        return st
+    def state_dict(self) -> dict[str, Any]:
+        """Stage 2's checkpoint entries (merged into the trainer's)."""
+        return {
+            "stage": "stage2",
+            "episode": -1 if self.episode is None else self.episode.index,
+            "first_step": self.first_step,
+            "stage1_steps": self.stage1_steps,
+            "idu_stack": list(self.idu_stack),
+            "stage2_config": to_dict(self.cfg2),
+        }
 
-    def load(self, path: Path) -> dict:
-        st = load_checkpoint(path, map_location=self.device)
-        super().load(path)
+    def load(self, path: Path) -> dict[str, Any]:
+        st = self.trainer.load(path)
         if st.get("stage") == "stage2":
             self.first_step = int(st["first_step"])
             self.stage1_steps = int(st["stage1_steps"])
             self.idu_stack = [int(i) for i in st["idu_stack"]]
         else:
             self.stage1_steps = int(st["step"])
+        self.trainer.prune_floor = self.stage1_steps
         return st
 
-    def save_milestone(self) -> Path:
-        """A checkpoint that pruning never removes (the end of each episode)."""
-        path = save_checkpoint(checkpoint_path(self.run_dir.ckpts, self.step), self.state())
-        self._protect(self.step)
-        return path
+    # ------------------------------------------------------------------ one episode's phase
 
-    def _protect(self, step: int) -> None:
-        ms = self._milestones()
-        ms.add(step)
-        atomic_write_text(self.run_dir.ckpts / "milestones.json", json.dumps(sorted(ms)))
+    def sample_view(self, it: int) -> ViewSample:
+        """With probability idu_ratio the next refined view (shuffled stack), else a satellite view."""
+        if float(torch.rand(())) < self.cfg2.idu_ratio:
+            if not self.idu_stack:
+                self.idu_stack = torch.randperm(len(self.idu_cams)).tolist()
+            i = self.idu_stack.pop()
+            # Refined views use the fixed novel-view embedding, detached: no gradient reaches it, but
+            # the MLP and the per-Gaussian embeddings still learn (the reference renders them with
+            # testing=True).
+            emb = None
+            app = self.trainer.appearance
+            if app is not None:
+                emb = app.image_embedding(parse_embedding(self.cfg.appearance.test_embedding)).detach()
+            depth = self.idu_depths[i] if self.idu_depths else None
+            return ViewSample(self.idu_cams[i], self.idu_images[i], None, emb, depth)
+        return self.trainer.satellite_view()
 
-    def _milestones(self) -> set[int]:
-        f = self.run_dir.ckpts / "milestones.json"
-        return set(json.loads(f.read_text())) if f.exists() else set()
+    def phase(self, ep: Episode) -> Phase:
+        """The training phase of episode ``ep`` (schedules relative to its first step)."""
+        c, p = self.cfg2, self.cfg.pseudo
+        end = self.first_step + c.episode_steps
+        strategy = dataclasses.replace(
+            stage1_strategy(self.cfg),
+            start=self.first_step,
+            until=self.first_step + c.densify_until,
+            every=c.densify_interval,
+            grad_threshold=c.grad_threshold,
+            reset_every=c.opacity_reset_interval,
+            reset_until=end - 100,
+            cooldown_steps=c.opacity_cooldown_steps,
+            refilter_until=end - self.cfg.densify.filter_recompute_interval,
+        )
+        pseudo = None
+        if p.enabled and c.pseudo_weight > 0:
+            # Stage 2 has no start window and no ramp; the reference ignores --target_std here
+            # (always 64), we honour it, scaled with the curriculum.
+            pseudo = PseudoSchedule(
+                start=self.first_step,
+                end=end,
+                last=end,
+                interval=p.interval,
+                weight=c.pseudo_weight,
+                ramp=0,
+                elevation=(c.pseudo_elevation_start, c.pseudo_elevation_end),
+                radius=(c.pseudo_radius_start, c.pseudo_radius_end),
+                size=c.pseudo_size or p.size,
+                target_std=p.target_std * self.scale,
+                radius_scale=self.scale,
+            )
+        return Phase(
+            end=end,
+            views=self.sample_view,
+            strategy=strategy,
+            opacity_weight=c.lambda_opacity,
+            cooldown_weight=c.opacity_cooldown_lambda,
+            pseudo=pseudo,
+            lambda_depth=c.lambda_depth,
+        )
 
-    def save(self) -> Path:
-        path = save_checkpoint(checkpoint_path(self.run_dir.ckpts, self.step), self.state())
-        keep = self._milestones()
-        ckpts = [
-            p for p in sorted(self.run_dir.ckpts.glob("ckpt_*.pt")) if int(p.stem.split("_")[1]) not in keep
-        ]
-        for old in ckpts[: max(0, len(ckpts) - self.cfg.keep_checkpoints)]:
-            if int(old.stem.split("_")[1]) > (self.stage1_steps or 0):
-                old.unlink()
-        return path
-
-    # ------------------------------------------------------------------ dataset update phases
+    # ------------------------------------------------------------------ dataset update
 
     def episode_dir(self, ep: Episode) -> Path:
         return self.run_dir.root / "idu" / ep.name
@@ -367,16 +274,17 @@ class Stage2Trainer(Stage1Trainer):
 
         d = self.episode_dir(ep) / "render"
         d.mkdir(parents=True, exist_ok=True)
-        emb = self.scene.novel_embedding(self.cfg.appearance.test_embedding)
+        scene = self.trainer.scene
+        emb = scene.novel_embedding(self.cfg.appearance.test_embedding)
         reps = self.cfg2.samples_per_view
         todo = [i for i in range(0, len(cams), reps) if not (d / f"{i // reps:05d}.png").exists()]
         empty = 0
         for i in tqdm(todo, desc=f"{ep.name} render", disable=not self.progress, dynamic_ncols=True):
-            out = self.scene.render(cams[i], emb, absgrad=False)
+            out = scene.render(cams[i], emb, absgrad=False)
             empty += int(float(out.alphas.detach().mean()) < 0.05)
             _write_png_atomic(d / f"{i // reps:05d}.png", _to_uint8(out.colors[0]))
         if todo and empty == len(todo):
-            # [FIX] §8 #13: the reference refines blank renders without a word when Stage 1 collapsed.
+            # The reference refines blank renders without a word when Stage 1 collapsed.
             raise SkyfallError(
                 f"{d}: every orbit render of {ep.name} is empty (mean alpha < 0.05); the model has collapsed "
                 "or the curriculum cameras miss the scene (check --stage2.scale)"
@@ -391,58 +299,50 @@ class Stage2Trainer(Stage1Trainer):
         rdir.mkdir(parents=True, exist_ok=True)
         refiner = self.refiner()
         todo = [i for i in range(len(cams)) if not (rdir / f"{i:05d}.png").exists()]
+        device = self.trainer.device
         for i in tqdm(todo, desc=f"{ep.name} refine", disable=not self.progress, dynamic_ncols=True):
-            render = _read_png(ed / "render" / f"{view_index[i]:05d}.png", self.device)[None]
+            render = read_image(ed / "render" / f"{view_index[i]:05d}.png", device)[None]
             seed = sample_seed(self.cfg.seed, ep.index, i)
             refined = refiner.refine(render, seeds=[seed], cameras=cams[i])
             _write_png_atomic(rdir / f"{i:05d}.png", _to_uint8(refined[0]))
 
     def _load_refined(self, ep: Episode, cams: Cameras) -> None:
         rdir = self.episode_dir(ep) / "refine"
+        device = self.trainer.device
         self.idu_cams = cams
-        self.idu_images = [_read_png(rdir / f"{i:05d}.png", self.device) for i in range(len(cams))]
+        self.idu_images = [read_image(rdir / f"{i:05d}.png", device) for i in range(len(cams))]
         self.idu_depths = []
         if self.cfg2.lambda_depth > 0:
-            est = self.depth_estimator()
+            est = self.trainer.depth_estimator()
             for i, img in enumerate(self.idu_images):
                 pred = est(img[None], ep.fov, cams[i])
                 self.idu_depths.append((pred.depth[0], pred.valid[0]))
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self) -> dict[str, float]:
-        res = super().evaluate()
-        gt = Path(self.data) / "gt" / "views" / "orbit_e45_r250"
-        if (gt / "camera_path.json").exists():
-            cams = read_camera_path(gt / "camera_path.json")
-            emb = self.scene.novel_embedding(self.cfg.appearance.test_embedding)
-            vals = []
-            for i in range(len(cams)):
-                with torch.no_grad():
-                    out = self.scene.render(cams[i], emb, absgrad=False)
-                img = _read_png(gt / "images" / f"{i:05d}.png", self.device).permute(1, 2, 0)
-                vals.append(psnr(out.colors[0], img))
-            res["psnr_gt_45"] = float(np.mean(vals))
+    def evaluate(self) -> dict[str, Any]:
+        """Stage 1's metrics plus, on synthetic tiles, the PSNR of the 45-degree ground-truth orbit."""
+        res = stage1_evaluate(self.trainer)
+        scene = self.trainer.scene
+        gt45 = gt_orbit_psnr(scene, self.trainer.data, scene.novel_embedding(self.cfg.appearance.test_embedding))
+        if gt45 is not None:
+            res["psnr_gt_45"] = gt45
         return res
 
-    # ------------------------------------------------------------------ main loop
+    # ------------------------------------------------------------------ the episodes
 
     def run(self) -> dict[str, Any]:
-        from tqdm import tqdm
-
+        tr = self.trainer
         self.run_dir.create()
-        self._setup_data()
-        self._t0 = time.perf_counter()
         ckpt = latest_checkpoint(self.run_dir.ckpts)
         if ckpt is None:
             raise SkyfallError(f"{self.run_dir.ckpts}: no checkpoint; run Stage 1 first")
         st = self.load(ckpt)
-        self._t0 = time.perf_counter()
         summary = self.run_dir.read_summary()
         if st.get("stage") != "stage2":
             # Entering Stage 2: protect the final Stage 1 checkpoint (left as Stage 1 wrote it) and
             # record the Stage 1 baseline.
-            self._protect(self.step)
+            tr.protect(tr.step)
             base = self.evaluate()
             summary = self.run_dir.update_summary(stage2={"stage1_baseline": base, "episodes": []})
         n_done = len(summary.get("stage2", {}).get("episodes", []))
@@ -451,61 +351,48 @@ class Stage2Trainer(Stage1Trainer):
             cams, view_index = idu_cameras(ep, self.cfg2, self.scale)
             in_progress = st.get("stage") == "stage2" and int(st.get("episode", -1)) == ep.index
             if not in_progress:
-                self.first_step = self.step
+                self.first_step = tr.step
                 self.idu_stack = []
             self._render_phase(ep, cams)
             self._refine_phase(ep, cams, view_index)
             self._load_refined(ep, cams)
+            phase = self.phase(ep)
+            # the 3D filter covers the satellite and this episode's refined views
+            tr.filter_cameras = [tr.cameras, cams]
             if not in_progress:
-                # Per-episode restarts (reference §3.3): the position LR schedule and the filter over
-                # satellite + refined cameras; the SH degree keeps its value.
-                # Not checkpointed here: a resume before the first step checkpoint recomputes this
-                # start state exactly, and the previous milestone stays as it was written.
-                self.model.restart_position_lr(self.first_step, self.cfg2.episode_steps)
-                self._recompute_filter()
-            end = self.first_step + self.cfg2.episode_steps
-            bar = tqdm(
-                total=self.cfg2.episode_steps,
-                initial=self.step - self.first_step,
+                # Per-episode restarts (as the reference): the position LR schedule and the filter over
+                # satellite + refined cameras; the SH degree keeps its value. Not checkpointed here:
+                # a resume before the first step checkpoint recomputes this start state exactly, and
+                # the previous milestone stays as it was written.
+                tr.model.restart_position_lr(self.first_step, self.cfg2.episode_steps)
+                tr.recompute_filter()
+            tr.train(
+                phase,
+                first=self.first_step,
                 desc=f"{ep.name} train",
-                disable=not self.progress,
-                dynamic_ncols=True,
+                checkpoint_every=self.cfg2.checkpoint_every,
+                save_at_end=False,
+                tags={"episode": ep.index},
             )
-            try:
-                for it in range(self.step + 1, end + 1):
-                    stats = self.train_step(it)
-                    self.step = it
-                    bar.update(1)
-                    if it % self.cfg.log_every == 0 or it == end:
-                        bar.set_postfix(
-                            loss=f"{stats['loss']:.4f}", psnr=f"{stats['psnr']:.2f}", n=stats["n"]
-                        )
-                        self.run_dir.log_metrics(
-                            {"step": it, "episode": ep.index, **stats, "wall_s": self._wall()}
-                        )
-                    if it % self.cfg2.checkpoint_every == 0 and it != end:
-                        self.save()
-            finally:
-                bar.close()
-            self.save_milestone()
+            tr.save(milestone=True)
             res = self.evaluate()
             entry = {
                 "episode": ep.index,
                 "elevation": ep.elevation,
                 "radius": ep.radius,
-                "step": self.step,
-                "num_gaussians": self.model.num_gaussians,
-                "wall_s": self._wall(),
+                "step": tr.step,
+                "num_gaussians": tr.model.num_gaussians,
+                "wall_s": tr.wall(),
                 **{k: v for k, v in res.items() if not isinstance(v, list)},
             }
             summary = self.run_dir.read_summary()
             summary.setdefault("stage2", {}).setdefault("episodes", []).append(entry)
             self.run_dir.update_summary(stage2=summary["stage2"])
-            self.run_dir.log_metrics({"step": self.step, "episode": ep.index, **entry})
+            self.run_dir.log_metrics({"step": tr.step, "episode": ep.index, **entry})
             st = {}  # the next episode starts fresh (it is not "in progress")
         return self.run_dir.read_summary()
 
 
 def train_stage2(cfg2: Stage2Config, run: str | Path, **kwargs: Any) -> dict[str, Any]:
-    """Build a ``Stage2Trainer`` for a finished Stage 1 run and run (or resume) it."""
-    return Stage2Trainer(cfg2, run, **kwargs).run()
+    """Run (or resume) Stage 2 on a finished Stage 1 run."""
+    return IterativeDatasetUpdate(cfg2, run, **kwargs).run()

@@ -1,10 +1,10 @@
-"""Configuration dataclasses: the single source of truth for every hyper-parameter.
+"""Training configuration: Stage 1 and Stage 2 hyper-parameters as dataclasses.
 
-Attribute docstrings are the CLI help (tyro). Defaults are the reference's Stage 1 values for the
-JAX scenes (reference-pipeline.md §2); named presets live in ``skyfall.presets``. This module must
-not import torch, so that ``skyfall --help`` stays instant.
+Attribute docstrings are the CLI help (tyro). Defaults are the reference's values for the JAX
+(DFC2019) scenes; named presets are YAML files in ``configs/`` (``skyfall.config.presets``). No torch
+import here, so that ``skyfall --help`` stays instant.
 
-Step-valued fields can be rescaled together with ``Stage1Config.scale_steps`` for smoke runs.
+Step-valued fields can be rescaled together with ``scale_steps`` for smoke runs.
 """
 
 from __future__ import annotations
@@ -13,37 +13,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from skyfall.priors.config import FlowEditConfig, SDEditConfig
+from skyfall.config.priors import DepthModelConfig, FlowEditConfig, SDEditConfig
+from skyfall.gaussians.optim import OptimConfig
+from skyfall.registry import DEPTH_ESTIMATORS, REFINERS
 
-EstimatorName = Literal["ground-truth", "tiny", "moge", "depth-anything"]
-
-
-@dataclass
-class OptimConfig:
-    """Learning rates and the position-LR schedule (reference-pipeline.md §2.5)."""
-
-    means_lr_init: float = 1.6e-4
-    """Initial position LR, multiplied by the scene extent (original flag: --position_lr_init)."""
-    means_lr_final: float = 1.6e-6
-    """Final position LR, multiplied by the scene extent (--position_lr_final)."""
-    means_lr_delay_mult: float = 0.01
-    """Position-LR warm-up multiplier (--position_lr_delay_mult); inactive while delay steps is 0."""
-    means_lr_delay_steps: int = 0
-    """Position-LR warm-up length in steps (reference: 0, i.e. no warm-up)."""
-    means_lr_max_steps: int = 30_000
-    """Steps over which the position LR decays log-linearly (--position_lr_max_steps)."""
-    sh0_lr: float = 2.5e-3
-    """LR of the SH DC coefficients (--feature_lr)."""
-    shN_lr: float = 2.5e-3 / 20
-    """LR of the higher SH bands (feature_lr / 20)."""
-    opacities_lr: float = 0.05
-    """LR of the opacity logits (--opacity_lr)."""
-    scales_lr: float = 1e-3
-    """LR of the log scales (--scaling_lr; the README value 0.001, not the 0.005 default)."""
-    quats_lr: float = 1e-3
-    """LR of the rotations (--rotation_lr)."""
-    adam_eps: float = 1e-15
-    """Adam epsilon for every Gaussian parameter."""
+# Choices come from the registries, so a registered backend is selectable (and listed in --help).
+EstimatorName = Literal[DEPTH_ESTIMATORS.names]  # type: ignore[valid-type]
+RefinerName = Literal[REFINERS.names]  # type: ignore[valid-type]
 
 
 @dataclass
@@ -132,8 +108,10 @@ class PseudoDepthConfig:
     fov: float = 60.0
     """Pseudo-view field of view (degrees, x and y)."""
     estimator: EstimatorName = "moge"
-    """Depth prior: 'moge' (reference), 'depth-anything', 'ground-truth' (synthetic tiles: exact depth),
-    'tiny' (random tiny network, tests only)."""
+    """Depth prior, by registered name (skyfall.registry.DEPTH_ESTIMATORS): 'moge' (the reference's),
+    'depth-anything', 'ground-truth' (synthetic tiles: exact depth), 'tiny' (tests only)."""
+    model: DepthModelConfig = field(default_factory=DepthModelConfig)
+    """Weights, version, device and dtype of the depth model ('moge', 'depth-anything')."""
     invalid_policy: Literal["valid_only", "skip_if_any"] = "valid_only"
     """'valid_only' computes Pearson r over valid pixels (our fix); 'skip_if_any' reproduces the
     reference, which drops the term whenever any pixel is invalid (reference-pipeline.md §8 #1)."""
@@ -233,26 +211,6 @@ class Stage1Config:
         )
 
 
-def to_dict(cfg: Any) -> dict:
-    """Plain-dict form of a config dataclass (for YAML/JSON and checkpoints)."""
-    return dataclasses.asdict(cfg)
-
-
-def from_dict(cls: type, data: dict) -> Any:
-    """Rebuild a config dataclass from ``to_dict`` output, rejecting unknown keys."""
-    from skyfall.errors import ConfigError
-
-    kwargs = {}
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key, value in data.items():
-        if key not in fields:
-            raise ConfigError(f"unknown config key {cls.__name__}.{key}")
-        ftype = fields[key].type
-        sub = _DATACLASSES.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
-        kwargs[key] = from_dict(sub, value) if sub is not None and isinstance(value, dict) else value
-    return cls(**kwargs)
-
-
 @dataclass
 class Stage2Config:
     """Stage 2: Iterative Dataset Update (reference-pipeline.md §3; JAX script values by default)."""
@@ -297,9 +255,10 @@ class Stage2Config:
     lambda_depth: float = 0.0
     """Weight of the depth loss on refined views (depth predicted on the refined image; 0 in every
     reference config, in which case no depth is predicted for them)."""
-    refiner: Literal["flowedit", "sdedit", "ideal", "identity"] = "flowedit"
-    """Image refiner: FlowEdit on FLUX.1-dev (paper), SDEdit (ablation), 'ideal' (synthetic tiles only:
-    the ground-truth render of the pose — a measuring instrument, not a method), 'identity' (no refine)."""
+    refiner: RefinerName = "flowedit"
+    """Image refiner, by registered name (skyfall.registry.REFINERS): 'flowedit' on FLUX.1-dev (the
+    paper's), 'sdedit' (its ablation), 'ideal' (synthetic tiles only: the ground-truth render of the
+    pose, a measuring instrument, not a method), 'identity' (no refine)."""
     ideal_noise: float = 0.0
     """IdealRefiner only: std of per-sample colour perturbation, mimicking diffusion variance."""
     flowedit: FlowEditConfig = field(default_factory=FlowEditConfig)
@@ -371,18 +330,3 @@ def parse_curriculum(spec: str) -> tuple[float | None, list[tuple[float, float]]
     if not episodes:
         raise ConfigError("empty curriculum")
     return None, episodes
-
-
-_DATACLASSES = {
-    c.__name__: c
-    for c in (
-        OptimConfig,
-        AppearanceConfig,
-        DensifyConfig,
-        PseudoDepthConfig,
-        Stage1Config,
-        Stage2Config,
-        FlowEditConfig,
-        SDEditConfig,
-    )
-}

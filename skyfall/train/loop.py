@@ -1,0 +1,483 @@
+"""The training loop both stages drive.
+
+A ``Trainer`` owns the trained state (Gaussians with their Adam optimizers, the appearance model and
+its optimizer, the densification strategy's state, the satellite-view and pseudo-camera stacks, RNG
+states, counters) and runs steps over a ``Phase``: what a stretch of training uses. Stage 1 is one
+phase over the satellite views; each Stage 2 episode is one phase over refined and satellite views
+(``skyfall.train.stage2``).
+
+One step: draw a view, render it, ``L_rgb + lambda_op L_op (+ lambda_depth L_depth on refined
+views) + w_pd L_pd`` (pseudo-camera depth), backward, the strategy's densification, one Adam step.
+
+Resume is exact: a checkpoint holds every piece of state the next step reads, so an interrupted run
+continued from its latest checkpoint ends in the same state as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from skyfall.config.presets import to_dict
+from skyfall.config.training import Stage1Config
+from skyfall.data.cameras import Cameras
+from skyfall.data.orbits import linear_schedule, sample_pseudo_cameras
+from skyfall.data.tile import Tile, load_tile
+from skyfall.devices import resolve_device
+from skyfall.errors import SkyfallError
+from skyfall.gaussians.appearance import AppearanceModel, fourier_init_embeddings
+from skyfall.gaussians.filters import compute_3d_filter
+from skyfall.gaussians.init import init_from_points
+from skyfall.gaussians.model import GaussianModel
+from skyfall.gaussians.strategy import GOFStrategy
+from skyfall.losses import opacity_entropy, pearson_depth_loss, photometric_loss
+from skyfall.eval.image_metrics import psnr
+from skyfall.priors.depth import DepthEstimator, make_depth_estimator
+from skyfall.scene import Scene
+from skyfall.storage.checkpoints import (
+    capture_rng_state,
+    checkpoint_path,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from skyfall.storage.run_dir import RunDir, atomic_write_text
+
+
+class NonFiniteLossError(SkyfallError):
+    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class ViewSample:
+    """One training view."""
+
+    camera: Cameras
+    image: Tensor
+    """[3, H, W] in [0, 1]."""
+    mask: Tensor | None
+    """[H, W] bool valid pixels, or None (all valid)."""
+    embedding: Tensor | int | None
+    """Appearance embedding: a training-view index, a vector, or None (no appearance model)."""
+    depth: tuple[Tensor, Tensor] | None = None
+    """(depth [H, W], valid [H, W]) target of a refined view when its depth loss is on."""
+
+
+@dataclass
+class PseudoSchedule:
+    """When pseudo-camera depth supervision runs, at which pose, with which weight.
+
+    A pseudo view is due at steps ``start < step <= last`` that are multiples of ``interval``; its
+    elevation and radius move linearly from the first to the second value of each pair over
+    ``start .. end`` (radius times ``radius_scale``); the weight ramps up linearly over ``ramp`` steps
+    after ``start``.
+    """
+
+    start: int
+    end: int
+    last: int
+    interval: int
+    weight: float
+    ramp: int
+    elevation: tuple[float, float]
+    radius: tuple[float, float]
+    size: int
+    target_std: float
+    radius_scale: float = 1.0
+
+    def pose(self, step: int) -> tuple[float, float] | None:
+        """(elevation degrees, radius) of the pseudo cameras at ``step``, or None when none is due."""
+        if not (step % self.interval == 0 and self.start < step <= self.last):
+            return None
+        return (
+            linear_schedule(step, self.start, self.end, *self.elevation),
+            self.radius_scale * linear_schedule(step, self.start, self.end, *self.radius),
+        )
+
+    def weight_at(self, step: int) -> float:
+        return min((step - self.start) / max(self.ramp, 1), 1.0) * self.weight
+
+
+@dataclass
+class Phase:
+    """What one stretch of training uses (Stage 1's run or one Stage 2 episode)."""
+
+    end: int
+    """Last global step of the phase."""
+    views: Callable[[int], ViewSample]
+    """Draws the training view of a step."""
+    strategy: GOFStrategy
+    """Densification, opacity resets and 3D-filter refreshes."""
+    opacity_weight: float
+    """Weight of the binary-entropy opacity regulariser."""
+    cooldown_weight: float
+    """Its weight during the cool-down after an opacity reset."""
+    pseudo: PseudoSchedule | None
+    """Pseudo-camera depth supervision, or None."""
+    lambda_depth: float = 0.0
+    """Weight of the depth loss on views that carry a depth target."""
+
+
+class Trainer:
+    """Trained state plus the step and the loop over a phase.
+
+    Args:
+        cfg: the Stage 1 config (model, appearance, pseudo-camera and logging settings).
+        data: tile folder.
+        out: run directory.
+        depth_estimator: overrides the one named in ``cfg.pseudo.estimator`` (tests).
+        progress: show tqdm progress bars.
+    """
+
+    def __init__(
+        self,
+        cfg: Stage1Config,
+        data: str | Path,
+        out: str | Path,
+        *,
+        depth_estimator: DepthEstimator | None = None,
+        progress: bool = True,
+    ):
+        self.cfg = cfg
+        self.data = Path(data)
+        self.run_dir = RunDir(out)
+        self.progress = progress
+        self.device = resolve_device(cfg.device)
+        self.tile: Tile = load_tile(self.data, resolution=cfg.resolution)
+        if len(self.tile.train) == 0:
+            raise SkyfallError(f"{self.data}: the tile has no training views")
+        self._depth_estimator = depth_estimator
+        self.wall_offset = 0.0
+        self._t0 = time.perf_counter()
+        self.counters = {"pseudo_used": 0, "pseudo_skipped": 0, "pseudo_would_skip_reference": 0}
+        self.extra_state: Callable[[], dict[str, Any]] = dict
+        """Stage-specific checkpoint entries (Stage 2's episode bookkeeping)."""
+        self.prune_floor = 0
+        """Step checkpoints at or below this step are never pruned."""
+        self.tb = None
+        tr = self.tile.train
+        self.images = tr.images.to(self.device).permute(0, 3, 1, 2).float() / 255.0  # [N,3,H,W]
+        self.masks = tr.masks.to(self.device)  # [N,H,W]
+        self.cameras: Cameras = tr.cameras
+        self.filter_cameras: Cameras | list[Cameras] = self.cameras
+        """Cameras that define the 3D filter (Stage 2 adds each episode's refined views)."""
+
+    # ------------------------------------------------------------------ state
+
+    def init_from_points(self) -> None:
+        """Fresh state: Gaussians from the tile's points, a new appearance model, step 0."""
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        params = init_from_points(
+            self.tile.points, self.tile.colors, sh_degree=cfg.sh_degree, max_scale=cfg.init_max_scale
+        )
+        if cfg.appearance.enabled:
+            params["app_features"] = fourier_init_embeddings(
+                self.tile.points.float(), n_freqs=cfg.appearance.n_fourier_freqs
+            )
+        self.model = GaussianModel(
+            params,
+            cfg.optim,
+            scene_extent=cfg.scene_extent,
+            app_features_lr=cfg.appearance.gaussian_lr,
+            sh_degree_interval=cfg.sh_increase_every,
+            device=self.device,
+        )
+        self.appearance = self._make_appearance()
+        self.view_stack: list[int] = []
+        self.pseudo_stack: list[tuple[Tensor, Tensor]] = []
+        self.strategy_state = {"cooldown_until": -1}
+        self.step = 0
+        self.recompute_filter()
+
+    def _make_appearance(self) -> AppearanceModel | None:
+        a = self.cfg.appearance
+        if not a.enabled:
+            self.app_optimizer = None
+            return None
+        model = AppearanceModel(len(self.tile.train), a.image_dim, 6 * a.n_fourier_freqs).to(self.device)
+        self.app_optimizer = torch.optim.Adam(
+            model.param_groups(a.image_lr, a.mlp_lr), eps=self.cfg.optim.adam_eps
+        )
+        return model
+
+    def recompute_filter(self) -> None:
+        """The Mip-Splatting 3D filter of every Gaussian over ``filter_cameras``."""
+        with torch.no_grad():
+            self.model.filter_3d = compute_3d_filter(
+                self.model.params["means"].detach(), self.filter_cameras, rule=self.cfg.filter_rule
+            ).to(self.device)
+
+    @property
+    def scene(self) -> Scene:
+        return Scene(self.model, self.appearance, eps2d=self.cfg.eps2d)
+
+    def depth_estimator(self) -> DepthEstimator:
+        if self._depth_estimator is None:
+            p = self.cfg.pseudo
+            self._depth_estimator = make_depth_estimator(p.estimator, tile_dir=self.data, config=p.model)
+        return self._depth_estimator
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "stage": "stage1",
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "appearance": None if self.appearance is None else self.appearance.state_dict(),
+            "app_optimizer": None if self.app_optimizer is None else self.app_optimizer.state_dict(),
+            "view_stack": list(self.view_stack),
+            "pseudo_stack": [[c2w, k] for c2w, k in self.pseudo_stack],
+            "cooldown_until": self.strategy_state["cooldown_until"],
+            "counters": dict(self.counters),
+            "rng": capture_rng_state(),
+            "config": to_dict(self.cfg),
+            "wall_s": self.wall(),
+            **self.extra_state(),
+        }
+
+    def load(self, path: Path) -> dict[str, Any]:
+        """Restore a checkpoint (either stage's); returns it for the stage's own entries."""
+        st = load_checkpoint(path, map_location=self.device)
+        self.model = GaussianModel.from_state_dict(st["model"], device=self.device)
+        self.appearance = self._make_appearance()
+        if self.appearance is not None:
+            self.appearance.load_state_dict(st["appearance"])
+            self.app_optimizer.load_state_dict(st["app_optimizer"])
+        self.view_stack = [int(i) for i in st["view_stack"]]
+        self.pseudo_stack = [(c2w, k) for c2w, k in st["pseudo_stack"]]
+        self.strategy_state = {"cooldown_until": int(st["cooldown_until"])}
+        self.counters = {k: int(v) for k, v in st["counters"].items()}
+        self.step = int(st["step"])
+        self.wall_offset = float(st["wall_s"])
+        self._t0 = time.perf_counter()
+        restore_rng_state(st["rng"])
+        return st
+
+    def save(self, *, milestone: bool = False) -> Path:
+        """Checkpoint the current step atomically.
+
+        A milestone (the end of a Stage 2 episode, the final Stage 1 checkpoint once Stage 2 starts) is
+        never pruned; otherwise the oldest prunable step checkpoints beyond ``keep_checkpoints`` go.
+        """
+        path = save_checkpoint(checkpoint_path(self.run_dir.ckpts, self.step), self.state_dict())
+        if milestone:
+            self.protect(self.step)
+            return path
+        keep = self.milestones()
+        ckpts = [p for p in sorted(self.run_dir.ckpts.glob("ckpt_*.pt")) if _ckpt_step(p) not in keep]
+        for old in ckpts[: max(0, len(ckpts) - self.cfg.keep_checkpoints)]:
+            if _ckpt_step(old) > self.prune_floor:
+                old.unlink()
+        return path
+
+    def protect(self, step: int) -> None:
+        """Exempt the checkpoint of ``step`` from pruning (RUN/ckpts/milestones.json)."""
+        ms = self.milestones() | {step}
+        atomic_write_text(self.run_dir.ckpts / "milestones.json", json.dumps(sorted(ms)))
+
+    def milestones(self) -> set[int]:
+        f = self.run_dir.ckpts / "milestones.json"
+        return set(json.loads(f.read_text())) if f.exists() else set()
+
+    # ------------------------------------------------------------------ one step
+
+    def satellite_view(self) -> ViewSample:
+        """The next satellite view (shuffled stack, refilled when empty)."""
+        if not self.view_stack:
+            self.view_stack = torch.randperm(len(self.tile.train)).tolist()
+        j = self.view_stack.pop()
+        cam = Cameras(self.cameras.camtoworlds[j], self.cameras.Ks[j], self.cameras.width, self.cameras.height)
+        return ViewSample(cam, self.images[j], self.masks[j], j if self.appearance is not None else None)
+
+    def pseudo_loss(self, step: int, schedule: PseudoSchedule, elevation: float, radius: float) -> Tensor | None:
+        """Pearson depth loss of one pseudo view against the depth prior (weighted), or None if skipped."""
+        p = self.cfg.pseudo
+        size = schedule.size
+        if not self.pseudo_stack:
+            cams = sample_pseudo_cameras(
+                p.num_cams,
+                elevation_deg=elevation,
+                radius=radius,
+                target_std=schedule.target_std,
+                n_azimuths=p.n_azimuths,
+                fov_deg=p.fov,
+                size=size,
+            )
+            self.pseudo_stack = [(cams.camtoworlds[i], cams.Ks[i]) for i in range(len(cams))]
+        c2w, k = self.pseudo_stack.pop()
+        cam = Cameras(c2w, k, size, size)
+        # The reference renders pseudo views with a random training image's appearance.
+        emb = int(torch.randint(0, len(self.tile.train), (1,)))
+        out = self.scene.render(cam, emb if self.appearance is not None else None, absgrad=False)
+        with torch.no_grad():
+            # Clamped before the depth model: the reference converts to uint8 without clamping, so
+            # values above 1 wrap around to dark pixels.
+            image = out.colors[0].clamp(0, 1).permute(2, 0, 1)[None]
+            pred = self.depth_estimator()(image, p.fov, cam)
+        valid = pred.valid[0] & (out.alphas[0, ..., 0].detach() > p.alpha_threshold)
+        # 'accumulated' is the reference's D (RGB+D); 'expected' divides by alpha (see the config).
+        rendered = out.depths if p.render_depth == "accumulated" else out.expected_depths
+        res = pearson_depth_loss(
+            rendered[0, ..., 0],
+            pred.depth[0],
+            valid,
+            min_valid_fraction=p.min_valid_fraction,
+            policy=p.invalid_policy,
+        )
+        self.counters["pseudo_would_skip_reference"] += int(res.would_skip_reference)
+        if res.loss is None:
+            self.counters["pseudo_skipped"] += 1
+            return None
+        self.counters["pseudo_used"] += 1
+        return schedule.weight_at(step) * res.loss
+
+    def train_step(self, it: int, phase: Phase) -> dict[str, float]:
+        """One optimisation step at global step ``it``; returns the logged statistics."""
+        model = self.model
+        model.update_position_lr(it)
+        model.update_sh_degree(it)
+        view = phase.views(it)
+        out = self.scene.render(view.camera, view.embedding)
+        img = out.colors[0].permute(2, 0, 1)
+        l_rgb = photometric_loss(img, view.image, view.mask, lambda_dssim=self.cfg.lambda_dssim)
+        in_cooldown = phase.strategy.in_cooldown(self.strategy_state, it)
+        lam_op = phase.cooldown_weight if in_cooldown else phase.opacity_weight
+        loss = l_rgb
+        if lam_op > 0:
+            loss = loss + lam_op * opacity_entropy(model.params["opacities"])
+        if phase.lambda_depth > 0 and view.depth is not None:
+            res = pearson_depth_loss(out.depths[0, ..., 0], *view.depth)
+            if res.loss is not None:
+                loss = loss + phase.lambda_depth * res.loss
+        l_pd = None
+        pose = phase.pseudo.pose(it) if phase.pseudo is not None else None
+        if pose is not None:
+            l_pd = self.pseudo_loss(it, phase.pseudo, *pose)
+            if l_pd is not None:
+                loss = loss + l_pd
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite loss at step {it} (rgb={float(l_rgb):.4g}); the run stopped and keeps its last "
+                f"checkpoint in {self.run_dir.ckpts}"
+            )
+        loss.backward()
+        with torch.no_grad():
+            phase.strategy.step_post_backward(model, self.strategy_state, it, out, self.recompute_filter)
+            # Parameters replaced by densification this step have no gradient; Adam skips them, as
+            # in the reference (densify runs before the optimizer step there too).
+            model.optimizer_step()
+            model.zero_grad()
+            if self.app_optimizer is not None:
+                self.app_optimizer.step()
+                self.app_optimizer.zero_grad(set_to_none=True)
+            train_psnr = psnr(out.colors[0].detach(), view.image.permute(1, 2, 0), view.mask)
+        return {
+            "loss": float(loss.detach()),
+            "l_rgb": float(l_rgb.detach()),
+            "l_pd": float(l_pd.detach()) if l_pd is not None else math.nan,
+            "psnr": train_psnr,
+            "n": model.num_gaussians,
+        }
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(
+        self,
+        phase: Phase,
+        *,
+        first: int,
+        desc: str,
+        checkpoint_every: int,
+        save_at_end: bool = True,
+        eval_every: int | None = None,
+        evaluate: Callable[[], dict[str, Any]] | None = None,
+        tags: dict[str, Any] | None = None,
+    ) -> None:
+        """Steps ``self.step + 1 .. phase.end``: log every ``cfg.log_every`` steps (and the last),
+        evaluate every ``eval_every`` (not at the end), checkpoint every ``checkpoint_every`` and,
+        with ``save_at_end``, at the end. ``tags`` are added to every metrics line."""
+        from tqdm import tqdm
+
+        tags = tags or {}
+        log_every = self.cfg.log_every
+        bar = tqdm(
+            total=phase.end - first,
+            initial=self.step - first,
+            desc=desc,
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
+        try:
+            for it in range(self.step + 1, phase.end + 1):
+                stats = self.train_step(it, phase)
+                self.step = it
+                bar.update(1)
+                if it % log_every == 0 or it == phase.end:
+                    bar.set_postfix(loss=f"{stats['loss']:.4f}", psnr=f"{stats['psnr']:.2f}", n=stats["n"])
+                    self.run_dir.log_metrics({"step": it, **tags, **stats, "wall_s": self.wall()})
+                    self.tb_log(it, stats)
+                if eval_every and evaluate is not None and it % eval_every == 0 and it != phase.end:
+                    res = evaluate()
+                    self.run_dir.log_metrics({"step": it, **res})
+                    self.tb_log(it, res, prefix="eval")
+                if it == phase.end:
+                    if save_at_end:
+                        self.save()
+                elif it % checkpoint_every == 0:
+                    self.save()
+        finally:
+            bar.close()
+
+    # ------------------------------------------------------------------ logging
+
+    def open_tensorboard(self) -> None:
+        """Log scalars to RUN/tb from now on (``cfg.tensorboard``; needs the tensorboard package)."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            from skyfall.errors import MissingDependencyError
+
+            raise MissingDependencyError(
+                f"--tensorboard needs the tensorboard package: pip install tensorboard ({e})"
+            ) from None
+        self.tb = SummaryWriter(str(self.run_dir.root / "tb"))
+
+    def tb_log(self, step: int, stats: dict, prefix: str = "train") -> None:
+        if self.tb is None:
+            return
+        for k, v in stats.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def wall(self) -> float:
+        """Training wall time so far, across resumes (seconds)."""
+        return self.wall_offset + (time.perf_counter() - self._t0)
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop metrics.jsonl lines written after ``step`` (they will be logged again)."""
+        path = self.run_dir.root / "metrics.jsonl"
+        if not path.exists():
+            return
+        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _ckpt_step(path: Path) -> int:
+    return int(path.stem.split("_")[1])

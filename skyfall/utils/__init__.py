@@ -1,1 +1,0 @@
-"""Small shared utilities (optional-dependency loading, seeding, timers)."""
