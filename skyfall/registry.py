@@ -62,8 +62,12 @@ REFINERS = Registry("refiner")
 REFINERS.register(
     "flowedit", "skyfall.priors.refine:build_flowedit", "FlowEdit on FLUX.1-dev (the paper's refiner)"
 )
-REFINERS.register("sdedit", "skyfall.priors.refine:build_sdedit", "SDEdit on FLUX.1-dev (the paper's ablation)")
-REFINERS.register("identity", "skyfall.priors.refine:build_identity", "returns the render unchanged (no refine)")
+REFINERS.register(
+    "sdedit", "skyfall.priors.refine:build_sdedit", "SDEdit on FLUX.1-dev (the paper's ablation)"
+)
+REFINERS.register(
+    "identity", "skyfall.priors.refine:build_identity", "returns the render unchanged (no refine)"
+)
 REFINERS.register(
     "ideal",
     "skyfall.synth.oracles:build_ideal_refiner",
@@ -71,9 +75,11 @@ REFINERS.register(
 )
 
 DEPTH_ESTIMATORS = Registry("depth estimator")
-DEPTH_ESTIMATORS.register("moge", "skyfall.priors.depth:build_moge", "MoGe (the reference's prior; from git)")
 DEPTH_ESTIMATORS.register(
-    "depth-anything", "skyfall.priors.depth:build_depth_anything", "Depth Anything V2 metric outdoor"
+    "moge", "skyfall.priors.depth_backends:build_moge", "MoGe (the reference's prior; from git)"
+)
+DEPTH_ESTIMATORS.register(
+    "depth-anything", "skyfall.priors.depth_backends:build_depth_anything", "Depth Anything V2 metric outdoor"
 )
 DEPTH_ESTIMATORS.register(
     "ground-truth",

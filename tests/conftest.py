@@ -62,3 +62,24 @@ def tiny_clip():
         return transformers.CLIPVisionModelWithProjection(cfg).eval()
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """The `tiny` preset (both stages), resolved from configs/tiny.yaml."""
+    from skyfall.config import load_config
+
+    return load_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_tile, tiny_config, tmp_path_factory: pytest.TempPathFactory):
+    """A finished `tiny` Stage 1 run on ``tiny_tile``, trained once per session.
+
+    Read-only: a test that continues or changes the run works on a copy (``shutil.copytree``).
+    """
+    from skyfall.train.stage1 import train_stage1
+
+    run = tmp_path_factory.mktemp("tiny_run") / "run"
+    train_stage1(tiny_config.stage1, tiny_tile, run, progress=False)
+    return run

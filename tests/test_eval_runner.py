@@ -12,16 +12,6 @@ import pytest
 from skyfall.eval.runner import SATELLITE_BAND, EvalOptions, band_label, evaluate_run, load_scene
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_tile: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from skyfall.presets import get_preset
-    from skyfall.train.stage1 import Stage1Trainer
-
-    run = tmp_path_factory.mktemp("evalrun") / "run"
-    Stage1Trainer(get_preset("tiny"), tiny_tile, run, progress=False).run()
-    return run
-
-
 def test_band_labels():
     edges = (0.0, 10.0, 50.0, 350.0)
     assert band_label(1.7, edges) == "0-10m"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from skyfall.gaussians.model import GaussianModel
 from skyfall.eval.dsm import dsm_errors, render_dsm
+from skyfall.gaussians.model import GaussianModel
 from skyfall.scene import Scene
 
 

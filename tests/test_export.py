@@ -282,16 +282,6 @@ def test_spz_round_trip(tmp_path: Path):
 # ----------------------------------------------------------------------------- runs and CLI
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_tile, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from skyfall.presets import get_preset
-    from skyfall.train.stage1 import Stage1Trainer
-
-    run = tmp_path_factory.mktemp("export_run") / "run"
-    Stage1Trainer(get_preset("tiny"), tiny_tile, run, progress=False).run()
-    return run
-
-
 def test_raw_ply_round_trips_the_checkpoint(tiny_run: Path, tmp_path: Path):
     from skyfall.export import export_run, load_run
 

@@ -270,7 +270,7 @@ def test_factory_errors():
     with pytest.raises(ConfigError, match="n_max_end"):
         make_refiner("flowedit", n_max_end=2)  # < n_min
     with pytest.raises(ConfigError, match="no CUDA GPU") if not torch.cuda.is_available() else _nothing():
-        from skyfall.priors.flux import resolve_device
+        from skyfall.devices import resolve_device
 
         resolve_device("cuda")
 

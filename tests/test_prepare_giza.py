@@ -141,14 +141,13 @@ def test_tile_loads_and_points_are_in_the_aoi(
     assert meta["aoi"]["alt_range"] == list(ALT)
 
 
-def test_stage1_tiny_runs_on_prepared_tile(giza_tile: tuple[Path, dict], tmp_path: Path) -> None:
-    from skyfall.presets import get_preset
-    from skyfall.train.stage1 import Stage1Trainer
+def test_stage1_tiny_runs_on_prepared_tile(giza_tile: tuple[Path, dict], tmp_path: Path, tiny_config) -> None:
+    from skyfall.train.stage1 import train_stage1
 
-    cfg = get_preset("tiny")
+    cfg = tiny_config.stage1
     # The tiny preset's pseudo-depth prior reads synthetic ground truth, which a real tile lacks.
     cfg = dataclasses.replace(cfg, steps=20, pseudo=dataclasses.replace(cfg.pseudo, enabled=False))
-    summary = Stage1Trainer(cfg, giza_tile[0], tmp_path / "run", progress=False).run()
+    summary = train_stage1(cfg, giza_tile[0], tmp_path / "run", progress=False)
     assert summary["stage1"]["steps"] == 20 and summary["num_gaussians"] > 0
     assert sorted((tmp_path / "run" / "ckpts").glob("ckpt_*.pt"))
     train_psnr = [v for k, v in summary["stage1"].items() if "psnr" in k and isinstance(v, float)]

@@ -212,15 +212,11 @@ BLOCKS_CAM = (np.array([0.0, 0.0, 0.8]), 13.0, 40.0, -70.0, 50.0)
 
 
 @pytest.fixture(scope="module")
-def tile_splats(tiny_tile, tmp_path_factory: pytest.TempPathFactory) -> tuple[Splats, tuple]:
+def tile_splats(tiny_run) -> tuple[Splats, tuple]:
     """The tiny synthetic tile's Stage-1 reconstruction, baked (3D filter + mean appearance)."""
     from skyfall.export.run import baked_splats, load_run
-    from skyfall.presets import get_preset
-    from skyfall.train.stage1 import Stage1Trainer
 
-    run = tmp_path_factory.mktemp("web_run") / "run"
-    Stage1Trainer(get_preset("tiny"), tiny_tile, run, progress=False).run()
-    splats, _ = baked_splats(load_run(run))
+    splats, _ = baked_splats(load_run(tiny_run))
     centre = np.median(splats.means, axis=0)
     lo, hi = np.quantile(splats.means[:, :2], [0.05, 0.95], axis=0)
     half = float((hi - lo).max()) / 2

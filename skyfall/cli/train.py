@@ -41,7 +41,6 @@ class TrainStage1:
     """Write OUT/ply/stage1_raw.ply (raw PLY with the 3D filter) at the end."""
     stage1: Stage1Config = field(default_factory=Stage1Config)
 
-
     def main(self) -> None:
         from skyfall.train.stage1 import export_raw_ply, train_stage1
 
@@ -68,7 +67,6 @@ class TrainStage2:
     """A YAML file with a stage2: section layered on the preset."""
     stage2: Stage2Config = field(default_factory=Stage2Config)
 
-
     def main(self) -> None:
         from skyfall.train.stage2 import train_stage2
 
@@ -91,7 +89,6 @@ class TrainAll:
     """Continue from the latest checkpoint (Stage 1 or Stage 2)."""
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
-
 
     def main(self) -> None:
         from skyfall.storage.checkpoints import latest_checkpoint, load_checkpoint

@@ -156,7 +156,9 @@ def _fits(value: Any, tp: Any) -> tuple[bool, Any]:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or (args and args[-1] is not ... and len(value) != len(args)):
             return False, value
-        items = [_fits(v, args[0] if args[-1] is ... else a) for v, a in zip(value, args or [Any] * len(value))]
+        if args and args[-1] is ...:
+            args = (args[0],) * len(value)
+        items = [_fits(v, a) for v, a in zip(value, args or (Any,) * len(value), strict=True)]
         return all(ok for ok, _ in items), tuple(out for _, out in items)
     return isinstance(value, tp) if isinstance(tp, type) else True, value
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from skyfall.config.priors import DepthModelConfig, FlowEditConfig, SDEditConfig
 from skyfall.gaussians.optim import OptimConfig

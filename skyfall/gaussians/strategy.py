@@ -97,7 +97,13 @@ class GOFStrategy:
         if active:
             _, height, width, _ = info.colors.shape
             accumulate_stats(
-                model, info.means2d.grad[0], info.means2d.absgrad[0], info.radii[0], info.visible[0], width, height
+                model,
+                info.means2d.grad[0],
+                info.means2d.absgrad[0],
+                info.radii[0],
+                info.visible[0],
+                width,
+                height,
             )
             if step > self.start and step % self.every == 0:
                 densify_and_prune(
@@ -111,7 +117,7 @@ class GOFStrategy:
                 )
                 refilter()
                 check_gaussian_count(
-                    model.num_gaussians, self.min_gaussians, context=f" after densification at step {step}"
+                    model.num_gaussians, self.min_gaussians, context=f"after densification at step {step}"
                 )
             reset_until = self.until if self.reset_until is None else self.reset_until
             if step % self.reset_every == 0 and step < reset_until:

@@ -26,8 +26,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from skyfall.data.cameras import Cameras
 from skyfall.config.priors import DepthModelConfig
+from skyfall.data.cameras import Cameras
 
 
 @dataclass
@@ -115,26 +115,3 @@ def make_depth_estimator(
 def build_tiny(config: DepthModelConfig, tile_dir: str | Path | None) -> TinyDepth:
     """Registry factory of ``tiny``."""
     return TinyDepth()
-
-
-def build_moge(config: DepthModelConfig, tile_dir: str | Path | None) -> DepthEstimator:
-    """Registry factory of ``moge``."""
-    from skyfall.priors.depth_backends import MoGeDepth
-
-    return MoGeDepth(config.model, version=config.moge_version, **_hub_options(config))
-
-
-def build_depth_anything(config: DepthModelConfig, tile_dir: str | Path | None) -> DepthEstimator:
-    """Registry factory of ``depth-anything``."""
-    from skyfall.priors.depth_backends import DepthAnythingDepth
-
-    return DepthAnythingDepth(config.model, **_hub_options(config))
-
-
-def _hub_options(config: DepthModelConfig) -> dict[str, Any]:
-    return dict(
-        local_files_only=config.local_files_only,
-        cache_dir=config.cache_dir,
-        device=config.device,
-        dtype=config.dtype,
-    )

@@ -14,15 +14,18 @@ Both load from a Hub id (through the Hugging Face cache) or a local path, honour
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from skyfall.config.priors import DEPTH_ANYTHING_METRIC_OUTDOOR, MOGE_V1, MOGE_V2, DepthModelConfig
+from skyfall.devices import resolve_device
 from skyfall.errors import ConfigError, MissingDependencyError
-from skyfall.config.priors import DEPTH_ANYTHING_METRIC_OUTDOOR, MOGE_V1, MOGE_V2
-from skyfall.priors.depth import DepthPrediction
-from skyfall.priors.flux import resolve_device, torch_dtype
+from skyfall.priors.depth import DepthEstimator, DepthPrediction
+from skyfall.priors.flux import torch_dtype
 from skyfall.priors.hub import load_weights, resolve_file, transformers_dtype_kwargs
 
 MOGE_INSTALL = 'pip install "git+https://github.com/microsoft/MoGe.git"'
@@ -203,3 +206,25 @@ class DepthAnythingDepth:
         depth = F.interpolate(pred[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
         res = _finish(depth, torch.ones_like(depth, dtype=torch.bool))
         return DepthPrediction(res.depth.to(images.device), res.valid.to(images.device))
+
+
+# Registry factories (skyfall.registry.DEPTH_ESTIMATORS): (DepthModelConfig, tile folder) -> estimator.
+
+
+def build_moge(config: DepthModelConfig, tile_dir: str | Path | None) -> DepthEstimator:
+    """Registry factory of ``moge``."""
+    return MoGeDepth(config.model, version=config.moge_version, **_hub_options(config))
+
+
+def build_depth_anything(config: DepthModelConfig, tile_dir: str | Path | None) -> DepthEstimator:
+    """Registry factory of ``depth-anything``."""
+    return DepthAnythingDepth(config.model, **_hub_options(config))
+
+
+def _hub_options(config: DepthModelConfig) -> dict[str, Any]:
+    return dict(
+        local_files_only=config.local_files_only,
+        cache_dir=config.cache_dir,
+        device=config.device,
+        dtype=config.dtype,
+    )

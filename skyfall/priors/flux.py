@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from skyfall.config.priors import FluxConfig
+from skyfall.devices import resolve_device
 from skyfall.errors import ConfigError, MissingDependencyError
 from skyfall.priors.flowedit import PromptEmbedding
 from skyfall.priors.hub import load_weights, looks_like_path, resolve_file, transformers_dtype_kwargs
@@ -37,19 +38,6 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
         raise ConfigError(f"dtype: {name!r} is not one of {', '.join(_DTYPES)}")
     return _DTYPES[name]
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """A usable torch device; a CUDA request without a GPU is a ConfigError naming the option."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"device: {device!r} requested but no CUDA GPU is available (torch.cuda.is_available() is "
-            "False); the FLUX refiner needs a GPU for real use, or pass device='cpu' for tiny models"
-        )
-    return dev
 
 
 def _require(module: str, pip_name: str, why: str) -> None:

@@ -35,7 +35,9 @@ class GroundTruthDepth:
     needs_pose = True
 
     def __init__(self, tile_dir: str | Path):
-        self.city = SyntheticCity.from_tile(_require_synthetic(tile_dir, "the 'ground-truth' depth estimator"))
+        self.city = SyntheticCity.from_tile(
+            _require_synthetic(tile_dir, "the 'ground-truth' depth estimator")
+        )
 
     def __call__(self, images: Tensor, fov_x_deg: float, cameras: Cameras | None = None) -> DepthPrediction:
         if cameras is None:

@@ -35,13 +35,13 @@ from skyfall.data.orbits import linear_schedule, sample_pseudo_cameras
 from skyfall.data.tile import Tile, load_tile
 from skyfall.devices import resolve_device
 from skyfall.errors import SkyfallError
+from skyfall.eval.image_metrics import psnr
 from skyfall.gaussians.appearance import AppearanceModel, fourier_init_embeddings
 from skyfall.gaussians.filters import compute_3d_filter
 from skyfall.gaussians.init import init_from_points
 from skyfall.gaussians.model import GaussianModel
 from skyfall.gaussians.strategy import GOFStrategy
 from skyfall.losses import opacity_entropy, pearson_depth_loss, photometric_loss
-from skyfall.eval.image_metrics import psnr
 from skyfall.priors.depth import DepthEstimator, make_depth_estimator
 from skyfall.scene import Scene
 from skyfall.storage.checkpoints import (
@@ -303,10 +303,14 @@ class Trainer:
         if not self.view_stack:
             self.view_stack = torch.randperm(len(self.tile.train)).tolist()
         j = self.view_stack.pop()
-        cam = Cameras(self.cameras.camtoworlds[j], self.cameras.Ks[j], self.cameras.width, self.cameras.height)
+        cam = Cameras(
+            self.cameras.camtoworlds[j], self.cameras.Ks[j], self.cameras.width, self.cameras.height
+        )
         return ViewSample(cam, self.images[j], self.masks[j], j if self.appearance is not None else None)
 
-    def pseudo_loss(self, step: int, schedule: PseudoSchedule, elevation: float, radius: float) -> Tensor | None:
+    def pseudo_loss(
+        self, step: int, schedule: PseudoSchedule, elevation: float, radius: float
+    ) -> Tensor | None:
         """Pearson depth loss of one pseudo view against the depth prior (weighted), or None if skipped."""
         p = self.cfg.pseudo
         size = schedule.size
@@ -374,7 +378,7 @@ class Trainer:
                 loss = loss + l_pd
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
-                f"non-finite loss at step {it} (rgb={float(l_rgb):.4g}); the run stopped and keeps its last "
+                f"non-finite loss at step {it} (rgb={float(l_rgb.detach()):.4g}); the run stopped and keeps its last "
                 f"checkpoint in {self.run_dir.ckpts}"
             )
         loss.backward()

@@ -185,4 +185,11 @@ def export_raw_ply(run: str | Path) -> Path:
     return path
 
 
-__all__ = ["train_stage1", "stage1_phase", "stage1_strategy", "evaluate", "export_raw_ply", "NonFiniteLossError"]
+__all__ = [
+    "train_stage1",
+    "stage1_phase",
+    "stage1_strategy",
+    "evaluate",
+    "export_raw_ply",
+    "NonFiniteLossError",
+]

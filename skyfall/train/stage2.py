@@ -324,7 +324,9 @@ class IterativeDatasetUpdate:
         """Stage 1's metrics plus, on synthetic tiles, the PSNR of the 45-degree ground-truth orbit."""
         res = stage1_evaluate(self.trainer)
         scene = self.trainer.scene
-        gt45 = gt_orbit_psnr(scene, self.trainer.data, scene.novel_embedding(self.cfg.appearance.test_embedding))
+        gt45 = gt_orbit_psnr(
+            scene, self.trainer.data, scene.novel_embedding(self.cfg.appearance.test_embedding)
+        )
         if gt45 is not None:
             res["psnr_gt_45"] = gt45
         return res
@@ -338,6 +340,8 @@ class IterativeDatasetUpdate:
         if ckpt is None:
             raise SkyfallError(f"{self.run_dir.ckpts}: no checkpoint; run Stage 1 first")
         st = self.load(ckpt)
+        # the resolved Stage 2 config next to Stage 1's (a resume with other options overwrites it)
+        self.run_dir.save_config({**self.run_dir.load_config(), "stage2": to_dict(self.cfg2)})
         summary = self.run_dir.read_summary()
         if st.get("stage") != "stage2":
             # Entering Stage 2: protect the final Stage 1 checkpoint (left as Stage 1 wrote it) and
