@@ -1,7 +1,8 @@
 """A trained scene = Gaussian model + appearance model; renders views with a chosen embedding.
 
 Trainers, evaluation, Stage 2 and export all render through ``render_views`` so that the appearance
-embedding rule (reference-pipeline.md §2.3, §8 #5) is applied in exactly one place.
+embedding rule (``Scene.novel_embedding``: the mean trained embedding, or an index) is applied in
+exactly one place.
 """
 
 from __future__ import annotations

@@ -56,7 +56,16 @@ def test_eval_writes_reports_with_tiny_encoders(tiny_run: Path, tiny_tile: Path,
     assert ck["by_set"]["street"]["altitude_m"] == pytest.approx(1.7, abs=1e-6)
     assert "0-10m" in ck["by_band"] and "250-300m" in ck["by_band"] and SATELLITE_BAND in ck["by_band"]
     for g in ck["by_set"].values():
-        assert 0 < g["psnr"] < 60 and -1 <= g["ssim"] <= 1 and g["cmmd"] >= -1e-9 and "clip_fid" in g
+        assert -1 <= g["ssim"] <= 1 and g["cmmd"] >= -1e-9 and "clip_fid" in g
+    # The evaluation agrees with the trainer's summary where both measure the same thing (held-out
+    # satellite views with the mean embedding; the unregistered nadir DSM), and its 45-degree orbit
+    # PSNR is the tiny run's (deterministic; the tolerance covers other CPUs).
+    s1 = json.loads((tiny_run / "summary.json").read_text())["stage1"]
+    assert ck["by_set"]["sat_test"]["psnr"] == pytest.approx(s1["psnr_test_novel_embedding"], abs=1e-6)
+    assert ck["geometry"]["nadir"]["dsm_mae_unregistered_m"] == pytest.approx(s1["dsm_mae_m"], abs=1e-6)
+    assert ck["by_set"]["orbit_e45_r250"]["psnr"] == pytest.approx(15.726, abs=0.1)
+    # street level is far outside what satellite views constrain: much worse than the orbits
+    assert ck["by_set"]["street"]["psnr"] < ck["by_set"]["orbit_e45_r250"]["psnr"] - 3
     assert "lpips" in doc["unavailable"] and "none.pth" in doc["unavailable"]["lpips"]
     assert set(ck["geometry"]) == {"nadir", "views"}
     assert (

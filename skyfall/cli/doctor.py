@@ -17,25 +17,25 @@ _MODELS: list[tuple[str, str, tuple[str, ...], str]] = [
             "text_encoder_2/config.json",
             "tokenizer_2/",
         ),
-        "Stage 2 cannot refine renders with FLUX (use --refiner identity, or 'ideal' on synthetic tiles)",
+        "Stage 2 cannot refine renders with FLUX (use --stage2.refiner identity, or 'ideal' on synthetic tiles)",
     ),  # fmt: skip
     (
         "Ruicheng/moge-vitl",
         "MoGe v1 depth prior (the reference's)",
         ("model.pt",),
-        "pseudo-depth with --pseudo.estimator moge is unavailable (depth-anything or ground-truth still work)",
+        "pseudo-depth with --stage1.pseudo.estimator moge is unavailable (depth-anything or ground-truth still work)",
     ),
     (
         "Ruicheng/moge-2-vitl",
         "MoGe v2 depth prior (optional upgrade)",
         ("model.pt",),
-        "--pseudo.estimator moge with moge_version 2 is unavailable",
+        "--stage1.pseudo.estimator moge with moge_version 2 is unavailable",
     ),
     (
         "depth-anything/Depth-Anything-V2-Metric-Outdoor-Large-hf",
         "Depth Anything V2 metric depth prior",
         ("config.json",),
-        "--pseudo.estimator depth-anything is unavailable",
+        "--stage1.pseudo.estimator depth-anything is unavailable",
     ),
 ]
 

@@ -15,7 +15,7 @@ MOGE_V2 = "Ruicheng/moge-2-vitl"
 DEPTH_ANYTHING_METRIC_OUTDOOR = "depth-anything/Depth-Anything-V2-Metric-Outdoor-Large-hf"
 
 # The prompts of the Skyfall-GS FlowEdit fork at HEAD 9489c5b ("Update prompt"), which match the paper
-# (reference-pipeline.md §4.1); the older, longer ones at the pinned submodule are not used.
+# and the paper; the older, longer ones at the fork's pinned submodule commit are not used.
 PAPER_SOURCE_PROMPT = (
     "Satellite image of an urban area with modern and older buildings, roads, green spaces. "
     "Some areas appear distorted, with blurring and warping artifacts."
@@ -44,7 +44,7 @@ class FluxConfig:
     """Device the transformer computes on ('cuda', 'cuda:1', 'cpu')."""
     dtype: Dtype = "bfloat16"
     """Compute dtype. The reference used float16 under autocast; bfloat16 avoids fp16 overflow in
-    FLUX/T5 and is recommended (reference-pipeline.md §8 #15, [PARITY] option)."""
+    FLUX/T5 and is recommended ('float16' reproduces the reference)."""
     memory_mode: Literal["gpu", "cpu-offload"] = "gpu"
     """'gpu': all components stay on the device. 'cpu-offload': the transformer lives in CPU memory and
     moves to the device only for the duration of a refine() call, so 3DGS training gets the GPU back."""
@@ -72,7 +72,7 @@ class FlowEditConfig(FluxConfig):
     """Edit strength: the edit starts n_max steps before the end (used as is when n_max_end = -1)."""
     n_max_end: int = 10
     """-1: n_max is fixed. Otherwise each image draws n_max uniformly from {n_min, ..., n_max_end}
-    (the paper scripts use 10; the README uses -1, reference-pipeline.md §8 #21)."""
+    (the reference's run scripts use 10; its README uses -1)."""
     n_avg: int = 1
     """Noise draws averaged per ODE step."""
     src_guidance: float = 1.5

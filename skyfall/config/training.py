@@ -24,7 +24,7 @@ RefinerName = Literal[REFINERS.names]  # type: ignore[valid-type]
 
 @dataclass
 class AppearanceConfig:
-    """WildGaussians-style appearance model (reference-pipeline.md §2.3)."""
+    """WildGaussians-style appearance model: per-image and per-Gaussian embeddings -> MLP -> affine SH."""
 
     enabled: bool = True
     """Per-image x per-Gaussian embeddings -> MLP -> affine on the SH coefficients (--appearance_enabled)."""
@@ -41,12 +41,12 @@ class AppearanceConfig:
     test_embedding: str = "mean"
     """Embedding for novel views (evaluation, pseudo/IDU renders, export): 'mean' of the trained
     per-image embeddings, or an integer index. The reference hard-codes index 6 (clamped to N-1);
-    '6' reproduces it (reference-pipeline.md §8 #5, a deliberate fix)."""
+    '6' reproduces it; 'mean' is a deliberate fix (index 6 is one arbitrary acquisition's lighting)."""
 
 
 @dataclass
 class DensifyConfig:
-    """GOF densification and opacity reset (reference-pipeline.md §2.5)."""
+    """GOF densification and the filter-aware opacity reset (Skyfall-GS ``densify_and_prune``)."""
 
     start: int = 1000
     """Densify only after this step (--densify_from_iter)."""
@@ -75,7 +75,7 @@ class DensifyConfig:
 
 @dataclass
 class PseudoDepthConfig:
-    """Pseudo-camera depth supervision (reference-pipeline.md §2.4, §8 #1)."""
+    """Pseudo-camera depth supervision: oblique renders matched to a monocular depth prior (Pearson)."""
 
     enabled: bool = True
     """Render oblique pseudo views and match a monocular depth prior with a Pearson loss."""
@@ -114,7 +114,7 @@ class PseudoDepthConfig:
     """Weights, version, device and dtype of the depth model ('moge', 'depth-anything')."""
     invalid_policy: Literal["valid_only", "skip_if_any"] = "valid_only"
     """'valid_only' computes Pearson r over valid pixels (our fix); 'skip_if_any' reproduces the
-    reference, which drops the term whenever any pixel is invalid (reference-pipeline.md §8 #1)."""
+    reference, which drops the term whenever any pixel is invalid (MoGe masks sky and far pixels)."""
     min_valid_fraction: float = 0.01
     """Skip the term when fewer than this fraction of pixels are valid."""
     alpha_threshold: float = 0.5
@@ -127,7 +127,7 @@ class PseudoDepthConfig:
 
 @dataclass
 class Stage1Config:
-    """Stage 1: fit 3D Gaussians to the satellite views (reference-pipeline.md §2)."""
+    """Stage 1: fit 3D Gaussians to the satellite views (Skyfall-GS ``train.py:training``)."""
 
     steps: int = 30_000
     """Training steps (--iterations)."""
@@ -152,7 +152,7 @@ class Stage1Config:
     filter_rule: Literal["per_camera", "reference"] = "per_camera"
     """3D filter size rule. 'per_camera' = sqrt(0.2) min_c z_c/f_c over the cameras that see the
     Gaussian (Mip-Splatting's definition); 'reference' = min depth / max focal over all cameras,
-    which collapses with mixed cameras (reference-pipeline.md §8 #6)."""
+    which collapses when near oblique cameras and far satellite cameras mix (Stage 2)."""
     init_max_scale: float = 10.0
     """Cap (world units) on the initial KNN scales."""
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -213,7 +213,7 @@ class Stage1Config:
 
 @dataclass
 class Stage2Config:
-    """Stage 2: Iterative Dataset Update (reference-pipeline.md §3; JAX script values by default)."""
+    """Stage 2: Iterative Dataset Update (Skyfall-GS ``train.py:training_idu``; JAX script values by default)."""
 
     curriculum: str = "jax_v1"
     """Episodes as 'jax_v1', 'nyc_v1' or a custom list 'ELEV:RADIUS[,ELEV:RADIUS...]' in degrees and
@@ -245,7 +245,7 @@ class Stage2Config:
     opacity_reset_interval: int = 5000
     """Opacity reset at absolute step multiples of this, inside the densify window (--idu_opacity_reset_interval)."""
     opacity_cooldown_lambda: float = 0.0
-    """Opacity-loss weight during the cool-down after a reset (Stage 2 reference: 0, §8 #8)."""
+    """Opacity-loss weight during the cool-down after a reset (the reference uses 0 in Stage 2, 0.01 in Stage 1)."""
     opacity_cooldown_steps: int = 500
     """Cool-down length (--idu_opacity_cooling_iterations)."""
     lambda_opacity: float = 0.0
@@ -300,9 +300,9 @@ class Stage2Config:
 
 
 CURRICULA: dict[str, tuple[float, list[tuple[float, float]]]] = {
-    # name -> (FoV degrees, [(elevation deg, radius), ...]) — reference-pipeline.md §3.1
+    # name -> (FoV degrees, [(elevation deg, radius), ...]), from the reference's IDU run scripts
     "jax_v1": (60.0, [(85.0, 300.0), (75.0, 275.0), (65.0, 275.0), (55.0, 250.0), (45.0, 250.0)]),
-    # The reference lists 6 elevations (…, 25) with 5 radii and zips them, so 25° never runs (§8 #4):
+    # The reference lists 6 elevations (…, 25) with 5 radii and zips them, so 25° never runs:
     # the preset lists the 5 episodes that actually run.
     "nyc_v1": (20.0, [(85.0, 600.0), (75.0, 600.0), (65.0, 600.0), (55.0, 600.0), (45.0, 600.0)]),
 }

@@ -1,4 +1,4 @@
-"""GOF-variant adaptive density control and the filter-aware opacity reset (reference-pipeline.md §2.5).
+"""GOF-variant adaptive density control and the filter-aware opacity reset (Skyfall-GS ``densify_and_prune``).
 
 Our own implementation of the reference's ``densify_and_prune`` / ``reset_opacity`` on a
 ``GaussianModel``; gsplat's ``DefaultStrategy`` implements a different rule (grad *or* absgrad,
@@ -26,7 +26,7 @@ _TORCH_QUANTILE_MAX = 1 << 24
 
 
 class CollapseError(SkyfallError):
-    """The number of Gaussians fell below a floor (e.g. everything pruned after an opacity reset, §8 #13)."""
+    """The number of Gaussians fell below a floor (e.g. everything pruned after an opacity reset)."""
 
 
 @dataclass(frozen=True)
@@ -244,7 +244,7 @@ def densify_and_prune(
     Args:
         model: modified in place.
         grad_threshold: τ on the mean NDC gradient norm (1e-4 JAX, 2e-4 NYC and Stage 2).
-        scene_extent: metres; the reference hard-codes 128 (§8 #17).
+        scene_extent: metres; the reference hard-codes 128 whatever the tile size.
         percent_dense: clone/split boundary as a fraction of ``scene_extent``.
         min_opacity: prune threshold on the raw opacity.
         max_screen_size: prune threshold on the max screen radius (pixels), or None.

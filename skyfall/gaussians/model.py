@@ -1,4 +1,4 @@
-"""Per-Gaussian parameters, their Adam optimizers and learning-rate schedules (reference-pipeline.md §2.5).
+"""Per-Gaussian parameters, their Adam optimizers and learning-rate schedules (the reference's values).
 
 The parameters live in one ``torch.nn.ParameterDict`` with gsplat names (``means``, ``scales`` (log),
 ``quats`` (wxyz), ``opacities`` (logit), ``sh0`` [N,1,3], ``shN`` [N,K-1,3], optional ``app_features``
@@ -94,7 +94,7 @@ class GaussianModel:
             params: per-Gaussian tensors with the keys ``REQUIRED_KEYS`` and optionally ``app_features``.
             optim: LRs and the position schedule (``skyfall.gaussians.optim.OptimConfig``); defaults to its defaults.
             scene_extent: metres; the position LRs are multiplied by it ("spatial_lr_scale", hard-coded
-                128 in the reference, §8 #17; ``Stage1Config.scene_extent``).
+                128 in the reference whatever the tile size; ``Stage1Config.scene_extent``).
             app_features_lr: LR of ``app_features`` (--embedding_lr; ``AppearanceConfig.gaussian_lr``).
             sh_degree_interval: steps per increase of the active SH degree (``Stage1Config.sh_increase_every``).
             filter_3d: [N] initial 3D filter; zeros when None.
@@ -200,7 +200,7 @@ class GaussianModel:
         """Restart the position schedule at ``first_step``, decaying over ``max_steps`` (Stage 2 episodes).
 
         The reference rebuilds the scheduler per IDU episode with ``idu_position_lr_max_steps`` and
-        evaluates it at ``it - first_iter`` (reference-pipeline.md §3.3).
+        evaluates it at ``it - first_iter`` (``training_idu``).
         """
         self._pos_first_step = int(first_step)
         self._pos_max_steps = int(max_steps)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 @dataclass
 class OptimConfig:
-    """Learning rates and the position-LR schedule (reference-pipeline.md §2.5)."""
+    """Learning rates and the position-LR schedule."""
 
     means_lr_init: float = 1.6e-4
     """Initial position LR, multiplied by the scene extent (original flag: --position_lr_init)."""

@@ -53,7 +53,7 @@ def _import_moge(version: int) -> type:
     except ImportError as e:
         raise MissingDependencyError(
             f"the 'moge' depth estimator needs the MoGe package (not on PyPI): {MOGE_INSTALL} "
-            f"(or use --pseudo.estimator depth-anything) [{e}]"
+            f"(or use --stage1.pseudo.estimator depth-anything) [{e}]"
         ) from e
     return MoGeModel
 

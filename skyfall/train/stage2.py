@@ -88,7 +88,7 @@ def resolve_scale(cfg: Stage2Config, points: Tensor) -> float:
 def idu_cameras(ep: Episode, cfg: Stage2Config, scale: float) -> tuple[Cameras, list[int]]:
     """Orbit cameras of an episode and, per camera, its view index (samples repeat each view).
 
-    Targets on z = 0 at ``-W/2 + k W/(G+1)``, k = 1..G in x and y (reference §3.1); N_v azimuths
+    Targets on z = 0 at ``-W/2 + k W/(G+1)``, k = 1..G in x and y (as the reference); N_v azimuths
     ``2 pi i / N_v`` around each; every pose repeated ``samples_per_view`` times.
     """
     g, width = cfg.grid_size, cfg.grid_width * scale
