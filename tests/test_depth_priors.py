@@ -144,3 +144,36 @@ def test_unknown_estimator_and_ground_truth_needs_tile():
         make_depth_estimator("midas")
     with pytest.raises(ConfigError, match="synthetic tile"):
         make_depth_estimator("ground-truth")
+
+
+def test_the_stage1_config_chooses_and_configures_the_depth_model(tiny_da_dir, tiny_tile, tmp_path):
+    """`--stage1.pseudo.estimator` picks the registered backend, `--stage1.pseudo.model.*` its weights."""
+    import dataclasses
+
+    from skyfall.config import DepthModelConfig, load_config
+    from skyfall.priors.depth_backends import DepthAnythingDepth
+    from skyfall.train.loop import Trainer
+
+    cfg = load_config("tiny").stage1
+    model = DepthModelConfig(model=str(tiny_da_dir), local_files_only=True, device="cpu", dtype="float32")
+    cfg = dataclasses.replace(cfg, pseudo=dataclasses.replace(cfg.pseudo, estimator="depth-anything", model=model))
+    est = Trainer(cfg, tiny_tile, tmp_path / "run", progress=False).depth_estimator()
+    assert isinstance(est, DepthAnythingDepth) and est.device == torch.device("cpu")
+    assert est.dtype == torch.float32 and est.model.config.max_depth == 80  # the tiny weights were loaded
+
+
+def test_registered_names_are_the_config_choices():
+    import typing
+
+    from skyfall.config.training import EstimatorName, RefinerName
+    from skyfall.registry import DEPTH_ESTIMATORS, REFINERS
+
+    assert typing.get_args(EstimatorName) == DEPTH_ESTIMATORS.names
+    assert set(DEPTH_ESTIMATORS.names) == {"moge", "depth-anything", "ground-truth", "tiny"}
+    assert typing.get_args(RefinerName) == REFINERS.names
+    assert set(REFINERS.names) == {"flowedit", "sdedit", "identity", "ideal"}
+    for registry in (DEPTH_ESTIMATORS, REFINERS):
+        for name in registry.names:
+            assert callable(registry.factory(name)), name  # every entry points at an importable factory
+    with pytest.raises(ConfigError, match="unknown refiner 'midjourney'; choose from flowedit"):
+        REFINERS.factory("midjourney")

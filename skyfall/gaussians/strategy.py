@@ -4,8 +4,7 @@
 lives in the dict that ``initialize_state`` returns, which the trainer checkpoints. The operations
 themselves are ``skyfall.gaussians.densify``'s (our GOF rule: grad OR abs-grad quantile, the
 reference's clone/split/prune order), applied to a ``GaussianModel`` (parameters + one Adam each,
-gsplat's layout). ``skyfall.render.render`` already retains ``means2d``'s gradient and abs-gradient,
-so nothing has to happen before the backward pass.
+gsplat's layout).
 
 Stage 1 uses one strategy for its whole run; each Stage 2 episode uses one whose windows are the
 episode's (``dataclasses.replace`` of the Stage 1 one).
@@ -70,6 +69,17 @@ class GOFStrategy:
     def initialize_state(self) -> dict[str, Any]:
         """Mutable state carried between steps (and through checkpoints)."""
         return {"cooldown_until": -1}
+
+    def step_pre_backward(self, model: GaussianModel, state: dict[str, Any], step: int, info: Any) -> None:
+        """Keep the projected centres' gradient, which the densification statistics read.
+
+        Args:
+            info: the step's ``RenderOutput`` (``means2d`` is a non-leaf tensor of the graph).
+        """
+        if step < self.until:
+            if not info.means2d.requires_grad:
+                raise RuntimeError("densification needs a render with gradients (means2d has none)")
+            info.means2d.retain_grad()
 
     def in_cooldown(self, state: dict[str, Any], step: int) -> bool:
         """True during the cool-down after an opacity reset."""

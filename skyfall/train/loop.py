@@ -381,6 +381,7 @@ class Trainer:
                 f"non-finite loss at step {it} (rgb={float(l_rgb.detach()):.4g}); the run stopped and keeps its last "
                 f"checkpoint in {self.run_dir.ckpts}"
             )
+        phase.strategy.step_pre_backward(model, self.strategy_state, it, out)
         loss.backward()
         with torch.no_grad():
             phase.strategy.step_post_backward(model, self.strategy_state, it, out, self.recompute_filter)
