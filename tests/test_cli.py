@@ -108,6 +108,12 @@ def test_bad_config_file_is_one_line_naming_the_file_and_key(tmp_path, text: str
     assert len(lines) == 1 and str(cfg) in lines[0] and message in lines[0], out.stderr
 
 
+def test_preset_options_of_other_commands_are_theirs(tmp_path):
+    # `synth --preset` names a synthetic-city preset, not a training preset
+    out = _run("synth", str(tmp_path / "t"), "--preset", "default", "--help")
+    assert out.returncode == 0, out.stderr
+
+
 def test_unknown_preset_is_a_usage_error():
     out = _run("train", "stage1", "--data", "x", "--out", "y", "--preset", "paper-mars")
     assert out.returncode == 2 and "paper-mars" in out.stderr

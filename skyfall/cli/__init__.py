@@ -89,12 +89,13 @@ def preset_options(argv: list[str]) -> tuple[str | None, Path | None]:
     return known.preset, known.config
 
 
-def _subcommand(name: str, cls: type, preset: str | None, config: Path | None) -> Any:
+def _subcommand(name: str, cls: type, preset: str | None, config: Path | None, chosen: bool) -> Any:
     import tyro
 
     default = None
     if {"preset", "config"} <= {f.name for f in dataclasses.fields(cls)}:
-        default = command_defaults(cls, preset, config)
+        # only the chosen command reads --preset/--config (`synth --preset` means a city preset)
+        default = command_defaults(cls, preset, config) if chosen else command_defaults(cls, None, None)
     spec = tyro.conf.subcommand(name, default=default, description=_first_paragraph(cls))
     return Annotated[cls, spec]
 
@@ -123,6 +124,7 @@ def command_union(argv: list[str]) -> Any:
 
     preset, config = preset_options(argv)
     members = []
+    words = [w for w in argv if not w.startswith("-")][:2]
     for name, entry in COMMANDS.items():
         if isinstance(entry[1], dict):
             help_line, subs = entry
@@ -132,10 +134,15 @@ def command_union(argv: list[str]) -> Any:
                 group = _single_member_group(name, help_line, sub, cls)
                 members.append(Annotated[group, tyro.conf.subcommand(name, description=help_line)])
                 continue
-            inner = Union[tuple(_subcommand(sub, cls, preset, config) for sub, cls in loaded.items())]  # type: ignore[valid-type]
+            inner = Union[  # type: ignore[valid-type]
+                tuple(
+                    _subcommand(sub, cls, preset, config, chosen=words == [name, sub])
+                    for sub, cls in loaded.items()
+                )
+            ]
             members.append(Annotated[inner, tyro.conf.subcommand(name, description=help_line)])
         else:
-            members.append(_subcommand(name, _load(*entry), preset, config))
+            members.append(_subcommand(name, _load(*entry), preset, config, chosen=words[:1] == [name]))
     return Union[tuple(members)]  # type: ignore[valid-type]
 
 
