@@ -232,7 +232,7 @@ class IterativeDatasetUpdate:
             every=c.densify_interval,
             grad_threshold=c.grad_threshold,
             reset_every=c.opacity_reset_interval,
-            reset_until=end - 100,
+            reset_until=end - 100,  # the reference never resets in the last 100 steps of an episode
             cooldown_steps=c.opacity_cooldown_steps,
             refilter_until=end - self.cfg.densify.filter_recompute_interval,
         )
