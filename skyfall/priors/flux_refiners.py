@@ -15,7 +15,6 @@ autocast). Inputs stay float (the reference quantised renders to 8-bit PNGs and 
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from collections.abc import Sequence
 
@@ -145,14 +144,3 @@ class SDEditRefiner(_FluxRefiner):
             n_min=n_max, tar_guidance=c.guidance, scheduler_config=self.model.scheduler_config,
             dtype=self.model.dtype,
         )  # fmt: skip
-
-
-def config_with(base: object, options: dict) -> object:
-    """``dataclasses.replace(base, **options)``; an unknown option is a ConfigError naming it."""
-    names = {f.name for f in dataclasses.fields(base)}  # type: ignore[arg-type]
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise ConfigError(
-            f"{type(base).__name__}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
-        )
-    return dataclasses.replace(base, **options)  # type: ignore[type-var]

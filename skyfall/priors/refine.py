@@ -13,8 +13,10 @@ config names with ``REFINERS.build(name, stage2_config, tile_dir)``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from typing import Any, Literal, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -33,54 +35,64 @@ class IdentityRefiner:
         return images.clone()
 
 
-def make_refiner(name: Literal["flowedit", "sdedit", "identity"], **options: Any) -> ImageRefiner:
-    """Build a refiner by name.
+def make_refiner(name: str, *, tile_dir: str | Path | None = None, **options: Any) -> ImageRefiner:
+    """Build a registered refiner (``skyfall.registry.REFINERS``) by name, with options.
 
     Args:
-        name: 'flowedit' (the paper's), 'sdedit' (its ablation) or 'identity'.
-        **options: ``config=`` a :class:`skyfall.config.priors.FlowEditConfig` / ``SDEditConfig``,
-            ``model=`` an already loaded :class:`skyfall.priors.flux.FluxModel` (kept across Stage 2
-            episodes), and/or any config field as a keyword (``n_max_end=-1``, ``memory_mode="cpu-offload"``,
+        name: 'flowedit' (the paper's), 'sdedit' (its ablation), 'identity', 'ideal' (synthetic tiles;
+            needs ``tile_dir``) or any other registered name.
+        tile_dir: the tile folder (pose-aware oracles).
+        **options: for refiners with an options section in ``Stage2Config`` (``flowedit``, ``sdedit``):
+            ``config=`` a :class:`skyfall.config.priors.FlowEditConfig` / ``SDEditConfig``, ``model=``
+            an already loaded :class:`skyfall.priors.flux.FluxModel` (kept across Stage 2 episodes),
+            and/or any config field as a keyword (``n_max_end=-1``, ``memory_mode="cpu-offload"``,
             ``local_files_only=True``, ...), which overrides the config's value.
 
     Raises:
         ConfigError: unknown name or option. WeightsNotFoundError / MissingDependencyError: the FLUX
         weights or the diffusion packages are missing.
     """
+    from skyfall.config.training import Stage2Config
     from skyfall.errors import ConfigError
+    from skyfall.registry import REFINERS
 
-    if name == "identity":
+    factory = REFINERS.factory(name)
+    cfg2 = Stage2Config()
+    section = getattr(cfg2, name, None)
+    if not dataclasses.is_dataclass(section):
         if options:
-            raise ConfigError(f"the identity refiner takes no options (got {', '.join(sorted(options))})")
-        return IdentityRefiner()
-    if name in ("flowedit", "sdedit"):
-        from skyfall.config.priors import FlowEditConfig, SDEditConfig
-        from skyfall.priors.flux_refiners import FlowEditRefiner, SDEditRefiner, config_with
+            raise ConfigError(f"the {name} refiner takes no options (got {', '.join(sorted(options))})")
+        return factory(cfg2, tile_dir)
+    from skyfall.config.presets import merge
 
-        cls, cfg_cls = (
-            (FlowEditRefiner, FlowEditConfig) if name == "flowedit" else (SDEditRefiner, SDEditConfig)
+    model = options.pop("model", None)
+    base = options.pop("config", None) or section
+    if not isinstance(base, type(section)):
+        raise ConfigError(
+            f"refiner {name!r}: config must be a {type(section).__name__}, got {type(base).__name__}"
         )
-        base = options.pop("config", None) or cfg_cls()
-        if not isinstance(base, cfg_cls):
-            raise ConfigError(
-                f"refiner {name!r}: config must be a {cfg_cls.__name__}, got {type(base).__name__}"
-            )
-        model = options.pop("model", None)
-        return cls(config_with(base, options), model=model)
-    raise ConfigError(f"unknown refiner {name!r}; choose from flowedit, sdedit, identity")
+    return factory(
+        dataclasses.replace(cfg2, **{name: merge(base, options, where=f"refiner {name!r}")}),
+        tile_dir,
+        model=model,
+    )
 
 
 # Registry factories: (Stage 2 config, tile folder) -> refiner.
 
 
-def build_flowedit(config: Any, tile_dir: Any = None) -> ImageRefiner:
-    """Registry factory of ``flowedit`` (options from ``config.flowedit``)."""
-    return make_refiner("flowedit", config=config.flowedit)
+def build_flowedit(config: Any, tile_dir: Any = None, *, model: Any = None) -> ImageRefiner:
+    """Registry factory of ``flowedit`` (options from ``config.flowedit``; ``model``: a loaded FLUX)."""
+    from skyfall.priors.flux_refiners import FlowEditRefiner
+
+    return FlowEditRefiner(config.flowedit, model=model)
 
 
-def build_sdedit(config: Any, tile_dir: Any = None) -> ImageRefiner:
-    """Registry factory of ``sdedit`` (options from ``config.sdedit``)."""
-    return make_refiner("sdedit", config=config.sdedit)
+def build_sdedit(config: Any, tile_dir: Any = None, *, model: Any = None) -> ImageRefiner:
+    """Registry factory of ``sdedit`` (options from ``config.sdedit``; ``model``: a loaded FLUX)."""
+    from skyfall.priors.flux_refiners import SDEditRefiner
+
+    return SDEditRefiner(config.sdedit, model=model)
 
 
 def build_identity(config: Any = None, tile_dir: Any = None) -> ImageRefiner:
