@@ -231,3 +231,21 @@ def test_demo_command_end_to_end_on_an_existing_tile(tiny_tile: Path, tmp_path: 
     assert f"PSNR {s1['psnr_test']:.2f} dB" in line and f"DSM MAE {s1['dsm_mae_m']:.2f} m" in line
     ply = out / "run" / "ply" / "export.ply"
     assert ply.exists() and ply.stat().st_size > 1000
+
+
+def test_a_prior_that_cannot_load_stops_the_run_before_training(tiny_tile: Path, tmp_path: Path):
+    """A real tile with the tiny preset's 'ground-truth' depth: one line at start, nothing trained."""
+    import shutil
+
+    tile = tmp_path / "real_tile"
+    shutil.copytree(tiny_tile, tile)
+    (tile / "synth.json").unlink()  # no longer a synthetic tile: its exact depth is unknown
+    out = subprocess.run(
+        _train_args(tile, tmp_path / "run", 60), capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'ground-truth' depth estimator needs a synthetic tile" in lines[0]
+    assert "--stage1.pseudo.estimator moge|depth-anything" in lines[0]
+    assert not list((tmp_path / "run" / "ckpts").glob("ckpt_*.pt"))
+    assert "stage1:" not in out.stdout  # no progress bar was started

@@ -10,6 +10,10 @@ Presets: a command with ``preset`` and ``config`` fields takes its ``stage1``/``
 from ``configs/PRESET.yaml`` and the user's YAML file (``command_defaults``); the two options are
 read before tyro parses, so that the defaults tyro shows and applies are the merged ones.
 
+``--threads N`` (any command, anywhere on the line) sets torch's CPU thread count; by default it is
+the number of cores the load average leaves idle (``skyfall.devices.choose_threads``), and commands
+that compute say their choice in their first line.
+
 User errors (``skyfall.errors.SkyfallError``: bad tile files, bad options, bad config files) print
 one line and exit with code 2.
 """
@@ -78,6 +82,18 @@ def command_defaults(cls: type, preset: str | None, config: Path | None) -> Any:
     }
     kwargs.update({stage: getattr(resolved, stage) for stage in ("stage1", "stage2") if stage in fields})
     return cls(**kwargs, preset=preset, config=config)
+
+
+def thread_option(argv: list[str]) -> tuple[int | None, list[str]]:
+    """``--threads N`` (global: read here, not by the commands) and ``argv`` without it."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--threads", type=int)
+    known, rest = pre.parse_known_args(argv)
+    return known.threads, rest
+
+
+# Commands that only read or write small files: no thread line for them.
+_NO_TORCH = {"info", "doctor", "path"}
 
 
 def preset_options(argv: list[str]) -> tuple[str | None, Path | None]:
@@ -154,13 +170,21 @@ def entrypoint(argv: list[str] | None = None) -> None:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        threads, argv = thread_option(argv)
         commands = command_union(argv)
         cmd = tyro.cli(
             commands,
             args=argv,
             prog="skyfall",
-            description="skyfall: satellite images of a city tile -> explorable 3D Gaussian-splat scene.",
+            description="skyfall: satellite images of a city tile -> explorable 3D Gaussian-splat scene. "
+            "Global option: --threads N (torch CPU threads; default: the cores the load leaves idle).",
         )
+        if not argv or argv[0] not in _NO_TORCH:
+            from skyfall.devices import apply_threads, choose_threads
+
+            choice = choose_threads(threads)
+            apply_threads(choice)
+            print(f"[skyfall] {choice.describe()}", flush=True)
         cmd.main()
     except SkyfallError as e:
         print(f"skyfall: error: {e}", file=sys.stderr)

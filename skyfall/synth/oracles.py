@@ -20,11 +20,18 @@ from skyfall.errors import ConfigError
 from skyfall.priors.depth import DepthPrediction
 from skyfall.synth.city import SyntheticCity
 
+_ALTERNATIVES = {
+    "the 'ground-truth' depth estimator": "--stage1.pseudo.estimator moge|depth-anything (a learned prior; "
+    "`skyfall doctor` says which weights are cached) or --stage1.pseudo.no-enabled",
+    "the 'ideal' refiner": "--stage2.refiner flowedit|sdedit (FLUX.1-dev weights; see `skyfall doctor`) or identity",
+}
+
 
 def _require_synthetic(tile_dir: str | Path | None, what: str) -> Path:
     if tile_dir is None or not (Path(tile_dir) / "synth.json").exists():
         raise ConfigError(
-            f"{tile_dir}: {what} needs a synthetic tile (with synth.json); real tiles need a learned prior"
+            f"{tile_dir}: {what} needs a synthetic tile (with synth.json); for other tiles use "
+            f"{_ALTERNATIVES[what]}"
         )
     return Path(tile_dir)
 

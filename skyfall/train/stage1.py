@@ -129,6 +129,11 @@ def train_stage1(
     trainer = Trainer(cfg, data, out, depth_estimator=depth_estimator, progress=progress)
     rd = trainer.run_dir
     rd.create()
+    # Load the depth prior now, not at the first pseudo-depth step: a missing model or a prior that
+    # does not fit the tile stops the run before any training. Before the state is seeded or
+    # restored, so that loading it cannot move the run's random streams.
+    if cfg.pseudo.enabled and cfg.pseudo.weight > 0:
+        trainer.depth_estimator()
     if resume:
         ckpt = latest_checkpoint(rd.ckpts)
         if ckpt is None:
