@@ -139,6 +139,30 @@ def test_clone_small_split_large_and_reference_order():
         assert buf.shape == (6,) and not buf.any()
 
 
+@pytest.mark.parametrize(("max_new", "cloned"), [(None, [0, 1, 2, 3, 4]), (2, [3, 1]), (0, [])])
+def test_max_new_densifies_the_largest_gradients_first(max_new, cloned):
+    m = make_model([0.2] * 6, [0.5] * 6)  # all small: every selected one is cloned
+    grads = [2e-4, 5e-4, 1e-4, 9e-4, 3e-4, 0.0]  # Gaussians 0-4 pass tau = 1e-4
+    set_stats(m, grads, grads)
+    rep = densify_and_prune(m, grad_threshold=1e-4, scene_extent=100.0, max_new=max_new)
+    assert rep.n_cloned == len(cloned) and m.num_gaussians == 6 + len(cloned)
+    # clones are appended in index order; their x coordinate is the tag of their original
+    assert m.params["means"][6:, 0].tolist() == sorted(float(i) for i in cloned)
+
+
+def test_strategy_caps_the_count(tiny_tile, tmp_path):
+    """max_gaussians bounds Stage 1's growth; without it the tiny run ends with 1575 Gaussians."""
+    import dataclasses
+
+    from skyfall.config import load_config
+    from skyfall.train.stage1 import train_stage1
+
+    cfg = load_config("tiny").stage1
+    cfg = dataclasses.replace(cfg, densify=dataclasses.replace(cfg.densify, max_gaussians=900))
+    summary = train_stage1(cfg, tiny_tile, tmp_path / "run", progress=False)
+    assert 817 < summary["num_gaussians"] <= 900  # 817 initial points, then densified up to the cap
+
+
 @pytest.mark.parametrize("split_n", [2, 3])
 def test_split_children_follow_the_rotated_covariance(split_n: int):
     n = 1500

@@ -71,6 +71,9 @@ class DensifyConfig:
     """Effective opacity ceiling after a reset (filter-aware)."""
     filter_recompute_interval: int = 100
     """After densification stops, recompute the 3D filter every this many steps."""
+    max_gaussians: int = 0
+    """Densify only up to this many Gaussians, largest gradients first (0 = no cap, the reference): a
+    budget for sparse starts (a few thousand matched points), where the plain rule multiplies the count."""
 
 
 @dataclass

@@ -218,6 +218,7 @@ def densify_and_prune(
     split_n: int = 2,
     reset_radii_before_prune: bool = True,
     generator: torch.Generator | None = None,
+    max_new: int | None = None,
 ) -> DensifyReport:
     """Clone, split, then prune, in the reference order; statistics are reset afterwards.
 
@@ -252,6 +253,9 @@ def densify_and_prune(
         split_n: children per split Gaussian.
         reset_radii_before_prune: reproduce the reference's dead screen-size rule (see above).
         generator: torch RNG for the split samples (on the model's device).
+        max_new: at most this many Gaussians densified (each clone or split adds one), those with the
+            largest mean gradients; None = no limit (the reference). A budget for sparse starts, where
+            the plain rule multiplies the count.
 
     Returns:
         A ``DensifyReport`` with the counts.
@@ -259,7 +263,13 @@ def densify_and_prune(
     n_before = model.num_gaussians
     if n_before == 0:
         return DensifyReport(0, 0, 0, 0, 0)
-    selected, _, _ = densify_selection(model, grad_threshold)
+    selected, grads, _ = densify_selection(model, grad_threshold)
+    if max_new is not None and int(selected.sum()) > max_new:
+        # keep the max_new selected Gaussians with the largest mean gradient
+        score = torch.where(selected, grads, torch.full_like(grads, -1.0))
+        keep = torch.zeros_like(selected)
+        keep[torch.topk(score, max_new).indices] = True
+        selected = selected & keep
     split_limit = percent_dense * scene_extent
 
     # --- clone

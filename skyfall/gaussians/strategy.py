@@ -65,6 +65,8 @@ class GOFStrategy:
     """... before this step."""
     min_gaussians: int = 100
     """CollapseError when densification leaves fewer Gaussians."""
+    max_gaussians: int = 0
+    """Densify only up to this many Gaussians (those with the largest gradients first); 0 = no cap."""
 
     def initialize_state(self) -> dict[str, Any]:
         """Mutable state carried between steps (and through checkpoints)."""
@@ -124,6 +126,7 @@ class GOFStrategy:
                     min_opacity=self.min_opacity,
                     max_screen_size=self.size_threshold or None,
                     max_world_scale_frac=self.max_world_scale_frac,
+                    max_new=max(0, self.max_gaussians - model.num_gaussians) if self.max_gaussians else None,
                 )
                 refilter()
                 check_gaussian_count(

@@ -44,6 +44,7 @@ def stage1_strategy(cfg: Stage1Config) -> GOFStrategy:
         refilter_every=d.filter_recompute_interval,
         refilter_until=cfg.steps - d.filter_recompute_interval,
         min_gaussians=cfg.min_gaussians,
+        max_gaussians=d.max_gaussians,
     )
 
 

@@ -235,6 +235,7 @@ class IterativeDatasetUpdate:
             reset_until=end - 100,  # the reference never resets in the last 100 steps of an episode
             cooldown_steps=c.opacity_cooldown_steps,
             refilter_until=end - self.cfg.densify.filter_recompute_interval,
+            max_gaussians=0,  # Stage 2 densifies as the reference (Stage 1's cap is for sparse starts)
         )
         pseudo = None
         if p.enabled and c.pseudo_weight > 0:
