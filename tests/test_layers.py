@@ -3,7 +3,7 @@
 Layers, lowest first (a module may import its own package and any lower layer):
 
     errors, cuda_ext  <  registry, data, storage, kernels, devices  <  gaussians, losses
-    <  render, config  <  scene, priors, prepare  <  synth, eval, export  <  train  <  cli  <  __main__
+    <  render, config  <  scene, priors, prepare  <  dsm  <  synth, eval, export  <  train  <  cli  <  __main__
 
 So the core (data .. scene) never sees the shell's config, export and eval sit beside train and
 never import it, and the CLI is the only module that sees everything. Every import counts, also the
@@ -25,6 +25,7 @@ LAYERS: list[set[str]] = [
     {"gaussians", "losses"},
     {"render", "config"},
     {"scene", "priors", "prepare"},
+    {"dsm"},
     {"synth", "eval", "export"},
     {"train"},
     {"cli"},

@@ -20,6 +20,9 @@ class Eval:
     a Stage 1 and a Stage 2 checkpoint to compare per altitude). Metrics whose weights are not in the
     local cache (LPIPS AlexNet, CLIP) are reported as unavailable with the reason; nothing is downloaded.
     Writes OUT/eval.json, OUT/summary.csv, OUT/views.csv, OUT/report.html and PNG grids.
+    `--dsm-truth FILE.tif` (or `truth_dsm` in the tile's prepare.json) scores the DSM against a
+    georeferenced truth in any CRS (exact resampling, crop to the tile, NCC shift within +-5 cells and
+    a vertical offset) and writes the difference map OUT/dsm_truth_diff_<ckpt>.tif/.png.
     """
 
     opts: Annotated[EvalOptions, tyro.conf.arg(name="")]

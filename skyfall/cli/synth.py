@@ -15,7 +15,9 @@ class Synth:
 
     The tile follows the reference tile format, so every command that reads a tile can read it. Ground
     truth: an exact DSM (0.5 m grid) and canonical-lighting views with depth along the Stage 2 orbits
-    and at street level.
+    and at street level. With --rpc, OUT/rpc/ also holds satellite views as GeoTIFFs with RPCs fitted to
+    the exact cameras (plus a known per-view bias), anchored in Jacksonville, FL, and the exact DSM as a
+    UTM GeoTIFF: input for `skyfall prepare` whose truth is known (OUT/rpc/rpc.json).
     """
 
     out: Annotated[Path, tyro.conf.Positional]
@@ -23,11 +25,39 @@ class Synth:
     preset: Literal["default", "tiny"] = "default"
     """default: 16 satellite views at 512x512 (about a minute); tiny: 6 views at 64x64 (seconds, for tests)."""
     seed: int = 0
-    """Random seed of the city (layout, dates, cameras)."""
+    """Random seed of the city (layout, dates, cameras) and of the RPC biases."""
     overwrite: bool = False
     """Replace the tile files of a non-empty OUT."""
+    rpc: bool = False
+    """Also write OUT/rpc/: RPC GeoTIFFs of the first --rpc-views satellite views, a UTM DSM GeoTIFF and rpc.json (needs the geo extra)."""
+    rpc_views: int = 5
+    """Number of satellite views (sat_00, sat_01, ...) written with RPCs."""
+    rpc_bias_px: float = 2.0
+    """Largest injected RPC bias in pixels (view 0 none; the others a random direction, length in [b/2, b])."""
 
     def main(self) -> None:
         from skyfall.synth import write_synthetic_tile
 
+        if self.rpc:
+            # Check the options and the optional dependencies before the slow rendering.
+            from skyfall.synth.rpc import check_rpc_options
+
+            check_rpc_options(self.preset, self.rpc_views, self.rpc_bias_px)
         write_synthetic_tile(self.out, preset=self.preset, seed=self.seed, overwrite=self.overwrite)
+        if self.rpc:
+            from skyfall.synth.rpc import write_rpc_set
+
+            s = write_rpc_set(self.out, n_views=self.rpc_views, bias_px=self.rpc_bias_px)
+            worst = max(v["check_max_px"] for v in s["views"])
+            a = s["anchor"]
+            print(
+                f"[synth] wrote {self.out / 'rpc'}: {len(s['views'])} RPC GeoTIFFs (RPC vs exact camera: max "
+                f"{worst:.2e} px; biases up to {self.rpc_bias_px:g} px in rpc.json), DSM EPSG:{s['dsm']['epsg']} "
+                f"{s['dsm']['width']}x{s['dsm']['height']} at {s['dsm']['resolution']:g} m; anchor "
+                f"{a['lon']:.4f},{a['lat']:.4f},{a['h']:g} m"
+            )
+            images = " ".join(str(self.out / "rpc" / v["image"]) for v in s["views"])
+            print(
+                f"[synth] try: skyfall prepare {images} --out TILE --aoi {s['prepare']['aoi']} "
+                f"--alt-range={s['prepare']['alt_range']}"
+            )

@@ -21,43 +21,16 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from skyfall.data.cameras import Cameras
+from skyfall.dsm import DsmGrid
 from skyfall.errors import MissingDependencyError, TileFormatError
 
 WATER_CLASS = 9
-
-
-@dataclass(frozen=True)
-class DsmGrid:
-    """A north-up raster: cell (i, j) has centre ``(x_min + (j + .5) res, y_max - (i + .5) res)``."""
-
-    x_min: float
-    y_max: float
-    resolution: float
-    width: int
-    height: int
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict, where: str | Path = "georef") -> DsmGrid:
-        try:
-            return cls(
-                float(d["x_min"]),
-                float(d["y_max"]),
-                float(d["resolution"]),
-                int(d["width"]),
-                int(d["height"]),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise TileFormatError(where, str(e).strip("'"), "invalid DSM georeference") from e
 
 
 # ------------------------------------------------------------------------------------------- loaders
@@ -263,13 +236,19 @@ def ncc_shift(gt: np.ndarray, pred: np.ndarray, *, radius: int = 5, min_size: in
     return int(di), int(dj)
 
 
-def register_dsm(pred: np.ndarray, gt: np.ndarray, *, radius: int = 5) -> tuple[np.ndarray, dict]:
+def register_dsm(
+    pred: np.ndarray, gt: np.ndarray, *, radius: int = 5, pyramid: bool = True
+) -> tuple[np.ndarray, dict]:
     """NCC shift registration plus vertical offset (a = 1, b = mean(gt) - mean(pred) on common cells).
+
+    ``pyramid=False`` searches exactly +-``radius`` cells at full resolution (the DFC2019 / EOGS
+    protocol); the default coarse-to-fine search also finds larger shifts (see ``ncc_shift``).
 
     Returns:
         The registered prediction [H, W] and ``{"shift_rows", "shift_cols", "dz_m", "ncc"}``.
     """
-    di, dj = ncc_shift(gt, pred, radius=radius)
+    min_size = 100 if pyramid else max(gt.shape)
+    di, dj = ncc_shift(gt, pred, radius=radius, min_size=min_size)
     shifted = shift_image(pred, di, dj)
     both = np.isfinite(shifted) & np.isfinite(gt)
     dz = float(gt[both].mean() - shifted[both].mean()) if both.any() else 0.0
@@ -277,7 +256,9 @@ def register_dsm(pred: np.ndarray, gt: np.ndarray, *, radius: int = 5) -> tuple[
     return reg, {"shift_rows": di, "shift_cols": dj, "dz_m": dz, "ncc": ncc(gt, reg)}
 
 
-def dsm_metrics(pred: np.ndarray, gt: np.ndarray, *, register: bool = True) -> dict[str, float]:
+def dsm_metrics(
+    pred: np.ndarray, gt: np.ndarray, *, register: bool = True, radius: int = 5, pyramid: bool = True
+) -> dict[str, float]:
     """MAE / RMSE / completeness (and the registration) of a predicted DSM against the ground truth.
 
     Completeness = cells valid in both / cells valid in the ground truth. ``pag2.5`` / ``pag7.5`` are
@@ -288,7 +269,7 @@ def dsm_metrics(pred: np.ndarray, gt: np.ndarray, *, register: bool = True) -> d
     both0 = valid_gt & np.isfinite(pred)
     out["dsm_mae_unregistered_m"] = float(np.abs(pred[both0] - gt[both0]).mean()) if both0.any() else math.nan
     if register and both0.any():
-        pred, info = register_dsm(pred, gt)
+        pred, info = register_dsm(pred, gt, radius=radius, pyramid=pyramid)
         out.update(info)
     both = valid_gt & np.isfinite(pred)
     if not both.any():

@@ -43,6 +43,18 @@ class EvalOptions:
     """Training satellite cameras back-projected for the reference-protocol DSM (0 = nadir render only)."""
     gt_dsm: Path | None = None
     """Ground-truth DSM: a DFC2019 <AOI>_DSM.tif (+ <AOI>_DSM.txt bounds; needs rasterio) or a synthetic tile."""
+    dsm_truth: Path | None = None
+    """Ground-truth DSM GeoTIFF in any CRS (heights above the WGS84 ellipsoid; a constant datum offset
+    is absorbed by the registration). Our DSM is resampled exactly onto its grid, cropped to the tile,
+    registered (NCC shift within +-dsm-shift-radius cells, vertical offset) and scored; writes
+    OUT/dsm_truth_diff_<ckpt>.tif/.png. Default: `truth_dsm` in the tile's prepare.json, if any. A
+    truth without a CRS is read in the tile's local ENU frame (synthetic tiles). Needs skyfall[geo]."""
+    dsm_mask: Path | None = None
+    """Mask GeoTIFF on the --dsm-truth grid: cells where it is 0 are not scored."""
+    dsm_shift_radius: int = 5
+    """--dsm-truth: NCC shift search range in truth cells (DFC2019 / EOGS: 5)."""
+    dsm_oversample: int = 2
+    """--dsm-truth: ENU render cells per truth cell along each axis before resampling."""
     world_offset: tuple[float, float, float] = (0.0, 0.0, 0.0)
     """Added to world points before comparing with --gt-dsm (e.g. the UTM easting/northing of the ENU origin)."""
     lpips: bool = True

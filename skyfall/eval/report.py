@@ -7,6 +7,9 @@
     OUT/summary.csv          one row per (checkpoint, group): set / altitude band / geometry source
     OUT/grid_<ckpt>.png      per GT set: reference | render | |error| | GT depth | depth | depth error
     OUT/dsm_<ckpt>.png       GT DSM | predicted DSMs | registered error
+    OUT/dsm_truth_<ckpt>.tif      --dsm-truth: our DSM resampled onto the (cropped) truth grid, unregistered
+    OUT/dsm_truth_diff_<ckpt>.tif --dsm-truth: registered prediction - truth, same grid and CRS as the truth
+    OUT/dsm_truth_diff_<ckpt>.png   its preview (blue -5 m .. red +5 m)
     OUT/report.html          the tables and figures
 """
 
@@ -21,11 +24,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from skyfall.dsm import colorize, write_geotiff, write_preview
 from skyfall.storage.atomic import atomic_write_text
 
-# Colour-map anchors (viridis-like for depth/heights, inferno-like for errors), linearly interpolated.
-_VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float64)
-_INFERNO = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float64)
 SUMMARY_COLS = ("ckpt", "kind", "group", "n_views", "altitude_m", "psnr", "ssim", "lpips", "depth_absrel",
                 "coverage", "clip_fid", "cmmd", "dsm_mae_m", "dsm_rmse_m", "dsm_completeness",
                 "dsm_mae_unregistered_m", "shift_rows", "shift_cols", "dz_m")  # fmt: skip
@@ -45,19 +46,6 @@ def _clean(x: object) -> object:
     if isinstance(x, Path):
         return str(x)
     return x
-
-
-def colorize(values: np.ndarray, vmin: float, vmax: float, cmap: str = "viridis") -> np.ndarray:
-    """[H, W] floats -> [H, W, 3] uint8; NaN -> dark grey."""
-    anchors = _VIRIDIS if cmap == "viridis" else _INFERNO
-    t = np.clip((values - vmin) / max(vmax - vmin, 1e-12), 0, 1)
-    t = np.where(np.isfinite(values), t, 0.0)
-    pos = t * (len(anchors) - 1)
-    lo = np.floor(pos).astype(int).clip(0, len(anchors) - 2)
-    f = (pos - lo)[..., None]
-    rgb = anchors[lo] * (1 - f) + anchors[lo + 1] * f
-    rgb[~np.isfinite(values)] = 40
-    return rgb.astype(np.uint8)
 
 
 def _fmt(v: object) -> str:
@@ -167,6 +155,16 @@ def write_outputs(out: Path, doc: dict) -> None:
     for ck in doc["checkpoints"]:
         safe = ck["label"].replace("@", "_").replace("/", "_")
         samples, maps = ck.pop("_samples", {}), ck.pop("_dsm", {})
+        ts = ck.pop("_truth", None)
+        if ts is not None:
+            tags = {"SKYFALL_SOURCE": ck["label"], "SKYFALL_TRUTH": ck["geometry"]["truth"].get("file", "")}
+            write_geotiff(out / f"dsm_truth_{safe}.tif", ts.pred, ts.grid, ts.crs, tags=tags)
+            write_geotiff(out / f"dsm_truth_diff_{safe}.tif", ts.diff, ts.grid, ts.crs, tags=tags,
+                          description="registered prediction - truth")  # fmt: skip
+            write_preview(out / f"dsm_truth_diff_{safe}.png", ts.diff, diverging=5.0)
+            figures.append(
+                (ck["label"] + " DSM - truth (registered, -5..+5 m)", f"dsm_truth_diff_{safe}.png")
+            )
         if samples:
             _grid_png(out / f"grid_{safe}.png", samples)
             figures.append((ck["label"], f"grid_{safe}.png"))

@@ -265,7 +265,16 @@ def evaluate_run(opts: EvalOptions, *, progress: bool = True) -> dict:
                 raise ConfigError(f"--gt-dsm {opts.gt_dsm}: no gt/dsm.npy + dsm.json there")
         elif data is not None:
             gt_dsm = geo.load_synthetic_dsm(data)
-    ground_z = float(np.nanpercentile(gt_dsm[0], 2)) if gt_dsm is not None else 0.0
+    truth = _load_truth(opts, data) if opts.geometry else None
+    if gt_dsm is not None:
+        ground_z = float(np.nanpercentile(gt_dsm[0], 2))
+    elif truth is not None:
+        raster, frame = truth[0], truth[1]
+        ground_z = float(np.nanpercentile(raster.heights, 2)) - (
+            frame.enu.h0 if frame.enu is not None else 0.0
+        )
+    else:
+        ground_z = 0.0
 
     unavailable: dict[str, str] = {}
     lpips_model = None
@@ -279,7 +288,7 @@ def evaluate_run(opts: EvalOptions, *, progress: bool = True) -> dict:
         unavailable["lpips"] = "disabled (--no-lpips)"
     embedders, un = _load_embedders(opts)
     unavailable.update(un)
-    if gt_dsm is None:
+    if gt_dsm is None and truth is None:
         unavailable["geometry"] = (
             "disabled" if not opts.geometry else "no ground-truth DSM (tile gt/dsm.npy or --gt-dsm)"
         )
@@ -288,7 +297,16 @@ def evaluate_run(opts: EvalOptions, *, progress: bool = True) -> dict:
     for ckpt in ckpts:
         results.append(
             _evaluate_ckpt(
-                ckpt, opts, view_sets, gt_dsm, ground_z, embedding_rule, lpips_model, embedders, progress
+                ckpt,
+                opts,
+                view_sets,
+                gt_dsm,
+                ground_z,
+                embedding_rule,
+                lpips_model,
+                embedders,
+                progress,
+                truth,
             )
         )
     doc = {
@@ -308,6 +326,15 @@ def evaluate_run(opts: EvalOptions, *, progress: bool = True) -> dict:
             "clip_fid": f"Frechet distance of CLIP image embeddings ({opts.clip_fid_model}), clean-fid preprocessing",
             "cmmd": f"biased MMD^2, RBF sigma 10, x1000, L2-normalised CLIP embeddings ({opts.cmmd_model})",
             "geometry": "depth -> points -> plyflatten(r=1) on the GT grid; NCC shift + vertical offset",
+            **(
+                {
+                    "dsm_truth": f"{truth[0].path}: nadir median-depth DSM rendered at 1/{opts.dsm_oversample} "
+                    "of the truth cell, resampled exactly onto the truth grid (truth CRS -> geodetic -> ENU), "
+                    f"cropped to the tile; NCC shift within +-{opts.dsm_shift_radius} cells + vertical offset"
+                }
+                if truth is not None
+                else {}
+            ),
         },
         "checkpoints": results,
         "wall_s": time.perf_counter() - t_start,
@@ -328,6 +355,7 @@ def _evaluate_ckpt(
     lpips_model: Any,
     embedders: dict,
     progress: bool,
+    truth: tuple | None = None,
 ) -> dict:
     from tqdm import tqdm
 
@@ -424,6 +452,21 @@ def _evaluate_ckpt(
         for name, pred in dsm_maps.items():
             geometry[name] = geo.dsm_metrics(pred, dsm)
         dsm_maps["gt"] = dsm
+    truth_score = None
+    if truth is not None:
+        from skyfall.dsm import render_dsm
+        from skyfall.eval.truth import score_truth
+
+        raster, frame, extent = truth
+        truth_score = score_truth(
+            lambda g: render_dsm(scene, g).astype(np.float64),
+            raster,
+            frame,
+            extent=extent,
+            oversample=opts.dsm_oversample,
+            radius=opts.dsm_shift_radius,
+        )
+        geometry["truth"] = {**truth_score.metrics, "file": str(raster.path)}
     return {
         "label": label,
         "ckpt": str(ckpt),
@@ -438,7 +481,34 @@ def _evaluate_ckpt(
         "wall_s": time.perf_counter() - t0,
         "_samples": samples,
         "_dsm": dsm_maps,
+        "_truth": truth_score,
     }
+
+
+def _load_truth(opts: EvalOptions, data: Path | None) -> tuple | None:
+    """(truth raster, tile frame, ENU extent) for --dsm-truth or the tile's prepare.json ``truth_dsm``."""
+    from skyfall.dsm import TileFrame, tile_frame
+    from skyfall.eval.truth import check_frames, load_truth
+
+    frame = tile_frame(data) if data is not None else TileFrame(None, None)
+    path = opts.dsm_truth or frame.truth_dsm
+    if path is None:
+        if opts.dsm_mask is not None:
+            raise ConfigError("--dsm-mask needs --dsm-truth (or truth_dsm in the tile's prepare.json)")
+        return None
+    if opts.dsm_shift_radius < 0 or opts.dsm_oversample < 1:
+        raise ConfigError("--dsm-shift-radius must be >= 0 and --dsm-oversample >= 1")
+    truth = load_truth(path, opts.dsm_mask)
+    check_frames(truth, frame, data)
+    extent = frame.extent
+    if extent is None:
+        g = truth.grid
+        if frame.enu is not None:
+            raise TileFormatError(
+                data / "prepare.json", "aoi.size_m", "missing: the tile's extent is unknown"
+            )
+        extent = (g.x_min, g.x_max, g.y_min, g.y_max)
+    return truth, frame, extent
 
 
 def _geometry_cameras(opts: EvalOptions) -> Cameras | None:

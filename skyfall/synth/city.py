@@ -138,6 +138,44 @@ class SyntheticCity:
             masks.append(mask.reshape(h, w))
         return {"rgb": torch.stack(rgbs), "depth": torch.stack(depths), "mask": torch.stack(masks)}
 
+    def height_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Exact top-surface height (ENU z, metres) at arbitrary horizontal positions.
+
+        Same rule as :meth:`dsm` (a box covers a point strictly inside its footprint; an ellipsoid
+        where its top exists), so ``height_at`` at the DSM's cell centres is the DSM.
+
+        Args:
+            x, y: [...] ENU metres, broadcast together.
+
+        Returns:
+            [...] float64 heights; NaN where no primitive covers the point (outside the tile).
+        """
+        x, y = (np.asarray(a, np.float64) for a in np.broadcast_arrays(x, y))
+        shape = x.shape
+        x, y = x.reshape(-1), y.reshape(-1)
+        z = np.full(x.shape, -np.inf)
+        # Points sorted by x: each primitive only looks at the slice inside its x extent.
+        order = np.argsort(x, kind="stable")
+        xs = x[order]
+        lay = self.layout
+
+        def candidates(x0: float, x1: float) -> np.ndarray:
+            a, b = np.searchsorted(xs, x0, "right"), np.searchsorted(xs, x1, "left")
+            return order[a:b]
+
+        for lo, hi in zip(lay.box_lo, lay.box_hi, strict=True):
+            idx = candidates(lo[0], hi[0])
+            idx = idx[(y[idx] > lo[1]) & (y[idx] < hi[1])]
+            z[idx] = np.maximum(z[idx], hi[2])
+        for c, r in zip(lay.ell_center, lay.ell_radii, strict=True):
+            idx = candidates(c[0] - r[0], c[0] + r[0])
+            idx = idx[np.abs(y[idx] - c[1]) < r[1]]
+            q = 1.0 - ((x[idx] - c[0]) / r[0]) ** 2 - ((y[idx] - c[1]) / r[1]) ** 2
+            top = np.where(q >= 0, c[2] + r[2] * np.sqrt(np.clip(q, 0, None)), -np.inf)
+            z[idx] = np.maximum(z[idx], top)
+        z[~np.isfinite(z)] = np.nan
+        return z.reshape(shape)
+
     def dsm(self, resolution: float = 0.5) -> tuple[np.ndarray, dict]:
         """Exact top-surface height at each cell centre of a grid covering the tile.
 

@@ -68,7 +68,7 @@ PRESETS: dict[str, Preset] = {
 }
 POINT_NOISE_M = 0.3
 _OWNED = ("images", "masks", "gt", "transforms_train.json", "transforms_test.json", "points3D.txt", "synth.json",
-          "contact_sheet.png")  # fmt: skip
+          "contact_sheet.png", "rpc")  # fmt: skip
 
 
 def test_indices(n: int) -> list[int]:
