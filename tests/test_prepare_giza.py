@@ -2,7 +2,8 @@
 
 Stated accuracies checked here (full resolution is 0.5 m/px; crops below are downsampled):
 pinhole vs RPC over the AOI x altitude range <= 0.05 px max; the two views' rays for matched points
-meet within 0.25 m (median) after the relative bundle adjustment, and the adjustment shrinks the gap.
+meet within 0.25 m (median) after the joint bundle adjustment, and the adjustment shrinks the gap;
+without --aoi / --alt-range the AOI and the height range are chosen from the data.
 """
 
 from __future__ import annotations
@@ -167,3 +168,20 @@ def test_single_view_uses_documented_fallback(tmp_path: Path, aoi: tuple[float, 
     s = prepare_tile(IMAGES[:1], tmp_path / "t", PrepareConfig(aoi=aoi, alt_range=ALT, downsample=8))
     assert not s["bundle_adjustment"]["done"] and "only one view" in s["bundle_adjustment"]["reason"]
     assert s["points3D"]["method"].startswith("plane fallback") and s["points3D"]["count"] > 100
+
+
+def test_default_aoi_and_height_range(tmp_path: Path) -> None:
+    from skyfall.prepare import PrepareConfig, prepare_tile
+
+    s = prepare_tile(IMAGES, tmp_path / "t", PrepareConfig(downsample=4))
+    a = s["aoi"]
+    # Two ~400 m x 400 m crops that overlap in part: a square of a few hundred metres, seen by both.
+    assert a["chosen_by"].startswith("largest square inside the common footprint of 2 view(s)")
+    assert 150.0 <= a["size_m"] <= 400.0
+    assert all(v["aoi_inside_image"] == 1.0 for v in s["views"])
+    # Ground at ~70 m, pyramid tops at ~215 m (ellipsoidal): the estimate brackets both, far inside
+    # the RPC's 10..270 m height range.
+    lo, hi = a["alt_range"]
+    assert 45.0 <= lo <= 70.0 and 200.0 <= hi <= 235.0, a
+    assert a["alt_range_chosen_by"].startswith("1st..99th percentile")
+    assert s["bundle_adjustment"]["done"] and s["bundle_adjustment"]["reproj_rms_after_px"] <= 0.1

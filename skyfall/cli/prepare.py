@@ -14,35 +14,67 @@ class Prepare:
     """Turn satellite images with RPCs (GeoTIFF/NITF tags, OSSIM .geom, .RPB, DIMAP XML) into a tile.
 
     Crops the area of interest, converts to a local ENU frame (metres), fits one pinhole camera per
-    image to its RPC and reports the fit error, matches features for a relative bundle adjustment
-    and the initial points3D.txt, and writes images/, masks/, transforms_*.json and prepare.json.
+    image to its RPC and reports the fit error, matches features between all pairs of images, chains
+    them into tracks for a joint bundle adjustment of all RPCs and the initial points3D.txt, and
+    writes images/, masks/, transforms_train.json, transforms_test.json (held-out views) and
+    prepare.json. Without --aoi/--geojson the AOI is the largest square seen by every image; without
+    --alt-range the heights come from points triangulated on a coarse preview.
     """
 
-    images: Annotated[list[Path], tyro.conf.Positional]
-    """Input images (view 0 is the matching reference)."""
     out: Path
     """Tile directory to write."""
+    images: Annotated[list[Path], tyro.conf.Positional] = field(default_factory=list)
+    """Input images (view 0 is the adjustment's reference); none with --dfc."""
     aoi: str | None = None
-    """Area of interest 'lon,lat,size_m' (degrees, degrees, metres; a square)."""
+    """Area of interest 'lon,lat,size_m' (degrees, degrees, metres; a square). Default: the largest
+    square inside all images' common footprint, at most --max-aoi."""
     geojson: Path | None = None
     """Area of interest from a GeoJSON file (bounding square), instead of --aoi."""
+    max_aoi: float = 1000.0
+    """Side cap (metres) of the default AOI."""
     alt_range: str | None = None
-    """Scene heights 'min,max' in metres above the WGS84 ellipsoid (default: the RPC's validity range)."""
+    """Scene heights 'min,max' in metres above the WGS84 ellipsoid (default: estimated from points
+    triangulated on a coarse preview, 1st..99th percentile +- --alt-margin)."""
+    alt_margin: float = 10.0
+    """Metres added on both sides of the estimated height range."""
     rpc: list[Path] = field(default_factory=list)
     """Explicit RPC files, one per image (default: embedded tags, then sidecars next to the image)."""
+    dfc: Path | None = None
+    """DFC2019 / Sat-NeRF dataset root: read ROOT/images/*/AOI_*.tif (or ROOT/images/AOI/*.tif), the
+    Sat-NeRF RPC JSONs from ROOT/rpcs/AOI/ when present, and ROOT/truth/AOI/AOI_DSM.tif (or
+    ROOT/truth/AOI_DSM.tif) as the truth DSM recorded in prepare.json. Needs --aoi-name."""
+    aoi_name: str | None = None
+    """Area name in the --dfc layout, e.g. JAX_068."""
     downsample: int = 1
     """Integer box-downsampling factor of the written images."""
     stretch: str = "2,98"
     """Percentiles 'low,high' of valid pixels mapped to 1 and 255."""
     match: bool = True
-    """Match features (initial points from triangulation, relative bundle adjustment)."""
+    """Match features between all pairs of images (initial points, bundle adjustment)."""
     adjust: bool = True
-    """Relative bundle adjustment of the RPCs from the matches."""
+    """Joint bundle adjustment of the RPCs from the tracks."""
+    adjust_model: str = "offset"
+    """RPC correction per image: 'offset' (image shift) or 'affine' (shift + 2x2 linear term)."""
+    gauge: str = "view0"
+    """'view0': image 0's RPC is kept and the others move; 'mean': all move, smallest corrections."""
+    match_cell: int = 8
+    """One keypoint per CELL x CELL pixels of each written image (matching time grows with
+    (image side / CELL)² x the number of image pairs)."""
+    track_merge_px: float = 0.0
+    """Observations of one image closer than this (px) become one track node (0: no merging)."""
+    test_views: str = "auto"
+    """Held-out views for transforms_test.json: 'auto' (one in eight, at least one from 4 views,
+    none below 4; with --dfc, the dataset's test.txt when it has one), 'none', or indices like '2,5'."""
     overwrite: bool = False
     """Write into a non-empty OUT."""
 
     def main(self) -> None:
+        from skyfall.errors import ConfigError
+        from skyfall.prepare.matching import MatchConfig
         from skyfall.prepare.pipeline import PrepareConfig, parse_aoi, parse_range, prepare_tile
+
+        if self.match_cell < 2:
+            raise ConfigError(f"--match-cell must be >= 2, got {self.match_cell}.")
 
         cfg = PrepareConfig(
             aoi=parse_aoi(self.aoi) if self.aoi is not None else None,
@@ -52,29 +84,80 @@ class Prepare:
             stretch=parse_range(self.stretch, "--stretch"),
             match=self.match,
             adjust=self.adjust,
+            adjust_model=self.adjust_model,
+            gauge=self.gauge,
+            track_merge_px=self.track_merge_px,
+            test_views=self.test_views,
+            max_aoi=self.max_aoi,
+            alt_margin=self.alt_margin,
+            matcher=MatchConfig(cell=self.match_cell),
         )
-        s = prepare_tile(self.images, self.out, cfg, rpc_files=self.rpc or None, overwrite=self.overwrite)
-        a = s["aoi"]
-        print(
-            f"tile {self.out}: {len(s['views'])} views at {s['width']}x{s['height']} px, AOI "
-            f"{a['lon']:.6f},{a['lat']:.6f} {a['size_m']:g} m, heights {a['alt_range'][0]:g}..{a['alt_range'][1]:g} m"
+        images, rpcs, extra = list(self.images), self.rpc or None, None
+        if self.dfc is not None or self.aoi_name is not None:
+            from skyfall.prepare.dfc import dfc_inputs
+
+            if self.dfc is None or self.aoi_name is None:
+                raise ConfigError("--dfc ROOT and --aoi-name NAME go together.")
+            if images or rpcs:
+                raise ConfigError("give either image paths or --dfc ROOT --aoi-name NAME, not both.")
+            images, rpcs, extra, test = dfc_inputs(self.dfc, self.aoi_name)
+            if test is not None and cfg.test_views == "auto":
+                cfg.test_views = ",".join(map(str, test)) or "none"  # the dataset's own split
+        s = prepare_tile(images, self.out, cfg, rpc_files=rpcs, overwrite=self.overwrite, extra=extra)
+        print(format_summary(s, self.out))
+
+
+def format_summary(s: dict, out: Path) -> str:
+    """The stdout report of ``skyfall prepare`` for a ``prepare.json`` summary."""
+    a = s["aoi"]
+    lines = [
+        f"tile {out}: {len(s['views'])} views at {s['width']}x{s['height']} px, AOI "
+        f"{a['lon']:.6f},{a['lat']:.6f} {a['size_m']:g} m, heights {a['alt_range'][0]:g}..{a['alt_range'][1]:g} m",
+        f"  AOI: {a['chosen_by']}",
+        f"  heights: {a['alt_range_chosen_by']}",
+    ]
+    for v in s["views"]:
+        lines.append(
+            f"  {v['name']} ({v['split']}): pinhole vs RPC over the AOI: rms {v['check_rms_px']:.4f} px, max "
+            f"{v['check_max_px']:.4f} px (projective with skew, fit grid: max {v['skewed_fit_max_px']:.4f} px); RPC from {v['rpc']}"
         )
-        for v in s["views"]:
-            print(
-                f"  {v['name']}: pinhole vs RPC over the AOI: rms {v['check_rms_px']:.4f} px, max "
-                f"{v['check_max_px']:.4f} px (projective with skew, fit grid: max {v['skewed_fit_max_px']:.4f} px); RPC from {v['rpc']}"
+        if v["aoi_inside_image"] < 0.995:
+            lines.append(
+                f"    note: {100 * (1 - v['aoi_inside_image']):.0f}% of the AOI is outside this image (masked)"
             )
-            if v["aoi_inside_image"] < 0.995:
-                print(
-                    f"    note: {100 * (1 - v['aoi_inside_image']):.0f}% of the AOI is outside this image (masked)"
+    t = s["test_views"]
+    lines.append(f"  held out: {', '.join(t['names']) or 'none'} ({t['rule']})")
+    ba = s["bundle_adjustment"]
+    fmt = lambda x, spec=".3f": "n/a" if x is None else format(x, spec)  # noqa: E731
+    if ba["done"]:
+        hist = ", ".join(f"{n} views: {c}" for n, c in ba["track_length_histogram"].items())
+        lines.append(
+            f"  bundle adjustment ({ba['model']}, gauge {ba['gauge']}): {ba['tracks']} tracks ({hist}), "
+            f"{ba['inliers']}/{ba['observations']} observations kept; reprojection rms "
+            f"{fmt(ba['reproj_rms_before_px'])} -> {fmt(ba['reproj_rms_after_px'])} px, on tracks of >= 3 views "
+            f"{fmt(ba['reproj_rms_tracks3_before_px'])} -> {fmt(ba['reproj_rms_tracks3_after_px'])} px"
+        )
+        for v, pv in zip(s["views"], ba["views"], strict=True):
+            u, w = pv["offset_px"]
+            lines.append(
+                f"    {v['name']}: offset ({u:+.3f}, {w:+.3f}) px, rms {fmt(pv['rms_before_px'])} -> "
+                f"{fmt(pv['rms_after_px'])} px over {pv['inliers']} observations"
+            )
+        sp = ba["pair_height_spread_m"]
+        lines.append(
+            f"    heights from different pairs of one track, median spread {fmt(sp['median_before'])} -> "
+            f"{fmt(sp['median_after'])} m over {sp['tracks']} tracks; ray gap median "
+            f"{fmt(ba['ray_gap_before_m']['median'])} -> {fmt(ba['ray_gap_m']['median'])} m"
+        )
+        for pair, p in ba["pairs"].items():
+            if p["tracks3"]:
+                lines.append(
+                    f"    pair {pair}: median height vs all views {fmt(p['median_dz_before_m'], '+.3f')} -> "
+                    f"{fmt(p['median_dz_after_m'], '+.3f')} m ({p['tracks3']} tracks of >= 3 views)"
                 )
-        ba = s["bundle_adjustment"]
-        if ba["done"]:
-            print(
-                f"  bundle adjustment: {ba['inliers']} matches, image offsets (px) "
-                f"{', '.join(f'({u:+.2f}, {v:+.2f})' for u, v in ba['offsets_px'][1:])}, ray gap median "
-                f"{ba['ray_gap_before_m']['median']:.3f} -> {ba['ray_gap_m']['median']:.3f} m"
-            )
-        else:
-            print(f"  no bundle adjustment ({ba['reason']}): the RPCs are used as delivered")
-        print(f"  points3D.txt: {s['points3D']['count']} points, {s['points3D']['method']}")
+    else:
+        lines.append(f"  no bundle adjustment ({ba['reason']}): the RPCs are used as delivered")
+    lines.append(f"  points3D.txt: {s['points3D']['count']} points, {s['points3D']['method']}")
+    if s.get("truth_dsm"):
+        lines.append(f"  truth DSM: {s['truth_dsm']}")
+    return "\n".join(lines)

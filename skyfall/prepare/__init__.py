@@ -2,7 +2,7 @@
 
 ``prepare_tile(images, out, PrepareConfig(aoi=(lon, lat, size_m), alt_range=(lo, hi)))`` reads the
 RPC camera models, crops the area of interest, fits one OpenCV pinhole per view in a local ENU
-frame, matches features for a relative bundle adjustment and initial points, and writes the tile
+frame, matches features between all pairs of views for a joint bundle adjustment and initial points, and writes the tile
 format that `skyfall.data.tile` reads (the reference's "Satellite" scene layout). The CLI is ``skyfall prepare``.
 """
 

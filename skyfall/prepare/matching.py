@@ -1,26 +1,22 @@
-"""Feature matching between views, ray triangulation and a relative bundle adjustment of the RPCs.
+"""Feature matching between two views and ray triangulation (tracks and the bundle adjustment: :mod:`skyfall.prepare.adjust`).
 
 Dependency-free (numpy only) on purpose: the reference needs a patched C++ COLMAP for this step.
 
-* **Keypoints** in the reference view (view 0): Shi-Tomasi corners (smallest eigenvalue of the
+* **Keypoints** in the reference view: Shi-Tomasi corners (smallest eigenvalue of the
   structure tensor), the strongest one per ``cell`` x ``cell`` block, away from no-data.
 * **Matching**: each keypoint's ray (from the fitted pinhole) is cut at the altitude range and
   projected into the other view; the image of that segment, dilated by ``search_margin`` pixels
   for the RPC bias, is searched exhaustively with normalised cross-correlation (NCC) of a
   ``(2 * half + 1)²`` patch. A match needs NCC >= ``min_ncc`` and a peak that is unique (no other
   score within ``uniqueness`` of it more than 2 px away), and is refined to sub-pixel by fitting
-  a parabola through the peak and its neighbours on each axis.
-* **Relative bundle adjustment**: view 0 is fixed (gauge); every other view k gets one image-space
-  offset ``(du, dv)`` (the standard RPC bias correction, see Grodecki & Dial 2003). Alternate:
-  triangulate every match as the point closest to all its rays (least squares), then set each
-  offset to the median of the views' reprojection residuals; the component along the epipolar
-  direction is not observable from image data and stays at 0 (it would only shift heights).
-  Outliers (residual > max(1 px, 4 robust sigma)) are dropped between iterations.
+  a parabola through the peak and its neighbours on each axis, then (``refine="lk"``) by
+  Gauss-Newton iterations on the difference of the zero-mean, unit-norm windows, sampling the
+  searched image with cubic splines (parabola fits of NCC peaks are biased towards whole pixels).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -31,7 +27,7 @@ from skyfall.prepare.pinhole import project_pinhole
 
 @dataclass
 class MatchConfig:
-    """Parameters of the NCC matcher and the relative bundle adjustment."""
+    """Parameters of the NCC matcher."""
 
     cell: int = 8
     """One keypoint per cell x cell block of the reference view (pixels of the written images)."""
@@ -45,45 +41,29 @@ class MatchConfig:
     """Pixels added around the epipolar segment for the RPCs' relative bias."""
     min_texture: float = 1e-4
     """Minimum Shi-Tomasi response (image values in 0..1) of a keypoint."""
+    refine: str = "lk"
+    """Sub-pixel refinement: 'lk' (Gauss-Newton on the normalised window difference, cubic-spline
+    sampling, started from 'parabola') or 'parabola' (a parabola through the NCC peak on each axis)."""
 
 
 @dataclass
 class Matches:
-    """Matches between view 0 and view k.
+    """Matches of the keypoints of a reference view ``ref`` in view ``view``.
 
     Attributes:
-        view: k.
-        uv0: [M, 2] pixels in view 0; uvk: [M, 2] pixels in view k (gsplat convention).
+        view: the searched view k.
+        uv0: [M, 2] keypoint pixels in the reference view; uvk: [M, 2] pixels in view k (gsplat
+            convention). Keypoint positions depend only on the reference image, so the same keypoint
+            has bit-identical ``uv0`` in every pair with that reference.
         ncc: [M] correlation scores.
+        ref: the reference view's index.
     """
 
     view: int
     uv0: np.ndarray
     uvk: np.ndarray
     ncc: np.ndarray
-
-
-@dataclass
-class Adjustment:
-    """Result of the relative bundle adjustment.
-
-    Attributes:
-        offsets: [V, 2] image-space offsets in pixels of the written images (row 0 is 0: the gauge).
-        points: [P, 3] triangulated inliers (ENU); uv0: [P, 2] their view-0 pixels; views: [P] k.
-        reproj_px: [P] RMS reprojection error of each point over its 2 views, after adjustment.
-        ray_gap_m: [P] distance between the two rays, after adjustment.
-        ray_gap_before_m: [P] the same with the RPCs as delivered (no offsets).
-        n_matches: matches per view pair before outlier rejection.
-    """
-
-    offsets: np.ndarray
-    points: np.ndarray
-    uv0: np.ndarray
-    views: np.ndarray
-    reproj_px: np.ndarray
-    ray_gap_m: np.ndarray
-    ray_gap_before_m: np.ndarray
-    n_matches: list[int] = field(default_factory=list)
+    ref: int = 0
 
 
 def keypoints(img: np.ndarray, valid: np.ndarray, cfg: MatchConfig) -> np.ndarray:
@@ -124,15 +104,16 @@ def _at_height(origin: np.ndarray, d: np.ndarray, z: float) -> np.ndarray:
 def match_pair(
     img0: np.ndarray, valid0: np.ndarray, cam0: tuple[np.ndarray, np.ndarray],
     imgk: np.ndarray, validk: np.ndarray, camk: tuple[np.ndarray, np.ndarray],
-    z_range: tuple[float, float], view: int, cfg: MatchConfig,
+    z_range: tuple[float, float], view: int, cfg: MatchConfig, ref: int = 0,
 ) -> Matches:  # fmt: skip
-    """NCC matches of view-0 keypoints in view k along their epipolar segments (module docstring).
+    """NCC matches of the reference view's keypoints in view k along their epipolar segments (module docstring).
 
     Args:
-        img0, imgk: [H, W] float images in 0..1; valid0, validk: [H, W] bool.
+        img0, imgk: [H, W] float images in 0..1 (reference, searched); valid0, validk: [H, W] bool.
         cam0, camk: (K, c2w) of the fitted pinholes.
         z_range: ENU heights bounding the scene.
         view: k, stored in the result.
+        ref: the reference view's index, stored in the result.
     """
     kp = keypoints(img0, valid0, cfg)
     origin, d = _ray(*cam0, kp)
@@ -143,6 +124,11 @@ def match_pair(
     size = 2 * h + 1
     H, W = imgk.shape
     okk = ndimage.binary_erosion(validk, np.ones((size, size)), border_value=0)
+    if cfg.refine == "lk":
+        spline = ndimage.spline_filter(imgk, order=3)
+        grads = [ndimage.spline_filter(g, order=3) for g in np.gradient(imgk)]  # d/drow, d/dcol
+    elif cfg.refine != "parabola":
+        raise ValueError(f"refine must be 'lk' or 'parabola', got {cfg.refine!r}")
     uv0, uvk, scores = [], [], []
     for i, (u, v) in enumerate(kp):
         j0, i0 = int(u), int(v)
@@ -173,10 +159,68 @@ def match_pair(
             continue
         dx = _parabola(ncc[r, c - 1], best, ncc[r, c + 1])
         dy = _parabola(ncc[r - 1, c], best, ncc[r + 1, c])
+        x, y = c0 + c + dx, r0 + r + dy  # array indices of the window centre
+        if cfg.refine == "lk":
+            warp = _local_affine(cam0, camk, np.array([u, v]), np.array([x + 0.5, y + 0.5]))
+            refined = _refine(spline, grads, tpl / tn, x, y, h, H, W, warp)
+            if refined is None:
+                continue
+            x, y = refined
         uv0.append((u, v))
-        uvk.append((c0 + c + dx + 0.5, r0 + r + dy + 0.5))
+        uvk.append((x + 0.5, y + 0.5))
         scores.append(best)
-    return Matches(view, np.array(uv0).reshape(-1, 2), np.array(uvk).reshape(-1, 2), np.array(scores))
+    return Matches(view, np.array(uv0).reshape(-1, 2), np.array(uvk).reshape(-1, 2), np.array(scores), ref)
+
+
+def _local_affine(
+    cam0: tuple[np.ndarray, np.ndarray], camk: tuple[np.ndarray, np.ndarray], uv0: np.ndarray, uvk: np.ndarray
+) -> np.ndarray:
+    """[2, 2] map of pixel offsets around uv0 in the reference view to view k, for a horizontal surface through
+    the point the two pixels triangulate to (the views' different rotation and foreshortening)."""
+    p, _ = triangulate([cam0, camk], [uv0[None], uvk[None]])
+    pts = p + np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    a0 = project_pinhole(*cam0, pts)
+    ak = project_pinhole(*camk, pts)
+    j0 = (a0[1:] - a0[0]).T  # pixels per metre east / north
+    jk = (ak[1:] - ak[0]).T
+    return jk @ np.linalg.inv(j0)
+
+
+def _refine(
+    spline: np.ndarray, grads: list[np.ndarray], tpl: np.ndarray, x: float, y: float, h: int, H: int, W: int,
+    warp: np.ndarray,
+) -> tuple[float, float] | None:  # fmt: skip
+    """Gauss-Newton on the zero-mean, unit-norm window difference, cubic-spline sampling.
+
+    The searched window is the template's grid mapped by ``warp`` ([2, 2], template pixel offsets
+    -> searched-image offsets). Starts at (x, y) (array indices of the window centre); None if it
+    leaves the image, moves more than 1 px from the start or does not converge.
+    """
+    ty, tx = np.mgrid[-h : h + 1, -h : h + 1].astype(float)
+    dx = warp[0, 0] * tx + warp[0, 1] * ty
+    dy = warp[1, 0] * tx + warp[1, 1] * ty
+    h = int(np.ceil(max(np.abs(dx).max(), np.abs(dy).max())))
+    x1, y1 = x, y
+    for _ in range(10):
+        if not (h + 1 <= x1 <= W - h - 2 and h + 1 <= y1 <= H - h - 2):
+            return None
+        coords = [y1 + dy, x1 + dx]
+        w = ndimage.map_coordinates(spline, coords, order=3, prefilter=False)
+        gy = ndimage.map_coordinates(grads[0], coords, order=3, prefilter=False)
+        gx = ndimage.map_coordinates(grads[1], coords, order=3, prefilter=False)
+        w = w - w.mean()
+        norm = np.sqrt((w**2).sum())
+        if norm < 1e-9:
+            return None
+        res = (w / norm - tpl).ravel()
+        jac = np.stack([(gx - gx.mean()).ravel(), (gy - gy.mean()).ravel()], 1) / norm
+        step = np.linalg.lstsq(jac, -res, rcond=None)[0]
+        x1, y1 = x1 + step[0], y1 + step[1]
+        if abs(x1 - x) > 1 or abs(y1 - y) > 1:
+            return None
+        if np.abs(step).max() < 1e-3:
+            return x1, y1
+    return None
 
 
 def _parabola(a: float, b: float, c: float) -> float:
@@ -209,56 +253,3 @@ def triangulate(
     n = np.cross(d1, d2)
     gap = np.abs(n @ (o2 - o1)) / np.linalg.norm(n, axis=1)
     return pts, gap
-
-
-def relative_adjustment(
-    cams: list[tuple[np.ndarray, np.ndarray]], matches: list[Matches], n_iter: int = 30
-) -> Adjustment:
-    """Estimate per-view image offsets (view 0 fixed) from matches to view 0 (module docstring)."""
-    n_views = len(cams)
-    offsets = np.zeros((n_views, 2))
-    keep = [np.ones(len(m.uv0), bool) for m in matches]
-
-    def shifted(k: int) -> tuple[np.ndarray, np.ndarray]:
-        K = cams[k][0].copy()
-        K[:2, 2] += offsets[k]
-        return K, cams[k][1]
-
-    for it in range(n_iter):
-        for m, kp in zip(matches, keep, strict=True):
-            if kp.sum() < 3:
-                continue
-            uv0, uvk = m.uv0[kp], m.uvk[kp]
-            pts, _ = triangulate([cams[0], shifted(m.view)], [uv0, uvk])
-            res = uvk - project_pinhole(*shifted(m.view), pts)
-            offsets[m.view] += np.median(res, axis=0)
-            if it in (5, 15):  # robust rejection once the offset has settled
-                pts, _ = triangulate([cams[0], shifted(m.view)], [m.uv0, m.uvk])
-                e = np.linalg.norm(m.uvk - project_pinhole(*shifted(m.view), pts), axis=1)
-                e += np.linalg.norm(m.uv0 - project_pinhole(*cams[0], pts), axis=1)
-                sigma = 1.4826 * np.median(np.abs(e[kp] - np.median(e[kp])))
-                kp &= e <= max(1.0, np.median(e[kp]) + 4 * sigma)
-    pts_all, uv0_all, views, rep, gap, gap0 = [], [], [], [], [], []
-    for m, kp in zip(matches, keep, strict=True):
-        uv0, uvk = m.uv0[kp], m.uvk[kp]
-        pts, g = triangulate([cams[0], shifted(m.view)], [uv0, uvk])
-        _, g0 = triangulate([cams[0], cams[m.view]], [uv0, uvk])
-        e0 = ((project_pinhole(*cams[0], pts) - uv0) ** 2).sum(1)
-        ek = ((project_pinhole(*shifted(m.view), pts) - uvk) ** 2).sum(1)
-        pts_all.append(pts)
-        uv0_all.append(uv0)
-        views.append(np.full(len(pts), m.view))
-        rep.append(np.sqrt(0.5 * (e0 + ek)))
-        gap.append(g)
-        gap0.append(g0)
-    cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape)  # noqa: E731
-    return Adjustment(
-        offsets=offsets,
-        points=cat(pts_all, (0, 3)),
-        uv0=cat(uv0_all, (0, 2)),
-        views=cat(views, (0,)).astype(int),
-        reproj_px=cat(rep, (0,)),
-        ray_gap_m=cat(gap, (0,)),
-        ray_gap_before_m=cat(gap0, (0,)),
-        n_matches=[len(m.uv0) for m in matches],
-    )

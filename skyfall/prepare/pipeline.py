@@ -3,32 +3,37 @@
 Steps (each documented where it is implemented):
 
 1. Read every view with its RPC (:mod:`skyfall.prepare.raster`).
-2. Area of interest: a square of ``size`` metres centred on (lon, lat) (``--aoi``) or the bounding
-   square of a GeoJSON geometry; heights from ``--alt-range`` (ellipsoidal metres, like the RPC),
-   else the first RPC's ``height_off ± height_scale / 2`` (its validity range, usually much wider
-   than the terrain: pass the range when you know it).
+2. Area of interest: a square of ``size`` metres centred on (lon, lat) (``--aoi``), the bounding
+   square of a GeoJSON geometry, or by default the largest square inside every view's footprint
+   (:func:`default_aoi`, at most ``max_aoi`` metres). Heights from ``--alt-range`` (ellipsoidal
+   metres, like the RPC), else estimated from points triangulated on a coarse preview of the AOI
+   (:func:`_estimate_alt_range`).
 3. ENU frame at the AOI centre with its origin ``origin_below`` metres under the lowest AOI height,
    as SatelliteSfM does (its ENU origin altitude is ``min(alt_range) − 20 m``).
 4. Crop: every view is cut to one common size around its image of the AOI box (AOI x altitude
    range), optionally box-downsampled; pixels outside the source image are no-data.
 5. Pinhole per view fitted to the RPC over a grid of AOI x altitude points
    (:mod:`skyfall.prepare.pinhole`), checked on independent random AOI points.
-6. Matching + relative bundle adjustment of the RPCs (:mod:`skyfall.prepare.matching`), which
-   also gives the initial points; if matching is disabled or finds too few points, the fallback
-   is a plane of points at the middle of the altitude range on a ``fallback_spacing`` grid,
-   coloured from view 0: a flat start that Stage 1's densification reshapes, the same role as
-   the reference's random-cube fallback but inside the AOI.
-7. Write ``images/*.png`` (8-bit RGB, panchromatic replicated; percentile stretch, valid pixels
+6. Matching of every pair of views (:mod:`skyfall.prepare.matching`), tracks and the joint bundle
+   adjustment of all RPCs (:mod:`skyfall.prepare.adjust`), which also gives the initial points
+   (each track's point, coloured from its first training view); if matching is disabled or finds
+   too few points, the fallback is a plane of points at the middle of the altitude range on a
+   ``fallback_spacing`` grid, coloured from the first training view: a flat start that Stage 1's
+   densification reshapes, the same role as the reference's random-cube fallback but inside the AOI.
+7. Held-out views (:func:`parse_test_views`) go to ``transforms_test.json``, the others to
+   ``transforms_train.json``; all views take part in the adjustment (their cameras must agree).
+8. Write ``images/*.png`` (8-bit RGB, panchromatic replicated; percentile stretch, valid pixels
    mapped to 1..255 so that black stays no-data for tools that use the reference's mask rule),
-   ``masks/*.npy``, ``transforms_{train,test}.json`` (test: 0 frames), ``points3D.txt`` and
-   ``prepare.json`` (AOI, ENU origin, crops, fit errors, adjustment: everything needed to go back
-   to geographic coordinates).
+   ``masks/*.npy``, ``transforms_{train,test}.json``, ``points3D.txt`` and ``prepare.json`` (AOI
+   and how it was chosen, ENU origin, crops, fit errors, held-out views, adjustment statistics:
+   everything needed to go back to geographic coordinates).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +41,9 @@ from typing import Any
 import numpy as np
 
 from skyfall.errors import ConfigError, SkyfallError
+from skyfall.prepare.adjust import Correction, Tracks, build_tracks, joint_adjustment, triangulate_tracks
 from skyfall.prepare.geodesy import ENUFrame
-from skyfall.prepare.matching import MatchConfig, match_pair, relative_adjustment, triangulate
+from skyfall.prepare.matching import MatchConfig, Matches, match_pair
 from skyfall.prepare.pinhole import PinholeFit, fit_pinhole
 from skyfall.prepare.raster import SatelliteImage, read_satellite_image
 
@@ -61,9 +67,25 @@ class PrepareConfig:
     stretch: tuple[float, float] = (2.0, 98.0)
     """Percentiles of the valid pixels mapped to 1 and 255 (robust contrast stretch)."""
     match: bool = True
-    """Match features between view 0 and the other views (initial points + bundle adjustment)."""
+    """Match features between all pairs of views (initial points + bundle adjustment)."""
     adjust: bool = True
-    """Relative bundle adjustment of the RPCs (image offsets) from the matches."""
+    """Joint bundle adjustment of the RPCs (image corrections) from the tracks."""
+    adjust_model: str = "offset"
+    """Image correction per view: 'offset' (2 parameters) or 'affine' (6)."""
+    gauge: str = "view0"
+    """Adjustment gauge: 'view0' (view 0's RPC is kept) or 'mean' (all views move, smallest corrections)."""
+    track_merge_px: float = 0.0
+    """Observations of one view closer than this (px) are one track node (chains matches made from
+    different reference views; 0: tracks are one reference keypoint and its matches)."""
+    test_views: str = "auto"
+    """Held-out views: 'auto' (one in eight, at least one from 4 views, none below), 'none' or indices '2,5'."""
+    max_aoi: float = 1000.0
+    """Side cap (metres) of the default AOI (the largest square inside all views' common footprint)."""
+    alt_margin: float = 10.0
+    """Metres added on both sides of the estimated altitude range (1st..99th percentile of the
+    heights triangulated on a coarse preview)."""
+    preview_px: int = 256
+    """Longest side (pixels) of the coarse preview used to estimate the altitude range."""
     grid_xy: int = 9
     """Fit grid: points per horizontal axis of the AOI."""
     grid_z: int = 5
@@ -161,15 +183,17 @@ def prepare_tile(
     *,
     rpc_files: list[str | Path] | None = None,
     overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build a tile from satellite images with RPCs (module docstring).
 
     Args:
-        images: the views (>= 1; >= 2 for matching); view 0 is the matching reference.
+        images: the views (>= 1; >= 2 for matching); view 0 is the adjustment's gauge.
         out: tile folder to write.
         cfg: options.
         rpc_files: explicit RPC files, one per image (else embedded tags / sidecars).
         overwrite: allow writing into a non-empty ``out``.
+        extra: entries added to ``prepare.json`` (e.g. ``truth_dsm``).
 
     Returns:
         The summary written to ``out/prepare.json``.
@@ -188,83 +212,104 @@ def prepare_tile(
         raise ConfigError(
             f"--stretch percentiles must satisfy 0 <= low < high <= 100, got {lo_p:g},{hi_p:g}."
         )
+    if cfg.adjust_model not in ("offset", "affine"):
+        raise ConfigError(f"--adjust-model must be 'offset' or 'affine', got {cfg.adjust_model!r}.")
+    if cfg.gauge not in ("view0", "mean"):
+        raise ConfigError(f"--gauge must be 'view0' or 'mean', got {cfg.gauge!r}.")
+    for name, value, ok in (
+        ("--track-merge-px", cfg.track_merge_px, cfg.track_merge_px >= 0),
+        ("--max-aoi", cfg.max_aoi, 1.0 <= cfg.max_aoi <= 20000.0),
+        ("--alt-margin", cfg.alt_margin, cfg.alt_margin >= 0),
+    ):
+        if not (ok and math.isfinite(value)):
+            raise ConfigError(f"{name} is out of range: {value:g}.")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} is not empty; pass --overwrite to replace its tile files.")
-    if cfg.aoi is None and cfg.geojson is None:
-        raise ConfigError("give the area of interest: --aoi lon,lat,size_m or --geojson FILE.")
     if cfg.aoi is not None and cfg.geojson is not None:
         raise ConfigError("give either --aoi or --geojson, not both.")
-    lon, lat, size = aoi_from_geojson(cfg.geojson) if cfg.geojson is not None else cfg.aoi  # type: ignore[misc]
-    if cfg.geojson is None:
-        _check_aoi(lon, lat, size, "--aoi")
+    test_idx, test_rule = parse_test_views(cfg.test_views, len(images))
 
     sats = [
         read_satellite_image(p, None if rpc_files is None else rpc_files[i]) for i, p in enumerate(images)
     ]
-    rpc0 = sats[0].rpc
-    alt_min, alt_max = cfg.alt_range or (
-        rpc0.h_off - 0.5 * abs(rpc0.h_scale),
-        rpc0.h_off + 0.5 * abs(rpc0.h_scale),
-    )
+    if cfg.geojson is not None:
+        lon, lat, size = aoi_from_geojson(cfg.geojson)
+        aoi_how = f"bounding square of {cfg.geojson}"
+    elif cfg.aoi is not None:
+        lon, lat, size = cfg.aoi
+        _check_aoi(lon, lat, size, "--aoi")
+        aoi_how = "--aoi"
+    else:
+        lon, lat, size, aoi_how = default_aoi(sats, cfg.alt_range, cfg.max_aoi)
+    if cfg.alt_range is not None:
+        alt_min, alt_max = cfg.alt_range
+        alt_how = "--alt-range"
+    else:
+        alt_min, alt_max, alt_how = _estimate_alt_range(sats, (lon, lat, size), cfg)
     frame = ENUFrame(lon, lat, alt_min - cfg.origin_below)
     z_lo, z_hi = cfg.origin_below, alt_max - frame.h0
     half = 0.5 * size
-
-    views = _plan_crops(sats, frame, half, (z_lo, z_hi), cfg.downsample)
-    width = max(v.check.pop("w") for v in views)
-    height = max(v.check.pop("h") for v in views)
-    for v in views:
-        _crop(v, width, height, cfg.downsample, cfg.stretch)
-        _fit(v, frame, half, (z_lo, z_hi), cfg)
+    views, width, height = _build_views(sats, frame, half, (z_lo, z_hi), cfg.downsample, cfg)
+    train_idx = [i for i in range(len(views)) if i not in test_idx]
 
     adjustment: dict[str, Any] = {"done": False}
     points = colors = errors = None
     method = ""
     if cfg.match and len(views) >= 2:
         cams = [(v.fit.K, v.fit.c2w) for v in views]  # type: ignore[union-attr]
-        matches = [
-            match_pair(
-                views[0].grey, views[0].valid, cams[0], v.grey, v.valid, cams[k], (z_lo, z_hi), k, cfg.matcher
-            )  # fmt: skip
-            for k, v in enumerate(views[1:], start=1)
-        ]
-        if cfg.adjust:
-            adj = relative_adjustment(cams, matches)
-            for v, off in zip(views, adj.offsets, strict=True):
-                v.fit.K[:2, 2] += off  # type: ignore[union-attr]
+        matches = _match_all(views, cams, (z_lo, z_hi), cfg.matcher)
+        tracks = build_tracks(matches, cfg.track_merge_px)
+        n_matches = {f"{m.ref}-{m.view}": int(len(m.uv0)) for m in matches}
+        if cfg.adjust and tracks.n_tracks >= 3:
+            adj = joint_adjustment(cams, tracks, (width, height), model=cfg.adjust_model, gauge=cfg.gauge)
+            corr = adj.correction
+            for k, v in enumerate(views):
+                if cfg.adjust_model == "offset":
+                    # The offset is added to every projected pixel: exactly a principal-point shift.
+                    v.fit.K[:2, 2] += corr.offset[k]  # type: ignore[union-attr]
+                else:
+                    _fit(
+                        v, frame, half, (z_lo, z_hi), cfg, lambda uv, k=k: corr.apply(np.full(len(uv), k), uv)
+                    )
+            stats = adj.summary(len(views))
             adjustment = {
                 "done": True,
-                "offsets_px": adj.offsets.tolist(),
-                "offsets_rpc_px": (adj.offsets * cfg.downsample).tolist(),
-                "matches": adj.n_matches,
-                "inliers": int(len(adj.points)),
-                "reproj_rms_px": _stat(adj.reproj_px, "rms"),
-                "ray_gap_m": {"median": _stat(adj.ray_gap_m, "median"), "p90": _stat(adj.ray_gap_m, "p90")},
+                "offsets_px": corr.offset.tolist(),
+                "offsets_rpc_px": (corr.offset * cfg.downsample).tolist(),
+                "matches": n_matches,
+                "reproj_rms_px": stats["reproj_rms_after_px"],
+                "ray_gap_m": {
+                    "median": _stat(adj.ray_gap_after_m, "median"),
+                    "p90": _stat(adj.ray_gap_after_m, "p90"),
+                },
                 "ray_gap_before_m": {
                     "median": _stat(adj.ray_gap_before_m, "median"),
                     "p90": _stat(adj.ray_gap_before_m, "p90"),
                 },
+                **stats,
             }
-            pts, uv0, errs = adj.points, adj.uv0, adj.reproj_px
+            pts, keep, err_obs = adj.points, adj.inlier, adj.err_after
         else:
-            adjustment = {"done": False, "reason": "disabled (--no-adjust)"}
-            pts_l, uv_l, err_l = [], [], []
-            for m in matches:
-                p, _ = triangulate([cams[0], cams[m.view]], [m.uv0, m.uvk])
-                pts_l.append(p)
-                uv_l.append(m.uv0)
-                err_l.append(np.zeros(len(p)))
-            pts, uv0, errs = np.concatenate(pts_l), np.concatenate(uv_l), np.concatenate(err_l)
+            reason = "disabled (--no-adjust)" if not cfg.adjust else f"only {tracks.n_tracks} tracks"
+            adjustment = {"done": False, "reason": reason, "matches": n_matches}
+            keep = np.ones(len(tracks.view), bool)
+            zero = Correction.zero(len(views), np.array([width, height]) / 2)
+            pts = triangulate_tracks(cams, tracks, zero, keep)
+            err_obs = np.zeros(len(tracks.view))
+        pts, uv_first, view_first, errs = _track_points(tracks, pts, keep, err_obs, train_idx)
         inside = (
             (np.abs(pts[:, :2]) <= 1.05 * half).all(1) & (pts[:, 2] >= z_lo - 10) & (pts[:, 2] <= z_hi + 10)
         )
         if inside.sum() >= cfg.min_points:
             points, errors = pts[inside], errs[inside]
-            colors = _sample(views[0].rgb, uv0[inside])  # type: ignore[arg-type]
+            colors = np.zeros((int(inside.sum()), 3), np.uint8)
+            for k in np.unique(view_first[inside]):
+                sel = view_first[inside] == k
+                colors[sel] = _sample(views[k].rgb, uv_first[inside][sel])  # type: ignore[arg-type]
             method = (
-                f"NCC matches of view 0 with {len(views) - 1} other view(s), triangulated "
-                f"({int(inside.sum())} points in the AOI volume)"
+                f"NCC matches of all {len(matches)} view pairs chained into {tracks.n_tracks} tracks, "
+                f"triangulated ({int(inside.sum())} points in the AOI volume)"
             )
         else:
             method = f"plane fallback: only {int(inside.sum())} triangulated points in the AOI volume"
@@ -273,11 +318,18 @@ def prepare_tile(
         adjustment = {"done": False, "reason": reason}
         method = f"plane fallback: {reason}"
     if points is None:
-        points, colors = _plane(views[0], half, 0.5 * (z_lo + z_hi), cfg.fallback_spacing)
+        points, colors = _plane(views[train_idx[0]], half, 0.5 * (z_lo + z_hi), cfg.fallback_spacing)
         errors = np.zeros(len(points))
 
     summary = {
-        "aoi": {"lon": lon, "lat": lat, "size_m": size, "alt_range": [alt_min, alt_max]},
+        "aoi": {
+            "lon": lon,
+            "lat": lat,
+            "size_m": size,
+            "alt_range": [alt_min, alt_max],
+            "chosen_by": aoi_how,
+            "alt_range_chosen_by": alt_how,
+        },  # fmt: skip
         "enu_origin": frame.to_dict(),
         "width": width,
         "height": height,
@@ -287,6 +339,7 @@ def prepare_tile(
                 "name": v.name,
                 "source": str(v.image.path),
                 "rpc": v.image.rpc_source,
+                "split": "test" if i in test_idx else "train",
                 "crop_file_px": [v.x0, v.y0, width * cfg.downsample, height * cfg.downsample],
                 "aoi_inside_image": round(v.inside, 4),
                 "fit_rms_px": v.fit.rms_px,  # type: ignore[union-attr]
@@ -296,14 +349,187 @@ def prepare_tile(
                 "skew": v.fit.skew,  # type: ignore[union-attr]
                 **v.check,
             }
-            for v in views
+            for i, v in enumerate(views)
         ],
+        "test_views": {"indices": test_idx, "names": [views[i].name for i in test_idx], "rule": test_rule},
         "bundle_adjustment": adjustment,
         "points3D": {"count": int(len(points)), "method": method},
         "config": _jsonable(asdict(cfg)),
+        **(extra or {}),
     }
-    _write_tile(out, views, width, height, points, colors, errors, summary)  # type: ignore[arg-type]
+    _write_tile(out, views, width, height, points, colors, errors, summary, test_idx)  # type: ignore[arg-type]
     return summary
+
+
+def parse_test_views(spec: str, n_views: int) -> tuple[list[int], str]:
+    """Held-out view indices from ``--test-views`` ('auto', 'none' or comma-separated indices) and the rule.
+
+    'auto': one view in eight (rounded, at least one) when there are four or more views, none
+    below four; the held-out views are spread evenly over the input order and never view 0.
+    """
+    spec = spec.strip().lower()
+    if spec == "none":
+        return [], "none (--test-views none)"
+    if spec == "auto":
+        if n_views < 4:
+            return [], f"auto: none held out below 4 views ({n_views} given)"
+        k = max(1, round(n_views / 8))
+        idx = sorted({min(n_views - 1, max(1, int((i + 0.5) * n_views / k))) for i in range(k)})
+        return idx, f"auto: {len(idx)} of {n_views} views (one in eight, at least one from 4 views)"
+    try:
+        idx = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise ConfigError(
+            f"--test-views must be 'auto', 'none' or view indices like '2,5', got {spec!r}."
+        ) from None
+    bad = [i for i in idx if not 0 <= i < n_views]
+    if bad:
+        raise ConfigError(f"--test-views: index {bad[0]} is not a view (0..{n_views - 1}).")
+    if len(idx) >= n_views:
+        raise ConfigError(f"--test-views holds out all {n_views} views; keep at least one for training.")
+    return idx, f"explicit: {','.join(map(str, idx))}"
+
+
+def default_aoi(
+    sats: list[SatelliteImage], alt_range: tuple[float, float] | None, max_size: float
+) -> tuple[float, float, float, str]:
+    """The largest north-up square inside every view's footprint at every height, capped at ``max_size``.
+
+    Footprints are the image corners localised through the RPC at both ends of the altitude range
+    (``alt_range``, else each view's RPC height range ``h_off ± h_scale``): convex quadrilaterals in the ENU plane of
+    view 0's centre. The square (maximised by a linear programme over centre and side) is shrunk by
+    2 % for the footprints' curvature. Returns (lon, lat, side, a sentence saying how it was chosen).
+    """
+    from scipy.optimize import linprog
+
+    r0 = sats[0].rpc
+    lon0, lat0 = r0.localize(np.array([r0.samp_off]), np.array([r0.line_off]), np.array([r0.h_off]))
+    frame = ENUFrame(float(lon0[0]), float(lat0[0]), 0.0)
+    a_ub, b_ub = [], []
+    for img in sats:
+        rpc = img.rpc
+        hs = alt_range or (rpc.h_off - abs(rpc.h_scale), rpc.h_off + abs(rpc.h_scale))
+        a = np.r_[img.file_from_rpc, [[0.0, 0.0, 1.0]]]
+        corners = np.array([[0, 0], [img.width, 0], [img.width, img.height], [0, img.height]], float)
+        colrow = (np.c_[corners, np.ones(4)] @ np.linalg.inv(a).T)[:, :2]
+        for h in hs:
+            lon, lat = rpc.localize(colrow[:, 0], colrow[:, 1], np.full(4, h))
+            xy = frame.from_geodetic(np.asarray(lon), np.asarray(lat), np.full(4, h))[:, :2]
+            e1, e2 = xy[1] - xy[0], xy[2] - xy[1]
+            sign = np.sign(e1[0] * e2[1] - e1[1] * e2[0])  # the quad's orientation
+            for i in range(4):
+                p, q = xy[i], xy[(i + 1) % 4]
+                n = sign * np.array([q[1] - p[1], p[0] - q[0]])  # outward normal: n . x <= n . p inside
+                # All four corners (cx +- s/2, cy +- s/2) inside: n.c + (|nx| + |ny|) s / 2 <= n.p.
+                a_ub.append([n[0], n[1], 0.5 * (abs(n[0]) + abs(n[1]))])
+                b_ub.append(float(n @ p))
+    res = linprog([0, 0, -1.0], A_ub=np.array(a_ub), b_ub=np.array(b_ub),
+                  bounds=[(None, None), (None, None), (0, None)])  # fmt: skip
+    if res.status != 0 or res.x[2] < 1.0:
+        raise AOIError(
+            f"{sats[0].path}: the {len(sats)} views have no common footprint; give the area of interest with --aoi."
+        )
+    cx, cy, side = res.x
+    side_max = 0.98 * side
+    size = min(side_max, max_size)
+    lon, lat, _ = frame.to_geodetic(np.array([[cx, cy, 0.0]]))
+    how = (
+        f"largest square inside the common footprint of {len(sats)} view(s) "
+        f"({side_max:.0f} m{f', capped at {max_size:g} m' if side_max > max_size else ''})"
+    )
+    return float(lon[0]), float(lat[0]), float(size), how
+
+
+def _estimate_alt_range(
+    sats: list[SatelliteImage], aoi: tuple[float, float, float], cfg: PrepareConfig
+) -> tuple[float, float, str]:
+    """Altitude range from heights triangulated on a coarse preview (1st..99th percentile ± ``alt_margin``).
+
+    The preview crops the AOI over view 0's RPC height normalisation range (``h_off ± h_scale``,
+    where the RPC is valid) at a downsampling that makes its longest side about ``preview_px``,
+    matches all pairs and triangulates the tracks with the RPCs as delivered (their bias, a few
+    full-resolution pixels, is far inside the margin). Without two views, matching, or 20 points,
+    that normalisation range is returned.
+    """
+    rpc0 = sats[0].rpc
+    lo, hi = rpc0.h_off - abs(rpc0.h_scale), rpc0.h_off + abs(rpc0.h_scale)
+    validity = (
+        "view 0's RPC height range h_off +- h_scale (no {}: pass --alt-range when you know the terrain)"
+    )
+    if len(sats) < 2 or not cfg.match:
+        return lo, hi, validity.format("second view" if len(sats) < 2 else "matching")
+    lon, lat, size = aoi
+    frame = ENUFrame(lon, lat, lo - cfg.origin_below)
+    z = (cfg.origin_below, hi - frame.h0)
+    plan = _plan_crops(sats, frame, 0.5 * size, z, 1)
+    longest = max(max(v.check["w"], v.check["h"]) for v in plan)
+    r = max(1, math.ceil(longest / cfg.preview_px))
+    views, width, height = _build_views(sats, frame, 0.5 * size, z, r, cfg)
+    cams = [(v.fit.K, v.fit.c2w) for v in views]  # type: ignore[union-attr]
+    tracks = build_tracks(_match_all(views, cams, z, cfg.matcher))
+    pts = triangulate_tracks(cams, tracks, Correction.zero(len(views), np.array([width, height]) / 2))
+    # Matches forced to an end of their search segment are usually wrong: keep the inner 96 %.
+    pad = 0.02 * (z[1] - z[0])
+    ok = np.isfinite(pts[:, 0]) & (np.abs(pts[:, :2]) <= 0.5 * size).all(1)
+    ok &= (pts[:, 2] >= z[0] + pad) & (pts[:, 2] <= z[1] - pad)
+    if ok.sum() < 20:
+        return lo, hi, validity.format(f"20 preview points, {int(ok.sum())} found")
+    h = pts[ok, 2] + frame.h0
+    p1, p99 = np.percentile(h, [1, 99])
+    a, b = max(lo, p1 - cfg.alt_margin), min(hi, p99 + cfg.alt_margin)
+    how = (
+        f"1st..99th percentile {p1:.1f}..{p99:.1f} m of {int(ok.sum())} points triangulated on a "
+        f"1/{r} preview, +- {cfg.alt_margin:g} m"
+    )
+    return float(a), float(b), how
+
+
+def _build_views(
+    sats: list[SatelliteImage],
+    frame: ENUFrame,
+    half: float,
+    z: tuple[float, float],
+    r: int,
+    cfg: PrepareConfig,
+) -> tuple[list[_View], int, int]:
+    """Crop every view to a common size around the AOI box and fit its pinhole."""
+    views = _plan_crops(sats, frame, half, z, r)
+    width = max(v.check.pop("w") for v in views)
+    height = max(v.check.pop("h") for v in views)
+    for v in views:
+        _crop(v, width, height, r, cfg.stretch)
+        _fit(v, frame, half, z, cfg, r=r)
+    return views, width, height
+
+
+def _match_all(
+    views: list[_View], cams: list[tuple[np.ndarray, np.ndarray]], z: tuple[float, float], mcfg: MatchConfig
+) -> list[Matches]:
+    """Keypoints of view i matched in every view j > i."""
+    return [
+        match_pair(
+            views[i].grey, views[i].valid, cams[i], views[j].grey, views[j].valid, cams[j], z, j, mcfg, ref=i
+        )  # type: ignore[arg-type]
+        for i in range(len(views))
+        for j in range(i + 1, len(views))
+    ]
+
+
+def _track_points(
+    tracks: Tracks, pts: np.ndarray, keep: np.ndarray, err_obs: np.ndarray, train_idx: list[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Finite track points with the pixel of their first training-view observation (for colours) and RMS error."""
+    ok_obs = keep & np.isin(tracks.view, train_idx)
+    ok_obs &= np.isfinite(pts[tracks.track, 0])
+    order = np.lexsort((tracks.view, tracks.track))
+    order = order[ok_obs[order]]
+    tr = tracks.track[order]
+    first = order[np.r_[True, tr[1:] != tr[:-1]]] if len(order) else order
+    t_ids = tracks.track[first]
+    sq = np.bincount(tracks.track[keep], weights=err_obs[keep] ** 2, minlength=tracks.n_tracks)
+    cnt = np.maximum(np.bincount(tracks.track[keep], minlength=tracks.n_tracks), 1)
+    rms = np.sqrt(sq / cnt)
+    return pts[t_ids], tracks.uv[first], tracks.view[first], rms[t_ids]
 
 
 def _stat(x: np.ndarray, kind: str) -> float | None:
@@ -393,15 +619,23 @@ def _crop(v: _View, width: int, height: int, r: int, stretch: tuple[float, float
     v.valid = ok
 
 
-def _fit(v: _View, frame: ENUFrame, half: float, z: tuple[float, float], cfg: PrepareConfig) -> None:
-    """Fit the pinhole on the AOI grid and check it on random AOI points (written-image pixels)."""
+def _fit(
+    v: _View, frame: ENUFrame, half: float, z: tuple[float, float], cfg: PrepareConfig,
+    corr: Callable[[np.ndarray], np.ndarray] | None = None, r: int | None = None,
+) -> None:  # fmt: skip
+    """Fit the pinhole on the AOI grid and check it on random AOI points (written-image pixels).
+
+    ``corr`` maps RPC pixels to corrected pixels (the adjustment's affine correction) before fitting.
+    """
+    r = cfg.downsample if r is None else r
+    target = (lambda uv: uv) if corr is None else corr
     g = np.linspace(-half, half, cfg.grid_xy)
     zz = np.linspace(z[0], z[1], cfg.grid_z)
     xyz = np.stack(np.meshgrid(g, g, zz, indexing="ij"), -1).reshape(-1, 3)
-    v.fit = fit_pinhole(xyz, _to_output(v, frame, xyz, cfg.downsample))
+    v.fit = fit_pinhole(xyz, target(_to_output(v, frame, xyz, r)))
     rng = np.random.default_rng(0)
     test = rng.uniform([-half, -half, z[0]], [half, half, z[1]], size=(2000, 3))
-    err = np.linalg.norm(v.fit.project(test) - _to_output(v, frame, test, cfg.downsample), axis=1)
+    err = np.linalg.norm(v.fit.project(test) - target(_to_output(v, frame, test, r)), axis=1)
     v.check = {"check_rms_px": float(np.sqrt((err**2).mean())), "check_max_px": float(err.max())}
 
 
@@ -433,7 +667,7 @@ def _plane(v: _View, half: float, z: float, spacing: float) -> tuple[np.ndarray,
 
 def _write_tile(
     out: Path, views: list[_View], width: int, height: int,
-    points: np.ndarray, colors: np.ndarray, errors: np.ndarray, summary: dict[str, Any],
+    points: np.ndarray, colors: np.ndarray, errors: np.ndarray, summary: dict[str, Any], test_idx: list[int],
 ) -> None:  # fmt: skip
     import torch
     from PIL import Image
@@ -446,16 +680,22 @@ def _write_tile(
     for v in views:
         Image.fromarray(v.rgb).save(out / "images" / f"{v.name}.png")
         np.save(out / "masks" / f"{v.name}.npy", v.valid.astype(np.uint8))  # type: ignore[union-attr]
-    cams = Cameras(
-        torch.as_tensor(np.stack([v.fit.c2w for v in views])),  # type: ignore[union-attr]
-        torch.as_tensor(np.stack([v.fit.K for v in views])),  # type: ignore[union-attr]
-        width,
-        height,
-    )
-    doc = transforms_document(cams, [v.name for v in views])
-    header = {k: doc[k] for k in ("camera_model", "w", "h")}
-    (out / "transforms_train.json").write_text(json.dumps(doc, indent=1))
-    (out / "transforms_test.json").write_text(json.dumps({**header, "frames": []}, indent=1))
+    for split, sel in (
+        ("train", [v for i, v in enumerate(views) if i not in test_idx]),
+        ("test", [views[i] for i in test_idx]),
+    ):
+        if not sel:
+            header = {"camera_model": "PINHOLE", "w": width, "h": height}
+            (out / f"transforms_{split}.json").write_text(json.dumps({**header, "frames": []}, indent=1))
+            continue
+        cams = Cameras(
+            torch.as_tensor(np.stack([v.fit.c2w for v in sel])),  # type: ignore[union-attr]
+            torch.as_tensor(np.stack([v.fit.K for v in sel])),  # type: ignore[union-attr]
+            width,
+            height,
+        )
+        doc = transforms_document(cams, [v.name for v in sel])
+        (out / f"transforms_{split}.json").write_text(json.dumps(doc, indent=1))
     with open(out / "points3D.txt", "w", encoding="utf-8") as fh:
         fh.write("# 3D point list: POINT3D_ID X Y Z R G B ERROR (ENU metres, see prepare.json)\n")
         fh.write(f"# method: {summary['points3D']['method']}\n")

@@ -56,7 +56,7 @@ class RPCModel:
         h_off, h_scale: metres above the WGS84 ellipsoid.
         line_off, line_scale, samp_off, samp_scale: pixels (integer = pixel centre).
         col_shift, row_shift: image-space corrections added to every projection, in pixels (the
-            relative bundle adjustment writes them; 0 for a model as delivered).
+            bias corrections of a bundle adjustment; 0 for a model as delivered).
         source: the file it was read from (for messages).
     """
 
