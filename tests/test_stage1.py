@@ -249,3 +249,21 @@ def test_a_prior_that_cannot_load_stops_the_run_before_training(tiny_tile: Path,
     assert "--stage1.pseudo.estimator moge|depth-anything" in lines[0]
     assert not list((tmp_path / "run" / "ckpts").glob("ckpt_*.pt"))
     assert "stage1:" not in out.stdout  # no progress bar was started
+
+
+def test_real_preset_needs_no_download_and_no_synthetic_truth(tiny_tile: Path, tmp_path: Path):
+    """`--preset real` trains a tile that is not synthetic, with no model weights anywhere."""
+    import shutil
+
+    tile = tmp_path / "real_tile"
+    shutil.copytree(tiny_tile, tile)
+    (tile / "synth.json").unlink()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    args = ["train", "stage1", "--data", str(tile), "--out", str(tmp_path / "run"), "--preset", "real"]
+    out = subprocess.run(
+        _cli(*args, "--stage1.steps", "20", "--stage1.eval-every", "20"),
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    s1 = json.loads((tmp_path / "run" / "summary.json").read_text())["stage1"]
+    assert s1["steps"] == 20 and s1["pseudo_used"] == 0 and s1["num_gaussians"] == 817  # no densification
