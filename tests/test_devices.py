@@ -13,25 +13,39 @@ from skyfall.errors import ConfigError
 
 @pytest.fixture
 def machine(monkeypatch: pytest.MonkeyPatch):
-    """A fake machine: ``machine(cores, load)``; OMP_NUM_THREADS unset."""
+    """A fake machine: ``machine(cores, busy)``; OMP_NUM_THREADS unset."""
 
-    def make(cores: int, load: float) -> None:
+    def make(cores: int, busy: float) -> None:
         monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)), raising=False)
-        monkeypatch.setattr("os.getloadavg", lambda: (load, load, load))
+        monkeypatch.setattr("skyfall.devices.busy_cores", lambda sample_s=0.25: busy)
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
 
     return make
 
 
 @pytest.mark.parametrize(
-    ("cores", "load", "threads"),
+    ("cores", "busy", "threads"),
     [(2, 0.1, 2), (2, 0.9, 1), (2, 3.0, 1), (16, 0.0, 16), (16, 4.2, 12), (16, 40.0, 1), (1, 0.0, 1)],
 )
-def test_default_uses_the_cores_the_load_leaves_idle(machine, cores: int, load: float, threads: int):
-    machine(cores, load)
+def test_default_uses_the_cores_other_processes_leave_idle(machine, cores: int, busy: float, threads: int):
+    machine(cores, busy)
     choice = choose_threads()
-    assert choice.threads == threads and choice.cores == cores and choice.load == load
-    assert f"{cores} cores, load {load:.1f}" in choice.describe()
+    assert choice.threads == threads and choice.cores == cores and choice.busy == busy
+    assert f"{cores} cores, {busy:.1f} busy" in choice.describe()
+
+
+def test_busy_cores_sees_a_spinning_process():
+    from skyfall.devices import busy_cores
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        assert busy_cores(0.5) >= 0.6  # one process spinning keeps about one core busy
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def test_explicit_choices_win(machine, monkeypatch: pytest.MonkeyPatch):
