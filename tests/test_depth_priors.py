@@ -156,7 +156,9 @@ def test_the_stage1_config_chooses_and_configures_the_depth_model(tiny_da_dir, t
 
     cfg = load_config("tiny").stage1
     model = DepthModelConfig(model=str(tiny_da_dir), local_files_only=True, device="cpu", dtype="float32")
-    cfg = dataclasses.replace(cfg, pseudo=dataclasses.replace(cfg.pseudo, estimator="depth-anything", model=model))
+    cfg = dataclasses.replace(
+        cfg, pseudo=dataclasses.replace(cfg.pseudo, estimator="depth-anything", model=model)
+    )
     est = Trainer(cfg, tiny_tile, tmp_path / "run", progress=False).depth_estimator()
     assert isinstance(est, DepthAnythingDepth) and est.device == torch.device("cpu")
     assert est.dtype == torch.float32 and est.model.config.max_depth == 80  # the tiny weights were loaded

@@ -240,9 +240,7 @@ def test_a_prior_that_cannot_load_stops_the_run_before_training(tiny_tile: Path,
     tile = tmp_path / "real_tile"
     shutil.copytree(tiny_tile, tile)
     (tile / "synth.json").unlink()  # no longer a synthetic tile: its exact depth is unknown
-    out = subprocess.run(
-        _train_args(tile, tmp_path / "run", 60), capture_output=True, text=True, timeout=120
-    )
+    out = subprocess.run(_train_args(tile, tmp_path / "run", 60), capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "'ground-truth' depth estimator needs a synthetic tile" in lines[0]
