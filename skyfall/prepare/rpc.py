@@ -95,7 +95,7 @@ class RPCModel:
         P = (np.asarray(lat, np.float64) - self.lat_off) / self.lat_scale
         H = (np.asarray(h, np.float64) - self.h_off) / self.h_scale
         L, P, H = np.broadcast_arrays(L, P, H)
-        terms = _terms(L, P, H)
+        terms = rpc_terms(L, P, H)
         col = (terms @ self.samp_num) / (terms @ self.samp_den) * self.samp_scale + self.samp_off
         row = (terms @ self.line_num) / (terms @ self.line_den) * self.line_scale + self.line_off
         return col + self.col_shift, row + self.row_shift
@@ -135,7 +135,7 @@ class RPCModel:
         return lon, lat
 
 
-def _terms(L: np.ndarray, P: np.ndarray, H: np.ndarray) -> np.ndarray:
+def rpc_terms(L: np.ndarray, P: np.ndarray, H: np.ndarray) -> np.ndarray:
     """[..., 20] RPC00B monomials of normalised (L=lon, P=lat, H=height)."""
     one = np.ones_like(L)
     return np.stack(

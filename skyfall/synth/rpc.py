@@ -43,10 +43,12 @@ from typing import Any
 
 import numpy as np
 
-from skyfall.errors import ConfigError, MissingDependencyError
+from skyfall.dsm import NODATA as DSM_NODATA
+from skyfall.dsm import DsmGrid, require_pyproj, require_rasterio, utm_epsg, write_geotiff
+from skyfall.errors import ConfigError
 from skyfall.prepare.geodesy import ENUFrame
 from skyfall.prepare.pinhole import project_pinhole
-from skyfall.prepare.rpc import RPCModel, _terms
+from skyfall.prepare.rpc import RPCModel, rpc_terms
 
 
 @dataclass(frozen=True)
@@ -63,33 +65,10 @@ class Anchor:
 # 29 m below the WGS84 ellipsoid, so ground level is about -25 m ellipsoidal, like the DFC2019 JAX tiles.
 ANCHOR = Anchor(lon=-81.6600, lat=30.3200, h=-25.0, place="Jacksonville, FL (DFC2019 JAX area)")
 DSM_RESOLUTION_M = 0.5
-DSM_NODATA = -9999.0
 FIT_GRID = (21, 21, 11)  # fit points along x, y, z
 FIT_Z_MARGIN_M = 5.0  # fit heights reach this far below the ground and above the tallest object
 CHECK_POINTS = 2000
 RPC_DIR = "rpc"
-
-
-def _rasterio() -> Any:
-    try:
-        import rasterio
-        import rasterio.rpc
-        import rasterio.transform
-    except ImportError:
-        raise MissingDependencyError(
-            'writing RPC GeoTIFFs and the UTM DSM needs rasterio: pip install "skyfall[geo]"'
-        ) from None
-    return rasterio
-
-
-def _pyproj() -> Any:
-    try:
-        import pyproj
-        import pyproj.aoi
-        import pyproj.database
-    except ImportError:
-        raise MissingDependencyError('the UTM DSM needs pyproj: pip install "skyfall[geo]"') from None
-    return pyproj
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,7 +113,7 @@ def fit_rpc(
     h_scale = h_half if h_scale is None else float(h_scale)
     samp_off, samp_scale = _normaliser(col)
     line_off, line_scale = _normaliser(row)
-    t = _terms((lon - lon_off) / lon_scale, (lat - lat_off) / lat_scale, (h - h_off) / h_scale)
+    t = rpc_terms((lon - lon_off) / lon_scale, (lat - lat_off) / lat_scale, (h - h_off) / h_scale)
 
     def solve(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         a = np.concatenate([t, -y[:, None] * t[:, 1:]], axis=1)
@@ -267,8 +246,10 @@ def draw_biases(rng: np.random.Generator, n: int, bias_px: float) -> np.ndarray:
 
 def write_rpc_geotiff(path: str | Path, rgb: np.ndarray, rpc: RPCModel) -> None:
     """Write an [H, W, 3] uint8 image as a GeoTIFF carrying ``rpc`` (tag 50844, no CRS), nodata 0."""
-    rasterio = _rasterio()
-    rpcs = rasterio.rpc.RPC(
+    rasterio = require_rasterio()
+    from rasterio.rpc import RPC
+
+    rpcs = RPC(
         err_bias=-1.0, err_rand=-1.0,  # RPC00B: -1 = unknown
         height_off=rpc.h_off, height_scale=rpc.h_scale, lat_off=rpc.lat_off, lat_scale=rpc.lat_scale,
         long_off=rpc.lon_off, long_scale=rpc.lon_scale, line_off=rpc.line_off, line_scale=rpc.line_scale,
@@ -285,17 +266,6 @@ def write_rpc_geotiff(path: str | Path, rgb: np.ndarray, rpc: RPCModel) -> None:
         ) as dst:
             dst.rpcs = rpcs
             dst.write(np.moveaxis(rgb, -1, 0))
-
-
-def utm_epsg(lon: float, lat: float) -> int:
-    """EPSG code of the WGS84 UTM zone that contains (lon, lat), from the PROJ database."""
-    pyproj = _pyproj()
-    aoi = pyproj.aoi.AreaOfInterest(lon, lat, lon, lat)
-    infos = pyproj.database.query_utm_crs_info(datum_name="WGS 84", area_of_interest=aoi)
-    codes = sorted(int(i.code) for i in infos if i.auth_name == "EPSG")
-    if not codes:
-        raise ConfigError(f"no WGS84 UTM zone contains lon {lon}, lat {lat}")
-    return codes[0]
 
 
 def dsm_heights(city: Any, frame: ENUFrame, lon: np.ndarray, lat: np.ndarray, n_iter: int = 6) -> np.ndarray:
@@ -318,8 +288,7 @@ def write_dsm_geotiff(
     path: str | Path, city: Any, frame: ENUFrame, resolution: float = DSM_RESOLUTION_M
 ) -> dict[str, Any]:
     """Write the city's exact DSM as a UTM GeoTIFF (module docstring); returns its georeference."""
-    rasterio = _rasterio()
-    pyproj = _pyproj()
+    pyproj = require_pyproj()
     epsg = utm_epsg(frame.lon0, frame.lat0)
     to_utm = pyproj.Transformer.from_crs(4326, epsg, always_xy=True)
     to_geo = pyproj.Transformer.from_crs(epsg, 4326, always_xy=True)
@@ -334,18 +303,10 @@ def write_dsm_geotiff(
     n1 = math.ceil(max(n) / resolution) * resolution + resolution
     width = int(math.ceil((max(e) + resolution - e0) / resolution))
     height = int(math.ceil((n1 - (min(n) - resolution)) / resolution))
-    ee = e0 + (np.arange(width) + 0.5) * resolution
-    nn = n1 - (np.arange(height) + 0.5) * resolution
-    E, N = np.meshgrid(ee, nn)
-    clon, clat = to_geo.transform(E, N)
+    grid = DsmGrid(e0, n1, resolution, width, height)
+    clon, clat = to_geo.transform(*grid.centres())
     z = dsm_heights(city, frame, np.asarray(clon), np.asarray(clat))
-    z = np.where(np.isfinite(z), z, DSM_NODATA).astype(np.float32)
-    transform = rasterio.transform.Affine(resolution, 0.0, e0, 0.0, -resolution, n1)
-    with rasterio.open(
-        path, "w", driver="GTiff", width=width, height=height, count=1, dtype="float32",
-        crs=f"EPSG:{epsg}", transform=transform, nodata=DSM_NODATA, compress="deflate",
-    ) as dst:  # fmt: skip
-        dst.write(z[None])
+    write_geotiff(path, z, grid, f"EPSG:{epsg}")
     return {
         "file": Path(path).name,
         "epsg": epsg,
@@ -355,7 +316,7 @@ def write_dsm_geotiff(
         "origin_utm": [e0, n1],
         "nodata": DSM_NODATA,
         "heights": "metres above the WGS84 ellipsoid",
-        "valid_cells": int((z != DSM_NODATA).sum()),
+        "valid_cells": int(np.isfinite(z).sum()),
     }
 
 
@@ -366,7 +327,7 @@ def check_rpc_options(preset: str | None, n_views: int, bias_px: float) -> None:
     """
     from skyfall.synth.writer import PRESETS
 
-    _rasterio(), _pyproj()
+    require_rasterio(), require_pyproj()
     if not (math.isfinite(bias_px) and bias_px >= 0):
         raise ConfigError(f"--rpc-bias-px must be a finite number >= 0, got {bias_px}")
     n_max = PRESETS[preset].n_sat if preset in PRESETS else None
