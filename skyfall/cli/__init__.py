@@ -109,9 +109,10 @@ def _subcommand(name: str, cls: type, preset: str | None, config: Path | None, c
     import tyro
 
     default = None
-    if {"preset", "config"} <= {f.name for f in dataclasses.fields(cls)}:
-        # only the chosen command reads --preset/--config (`synth --preset` means a city preset)
-        default = command_defaults(cls, preset, config) if chosen else command_defaults(cls, None, None)
+    # Only the chosen command resolves its presets (YAML reads): the others are never parsed, and
+    # their --preset could mean something else (`synth --preset` is a city preset).
+    if chosen and {"preset", "config"} <= {f.name for f in dataclasses.fields(cls)}:
+        default = command_defaults(cls, preset, config)
     spec = tyro.conf.subcommand(name, default=default, description=_first_paragraph(cls))
     return Annotated[cls, spec]
 

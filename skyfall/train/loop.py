@@ -203,7 +203,7 @@ class Trainer:
         self.appearance = self._make_appearance()
         self.view_stack: list[int] = []
         self.pseudo_stack: list[tuple[Tensor, Tensor]] = []
-        self.strategy_state = {"cooldown_until": -1}
+        self.strategy_state: dict[str, Any] | None = None  # the first phase's strategy initialises it
         self.step = 0
         self.recompute_filter()
 
@@ -421,6 +421,8 @@ class Trainer:
         from tqdm import tqdm
 
         tags = tags or {}
+        if self.strategy_state is None:
+            self.strategy_state = phase.strategy.initialize_state()
         log_every = self.cfg.log_every
         bar = tqdm(
             total=phase.end - first,

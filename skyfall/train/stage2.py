@@ -342,15 +342,14 @@ class IterativeDatasetUpdate:
             raise SkyfallError(f"{self.run_dir.ckpts}: no checkpoint; run Stage 1 first")
         # Load the priors before anything else (and before the random streams are restored): a
         # missing model stops the run at once, not after an episode's renders.
-        n_left = len(self.episodes) - len(self.run_dir.read_summary().get("stage2", {}).get("episodes", []))
-        if n_left > 0:
+        summary = self.run_dir.read_summary()
+        if len(summary.get("stage2", {}).get("episodes", [])) < len(self.episodes):
             self.refiner()
             if (self.cfg.pseudo.enabled and self.cfg2.pseudo_weight > 0) or self.cfg2.lambda_depth > 0:
                 tr.depth_estimator()
         st = self.load(ckpt)
         # the resolved Stage 2 config next to Stage 1's (a resume with other options overwrites it)
         self.run_dir.save_config({**self.run_dir.load_config(), "stage2": to_dict(self.cfg2)})
-        summary = self.run_dir.read_summary()
         if st.get("stage") != "stage2":
             # Entering Stage 2: protect the final Stage 1 checkpoint (left as Stage 1 wrote it) and
             # record the Stage 1 baseline.
