@@ -184,12 +184,9 @@ def _resolve(opts: EvalOptions) -> tuple[dict, Path | None, list[Path]]:
     run = Path(opts.run)
     if not run.is_dir():
         raise ConfigError(f"{run}: run directory not found")
-    cfg_path = run / "config.yml"
-    config: dict = {}
-    if cfg_path.is_file():
-        import yaml
+    from skyfall.storage.run_dir import RunDir
 
-        config = yaml.safe_load(cfg_path.read_text()) or {}
+    config = RunDir(run).load_config()
     data = Path(opts.data) if opts.data else (Path(config["data"]) if config.get("data") else None)
     if data is not None and not data.is_dir():
         if opts.data:

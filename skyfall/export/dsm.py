@@ -38,6 +38,7 @@ from skyfall.dsm import (
 )
 from skyfall.errors import ConfigError
 from skyfall.storage.atomic import atomic_write_text
+from skyfall.storage.run_dir import RunDir
 
 
 @dataclass
@@ -63,17 +64,13 @@ def run_tile(run: str | Path, data: str | Path | None = None) -> Path | None:
         if not Path(data).is_dir():
             raise ConfigError(f"--data {data}: tile folder not found")
         return Path(data)
-    cfg_path = Path(run) / "config.yml"
-    if not cfg_path.is_file():
-        return None
-    import yaml
-
-    cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    rd = RunDir(run)
+    cfg = rd.load_config()
     tile = cfg.get("data") if isinstance(cfg, dict) else None
     if not tile:
         return None
     if not Path(tile).is_dir():
-        raise ConfigError(f"{cfg_path} [data]: tile folder {tile} not found; pass --data TILE")
+        raise ConfigError(f"{rd.config_path} [data]: tile folder {tile} not found; pass --data TILE")
     return Path(tile)
 
 

@@ -58,7 +58,10 @@ class RunDir:
         atomic_write_text(self.config_path, yaml.safe_dump(_jsonable(config), sort_keys=False))
 
     def load_config(self) -> dict:
-        return yaml.safe_load(self.config_path.read_text())
+        """The saved config.yml ({} when the run has none)."""
+        if not self.config_path.is_file():
+            return {}
+        return yaml.safe_load(self.config_path.read_text()) or {}
 
     def log_metrics(self, record: dict) -> None:
         with open(self.root / "metrics.jsonl", "a") as f:
