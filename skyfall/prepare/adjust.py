@@ -39,7 +39,7 @@ from scipy.optimize import least_squares
 from scipy.sparse import lil_matrix
 from scipy.spatial import cKDTree
 
-from skyfall.prepare.matching import Matches, triangulate
+from skyfall.prepare.matching import Matches, pixel_rays, triangulate
 
 Camera = tuple[np.ndarray, np.ndarray]  # (K [3, 3], c2w [4, 4])
 
@@ -200,12 +200,10 @@ def triangulate_tracks(
         sel = keep & (tracks.view == k)
         if not sel.any():
             continue
-        d = np.c_[(uv[sel, 0] - K[0, 2]) / K[0, 0], (uv[sel, 1] - K[1, 2]) / K[1, 1], np.ones(sel.sum())]
-        d = d @ c2w[:3, :3].T
-        d /= np.linalg.norm(d, axis=1, keepdims=True)
+        origin, d = pixel_rays(K, c2w, uv[sel])
         proj = np.eye(3) - d[:, :, None] * d[:, None, :]
         np.add.at(a, tracks.track[sel], proj)
-        np.add.at(b, tracks.track[sel], proj @ c2w[:3, 3])
+        np.add.at(b, tracks.track[sel], proj @ origin)
     n_obs = np.bincount(tracks.track[keep], minlength=tracks.n_tracks)
     out = np.full((tracks.n_tracks, 3), np.nan)
     ok = n_obs >= 2

@@ -89,7 +89,7 @@ def keypoints(img: np.ndarray, valid: np.ndarray, cfg: MatchConfig) -> np.ndarra
     return np.stack([cols[keep] + 0.5, rows[keep] + 0.5], axis=-1)
 
 
-def _ray(K: np.ndarray, c2w: np.ndarray, uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pixel_rays(K: np.ndarray, c2w: np.ndarray, uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Ray origins [3] and unit directions [N, 3] through pixels uv [N, 2]."""
     d = np.c_[(uv[:, 0] - K[0, 2]) / K[0, 0], (uv[:, 1] - K[1, 2]) / K[1, 1], np.ones(len(uv))]
     d = d @ c2w[:3, :3].T
@@ -116,7 +116,7 @@ def match_pair(
         ref: the reference view's index, stored in the result.
     """
     kp = keypoints(img0, valid0, cfg)
-    origin, d = _ray(*cam0, kp)
+    origin, d = pixel_rays(*cam0, kp)
     ends = [project_pinhole(*camk, _at_height(origin, d, z)) for z in z_range]
     lo = np.floor(np.minimum(*ends) - cfg.search_margin).astype(int)
     hi = np.ceil(np.maximum(*ends) + cfg.search_margin).astype(int)
@@ -243,7 +243,7 @@ def triangulate(
     b = np.zeros((len(uvs[0]), 3))
     rays = []
     for cam, uv in zip(cams, uvs, strict=True):
-        o, d = _ray(*cam, uv)
+        o, d = pixel_rays(*cam, uv)
         proj = np.eye(3) - d[:, :, None] * d[:, None, :]
         a += proj
         b += proj @ o
