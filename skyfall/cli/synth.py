@@ -24,6 +24,8 @@ class Synth:
     """Tile directory to write."""
     preset: Literal["default", "tiny"] = "default"
     """default: 16 satellite views at 512x512 (about a minute); tiny: 6 views at 64x64 (seconds, for tests)."""
+    style: str = "default"
+    """City style: default (the original city), downtown (dense, 40-80 m towers, narrow blocks, few trees), suburb (4-10 m houses on small lots with gardens, many trees) or mixed (every building turned by up to 45 deg, the widest size ranges). Non-default styles also have turned and L/T/U-shaped buildings, 3-5 dates, and cars that change between dates (never in gt/)."""
     seed: int = 0
     """Random seed of the city (layout, dates, cameras) and of the RPC biases."""
     overwrite: bool = False
@@ -37,13 +39,17 @@ class Synth:
 
     def main(self) -> None:
         from skyfall.synth import write_synthetic_tile
+        from skyfall.synth.layout import city_style
 
+        city_style(self.style)  # an unknown style: one line, exit code 2, before anything is written
         if self.rpc:
             # Check the options and the optional dependencies before the slow rendering.
             from skyfall.synth.rpc import check_rpc_options
 
             check_rpc_options(self.preset, self.rpc_views, self.rpc_bias_px)
-        write_synthetic_tile(self.out, preset=self.preset, seed=self.seed, overwrite=self.overwrite)
+        write_synthetic_tile(
+            self.out, preset=self.preset, seed=self.seed, overwrite=self.overwrite, style=self.style
+        )
         if self.rpc:
             from skyfall.synth.rpc import write_rpc_set
 

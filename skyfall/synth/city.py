@@ -6,6 +6,10 @@ mask False, matching the reference's "black = no data" convention.
 Canonical lighting (``render(..., date=None)``, used for every ground-truth oblique/street view) is
 the lighting of date 0, which is always a training date, so a reconstruction rendered with that
 date's appearance can match the ground truth.
+
+Transient objects (the cars of the non-default styles) belong to dates: ``render(..., date=d)`` shows
+the cars present on date d; the canonical renders (``date=None``), the DSM and ``height_at`` show the
+static city only, so the ground truth never contains them.
 """
 
 from __future__ import annotations
@@ -18,32 +22,36 @@ import numpy as np
 import torch
 
 from skyfall.data.cameras import Cameras
-from skyfall.errors import TileFormatError
-from skyfall.synth.layout import KIND_GROUND, Layout, generate_layout
+from skyfall.errors import ConfigError, TileFormatError
+from skyfall.synth.layout import KIND_GROUND, Layout, city_style, generate_layout, in_footprint, world_aabb
 from skyfall.synth.lighting import Lighting, make_dates
 from skyfall.synth.raycast import Primitives, ShadowGrid, trace_camera
 from skyfall.synth.shading import albedo, shade, surface_normals
 
 GENERATOR = "skyfall.synth"
 GENERATOR_VERSION = 1
-N_DATES = 5
 _SHADOW_OFFSET = 0.02  # m, along the normal: keeps shadow rays off their own surface
 
 
 @dataclass
 class SyntheticCity:
-    """A city: its primitives (``layout``) and its acquisition dates (``dates``)."""
+    """A city: its primitives (``layout``), its acquisition dates (``dates``) and its ``style``."""
 
     layout: Layout
     dates: list[Lighting]
     seed: int | None = None
+    style: str = "default"
 
     @classmethod
-    def generate(cls, seed: int, size_m: float = 256.0) -> SyntheticCity:
-        """The city of ``seed`` (deterministic): layout and 5 dates."""
-        layout = generate_layout(seed, size_m)
-        dates = make_dates(np.random.default_rng([seed, 1]), N_DATES)
-        return cls(layout, dates, seed)
+    def generate(cls, seed: int, size_m: float = 256.0, style: str = "default") -> SyntheticCity:
+        """The city of ``seed`` in ``style`` (deterministic): layout and the style's 3-5 dates.
+
+        Raises:
+            ConfigError: unknown ``style`` (``skyfall.synth.layout.STYLES`` lists them).
+        """
+        layout = generate_layout(seed, size_m, style)
+        dates = make_dates(np.random.default_rng([seed, 1]), city_style(style).n_dates)
+        return cls(layout, dates, seed, style)
 
     @classmethod
     def from_tile(cls, tile_dir: str | Path) -> SyntheticCity:
@@ -52,9 +60,13 @@ class SyntheticCity:
         try:
             meta = json.loads(path.read_text())
             seed, size = int(meta["seed"]), float(meta["size_m"])
+            style = str(meta.get("style", "default"))  # tiles written before styles existed: default
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise TileFormatError(path, None, f"not a synthetic tile description: {e}") from e
-        city = cls.generate(seed, size)
+        try:
+            city = cls.generate(seed, size, style)
+        except ConfigError as e:
+            raise TileFormatError(path, "style", f"{e} (written by another skyfall version?)") from e
         city.dates = [Lighting.from_json(d) for d in meta.get("dates", [])] or city.dates
         want = meta.get("scene_checksum")
         if want is not None and want != city.layout.checksum():
@@ -74,14 +86,16 @@ class SyntheticCity:
         """Lighting of ``date=None``: date 0's (see the module docstring)."""
         return self.dates[0]
 
-    def primitives(self) -> Primitives:
-        lay = self.layout
+    def primitives(self, date: int | None = None) -> Primitives:
+        """The raycaster's scene on ``date`` (None: the static city, see the module docstring)."""
+        lay = self.layout.at_date(date)
         return Primitives(
             box_lo=torch.as_tensor(lay.box_lo, dtype=torch.float32),
             box_hi=torch.as_tensor(lay.box_hi, dtype=torch.float32),
             ell_c=torch.as_tensor(lay.ell_center, dtype=torch.float32),
             ell_r=torch.as_tensor(lay.ell_radii, dtype=torch.float32),
             box_casts_shadow=torch.as_tensor(lay.box_kind != KIND_GROUND),
+            box_yaw=torch.as_tensor(lay.box_yaw, dtype=torch.float32),
         )
 
     def render(
@@ -91,7 +105,8 @@ class SyntheticCity:
 
         Args:
             cameras: C cameras.
-            date: index into ``dates``; None = canonical lighting (date 0).
+            date: index into ``dates`` (its lighting and its transient objects); None = canonical
+                lighting (date 0's) and no transient objects.
             supersample: s > 1 casts s x s rays per pixel (on a regular sub-grid) and box-filters
                 them, like a sensor's pixel integration; the tile's satellite views use 2 so that
                 edges are anti-aliased and consistent across views.
@@ -104,7 +119,8 @@ class SyntheticCity:
         """
         light = self.canonical if date is None else self.dates[date]
         cameras = cameras.to("cpu")
-        prims = self.primitives()
+        scene = self.layout.at_date(date)
+        prims = self.primitives(date)
         sun = torch.as_tensor(light.sun_dir, dtype=torch.float32)
         s = int(supersample)
         h, w = cameras.height, cameras.width
@@ -118,11 +134,11 @@ class SyntheticCity:
             if hits.mask.any():
                 p = hits.points[hits.mask]
                 prim = hits.prim[hits.mask]
-                n = surface_normals(self.layout, prim, p)
+                n = surface_normals(scene, prim, p)
                 lit = torch.zeros(len(p), dtype=torch.bool)
                 facing = (n @ sun) > 0
                 lit[facing] = shadows.visible(p[facing] + _SHADOW_OFFSET * n[facing])
-                rgb[hits.mask] = shade(albedo(self.layout, prim, p, n), n, lit, light)
+                rgb[hits.mask] = shade(albedo(scene, prim, p, n), n, lit, light)
             depth = torch.where(hits.mask, hits.t * zscale, torch.full_like(zscale, float("inf"))).float()
             mask = hits.mask
             if s > 1:
@@ -142,7 +158,8 @@ class SyntheticCity:
         """Exact top-surface height (ENU z, metres) at arbitrary horizontal positions.
 
         Same rule as :meth:`dsm` (a box covers a point strictly inside its footprint; an ellipsoid
-        where its top exists), so ``height_at`` at the DSM's cell centres is the DSM.
+        where its top exists), so ``height_at`` at the DSM's cell centres is the DSM. Static city
+        only: transient objects (cars) are not part of the ground truth.
 
         Args:
             x, y: [...] ENU metres, broadcast together.
@@ -163,9 +180,12 @@ class SyntheticCity:
             a, b = np.searchsorted(xs, x0, "right"), np.searchsorted(xs, x1, "left")
             return order[a:b]
 
-        for lo, hi in zip(lay.box_lo, lay.box_hi, strict=True):
-            idx = candidates(lo[0], hi[0])
-            idx = idx[(y[idx] > lo[1]) & (y[idx] < hi[1])]
+        wlo, whi = world_aabb(lay.box_lo, lay.box_hi, lay.box_yaw)
+        for lo, hi, yaw, alo, ahi in zip(lay.box_lo, lay.box_hi, lay.box_yaw, wlo, whi, strict=True):
+            idx = candidates(alo[0], ahi[0])
+            idx = idx[(y[idx] > alo[1]) & (y[idx] < ahi[1])]
+            if yaw:
+                idx = idx[in_footprint(x[idx], y[idx], lo, hi, yaw)]
             z[idx] = np.maximum(z[idx], hi[2])
         for c, r in zip(lay.ell_center, lay.ell_radii, strict=True):
             idx = candidates(c[0] - r[0], c[0] + r[0])
@@ -190,12 +210,17 @@ class SyntheticCity:
         xs = -half + (np.arange(n) + 0.5) * resolution
         ys = half - (np.arange(n) + 0.5) * resolution
         z = np.zeros((n, n), dtype=np.float64)
-        for lo, hi in zip(lay.box_lo, lay.box_hi, strict=True):
-            cols = (xs > lo[0]) & (xs < hi[0])
-            rows = (ys > lo[1]) & (ys < hi[1])
+        wlo, whi = world_aabb(lay.box_lo, lay.box_hi, lay.box_yaw)
+        for lo, hi, yaw, alo, ahi in zip(lay.box_lo, lay.box_hi, lay.box_yaw, wlo, whi, strict=True):
+            cols = (xs > alo[0]) & (xs < ahi[0])
+            rows = (ys > alo[1]) & (ys < ahi[1])
             if cols.any() and rows.any():
                 sub = np.ix_(rows, cols)
-                z[sub] = np.maximum(z[sub], hi[2])
+                top = hi[2]
+                if yaw:  # a turned box covers only the cells inside its footprint
+                    inside = in_footprint(xs[cols][None], ys[rows][:, None], lo, hi, yaw)
+                    top = np.where(inside, hi[2], -np.inf)
+                z[sub] = np.maximum(z[sub], top)
         for c, r in zip(lay.ell_center, lay.ell_radii, strict=True):
             cols = np.abs(xs - c[0]) < r[0]
             rows = np.abs(ys - c[1]) < r[1]

@@ -3,6 +3,9 @@
 Textures are structured (window grids, lane markings, roof parapets, pavement joints) with soft
 edges (linear ramps ~0.15-0.3 m wide) and no per-pixel noise: they carry the detail that matters from
 the ground, while staying learnable from 0.5 m/px satellite views without heavy aliasing.
+
+Box textures are computed in the box's own frame (``box_frame``: the hit point and normal turned back
+by the box's yaw), so window grids, roof rims and car windows follow turned buildings and cars.
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from skyfall.synth.layout import KIND_BUILDING, KIND_EQUIPMENT, KIND_GROUND, Layout
+from skyfall.synth.layout import KIND_BUILDING, KIND_CAR, KIND_EQUIPMENT, KIND_GROUND, Layout
 from skyfall.synth.lighting import Lighting
+from skyfall.synth.raycast import turn_xy
 
 _ASPHALT = (0.27, 0.27, 0.29)
 _WHITE = (0.86, 0.86, 0.82)
@@ -20,6 +24,7 @@ _SIDEWALK = (0.62, 0.61, 0.58)
 _CONCRETE = (0.52, 0.51, 0.47)
 _GRASS = (0.30, 0.46, 0.21)
 _GLASS = (0.17, 0.22, 0.29)
+_CAR_GLASS = (0.08, 0.10, 0.12)
 
 
 def _c(rgb: tuple[float, float, float]) -> Tensor:
@@ -149,12 +154,53 @@ def equipment_albedo(layout: Layout, box: Tensor, p: Tensor, n: Tensor) -> Tenso
     return col * (1.0 - 0.55 * fan)[:, None]
 
 
+def car_albedo(layout: Layout, box: Tensor, p: Tensor, n: Tensor) -> Tensor:
+    """[R, 3] car body colour with dark side windows and windscreens (box frame: length along x)."""
+    lo = torch.as_tensor(layout.box_lo, dtype=torch.float32)[box]
+    hi = torch.as_tensor(layout.box_hi, dtype=torch.float32)[box]
+    col = torch.as_tensor(layout.box_albedo, dtype=torch.float32)[box]
+    length = hi[:, 0] - lo[:, 0]
+    u = p[:, 0] - 0.5 * (lo[:, 0] + hi[:, 0])  # along the car, 0 at its middle
+    z = p[:, 2] - lo[:, 2]
+    top = (n[:, 2] > 0.5).float()
+    # Side windows: a band under the roof over the cabin; from above: windscreen and rear window.
+    side = band(z - 0.78 * (hi[:, 2] - lo[:, 2]), 0.14, 0.06) * band(u, 0.3 * length, 0.1) * (1 - top)
+    screens = band(u.abs() - 0.28 * length, 0.07 * length, 0.1) * top
+    return _mix(col, _CAR_GLASS, torch.maximum(side, screens))
+
+
 def crown_albedo(layout: Layout, ell: Tensor, n: Tensor) -> Tensor:
     """[R, 3] tree crowns: base green modulated by smooth leaf clumps on the normal sphere."""
     col = torch.as_tensor(layout.ell_albedo, dtype=torch.float32)[ell]
     az = torch.atan2(n[:, 1], n[:, 0])
     clumps = torch.sin(5 * az + 3 * n[:, 2]) * torch.sin(4 * n[:, 2] * torch.pi)
     return col * (0.9 + 0.12 * clumps)[:, None]
+
+
+def box_frame(
+    layout: Layout, box: Tensor, p: Tensor, n: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Hit points ``p`` [R, 3] (and normals ``n``) on boxes ``box`` [R], in each box's frame before its yaw.
+
+    Points are turned back about the box's centre, so they can be compared with ``box_lo``/``box_hi``;
+    rows of unturned boxes are returned untouched (bit for bit).
+    """
+    yaw = torch.as_tensor(layout.box_yaw, dtype=torch.float32)[box]
+    turned = yaw != 0
+    if not turned.any():
+        return p, n
+    b = box[turned]
+    c = 0.5 * (
+        torch.as_tensor(layout.box_lo, dtype=torch.float32)[b]
+        + torch.as_tensor(layout.box_hi, dtype=torch.float32)[b]
+    )
+    cos, sin = torch.cos(-yaw[turned]), torch.sin(-yaw[turned])
+    p = p.clone()
+    p[turned] = c + turn_xy(p[turned] - c, cos, sin)
+    if n is not None:
+        n = n.clone()
+        n[turned] = turn_xy(n[turned], cos, sin)
+    return p, n
 
 
 def surface_normals(layout: Layout, prim: Tensor, p: Tensor) -> Tensor:
@@ -164,13 +210,18 @@ def surface_normals(layout: Layout, prim: Tensor, p: Tensor) -> Tensor:
     n = torch.zeros_like(p)
     if is_box.any():
         b = prim[is_box]
-        q = p[is_box]
+        q, _ = box_frame(layout, b, p[is_box])
         lo = torch.as_tensor(layout.box_lo, dtype=torch.float32)[b]
         hi = torch.as_tensor(layout.box_hi, dtype=torch.float32)[b]
         dist = torch.cat([(q - lo).abs(), (hi - q).abs()], 1)  # [R, 6]: the hit face is the nearest one
         face = dist.argmin(1)
         nn = torch.zeros_like(q)
         nn[torch.arange(len(q)), face % 3] = torch.where(face < 3, -1.0, 1.0)
+        # The face normal back in the world: turned by the box's yaw (a no-op for unturned boxes).
+        yaw = torch.as_tensor(layout.box_yaw, dtype=torch.float32)[b]
+        turned = yaw != 0
+        if turned.any():
+            nn[turned] = turn_xy(nn[turned], torch.cos(yaw[turned]), torch.sin(yaw[turned]))
         n[is_box] = nn
     if (~is_box).any():
         e = prim[~is_box] - nb
@@ -190,15 +241,23 @@ def albedo(layout: Layout, prim: Tensor, p: Tensor, n: Tensor) -> Tensor:
     sel = is_box & (kind == KIND_GROUND) & top
     if sel.any():
         out[sel] = ground_albedo(layout, p[sel, 0], p[sel, 1])
+    # Building, equipment and car textures live in their box's frame (the ground slab is never turned).
+    pl, nl = p, n
+    if layout.oriented:
+        pl, nl = p.clone(), n.clone()
+        pl[is_box], nl[is_box] = box_frame(layout, prim[is_box], p[is_box], n[is_box])
     sel = is_box & (kind == KIND_BUILDING) & top
     if sel.any():
-        out[sel] = roof_albedo(layout, prim[sel], p[sel])
+        out[sel] = roof_albedo(layout, prim[sel], pl[sel])
     sel = is_box & (kind == KIND_BUILDING) & (n[:, 2].abs() < 0.5)
     if sel.any():
-        out[sel] = facade_albedo(layout, prim[sel], p[sel], n[sel])
+        out[sel] = facade_albedo(layout, prim[sel], pl[sel], nl[sel])
     sel = is_box & (kind == KIND_EQUIPMENT)
     if sel.any():
-        out[sel] = equipment_albedo(layout, prim[sel], p[sel], n[sel])
+        out[sel] = equipment_albedo(layout, prim[sel], pl[sel], nl[sel])
+    sel = is_box & (kind == KIND_CAR)
+    if sel.any():
+        out[sel] = car_albedo(layout, prim[sel], pl[sel], nl[sel])
     sel = ~is_box
     if sel.any():
         out[sel] = crown_albedo(layout, prim[sel] - nb, n[sel])

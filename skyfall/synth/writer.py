@@ -6,7 +6,7 @@ Layout written::
         masks/sat_XX.npy             uint8 {0, 1} hit masks
         transforms_{train,test}.json PINHOLE, OpenCV c2w, float64 precision
         points3D.txt                 COLMAP text: noisy SfM-like surface samples with >= 2-view tracks
-        synth.json                   generator, preset, seed, dates (sun, tint), per-image date, splits
+        synth.json                   generator, preset, style, seed, dates (sun, tint), per-image date, splits
         contact_sheet.png            all satellite views, labelled with their date
         gt/dsm.npy, gt/dsm.json      exact top-surface heights on a 0.5 m grid (row 0 = north)
         gt/views/<set>/              curriculum orbits and street views: images/, depth/, camera_path.json
@@ -40,6 +40,7 @@ from skyfall.synth.cameras import (
     street_cameras,
 )
 from skyfall.synth.city import GENERATOR, GENERATOR_VERSION, SyntheticCity
+from skyfall.synth.layout import city_style
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class Preset:
 
     n_sat: int  # satellite views
     sat_px: int  # satellite image side
-    n_dates: int  # acquisition dates used (<= 5)
+    n_dates: int  # acquisition dates used (<= 5; fewer when the city style has fewer)
     gt_px: int  # ground-truth view side (orbits and street views)
     orbit_az: int  # azimuths per curriculum orbit
     n_street: int  # street-level views
@@ -191,7 +192,7 @@ def _write_gt_views(
 
 
 def write_synthetic_tile(
-    out: str | Path, preset: str = "default", seed: int = 0, overwrite: bool = False
+    out: str | Path, preset: str = "default", seed: int = 0, overwrite: bool = False, style: str = "default"
 ) -> Path:
     """Generate the synthetic city of ``seed`` and write it as a tile folder with ground truth.
 
@@ -200,26 +201,29 @@ def write_synthetic_tile(
         preset: "default" (16 views at 512^2) or "tiny" (6 views at 64^2, for tests).
         seed: city seed (layout, dates, cameras, point noise).
         overwrite: replace the tile files of a non-empty ``out``.
+        style: city style (``skyfall.synth.layout.STYLES``): default, downtown, suburb or mixed.
 
     Returns:
         The tile directory.
 
     Raises:
-        ConfigError: unknown preset, or ``out`` not empty and ``overwrite`` is False.
+        ConfigError: unknown preset or style, or ``out`` not empty and ``overwrite`` is False.
     """
     if preset not in PRESETS:
         raise ConfigError(f"unknown synthetic preset {preset!r}; choose one of {sorted(PRESETS)}")
+    city_style(style)  # an unknown style fails here, before anything is written
     cfg = PRESETS[preset]
     out = Path(out)
     _prepare_out(out, overwrite)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    city = SyntheticCity.generate(seed, cfg.size_m)
+    city = SyntheticCity.generate(seed, cfg.size_m, style)
+    n_dates = min(cfg.n_dates, len(city.dates))
     rng = np.random.default_rng([seed, 2])
     sat, off_nadir = satellite_cameras(rng, cfg.n_sat, cfg.sat_px, city.layout)
     names = [f"sat_{i:02d}" for i in range(cfg.n_sat)]
-    date_of = [i % cfg.n_dates for i in range(cfg.n_sat)]
+    date_of = [i % n_dates for i in range(cfg.n_sat)]
     test = test_indices(cfg.n_sat)
     train = [i for i in range(cfg.n_sat) if i not in test]
     assert {date_of[i] for i in test} <= {date_of[i] for i in train}, "test dates must appear in training"
@@ -230,7 +234,7 @@ def write_synthetic_tile(
     rgb = np.zeros((cfg.n_sat, cfg.sat_px, cfg.sat_px, 3), np.uint8)
     depth = torch.zeros(cfg.n_sat, cfg.sat_px, cfg.sat_px)
     mask = np.zeros((cfg.n_sat, cfg.sat_px, cfg.sat_px), np.uint8)
-    for di in tqdm(range(cfg.n_dates), desc="[synth] satellite views (per date)", leave=False):
+    for di in tqdm(range(n_dates), desc="[synth] satellite views (per date)", leave=False):
         idx = [i for i in range(cfg.n_sat) if date_of[i] == di]
         r = city.render(sat[idx], date=di, supersample=cfg.sat_supersample)
         rgb[idx] = _to_u8(r["rgb"])
@@ -287,11 +291,14 @@ def write_synthetic_tile(
         "generator": {"name": GENERATOR, "version": GENERATOR_VERSION},
         "preset": preset,
         "preset_params": asdict(cfg),
+        "style": style,
         "seed": seed,
         "size_m": cfg.size_m,
         "scene_checksum": city.layout.checksum(),
         "canonical_date": 0,
-        "dates": [d.to_json() for d in city.dates[: cfg.n_dates]],
+        "dates": [d.to_json() for d in city.dates[:n_dates]],
+        # Transient objects per date (shown in that date's satellite views only, never in gt/).
+        "cars_per_date": [int(city.layout.transients.on(d).sum()) for d in range(n_dates)],
         "image_dates": {names[i]: date_of[i] for i in range(cfg.n_sat)},
         "image_off_nadir_deg": {names[i]: float(off_nadir[i]) for i in range(cfg.n_sat)},
         "train": [names[i] for i in train],
@@ -306,7 +313,7 @@ def write_synthetic_tile(
         np.median([np.linalg.norm(sat.centers[i].numpy()) / float(sat.Ks[i, 0, 0]) for i in range(len(sat))])
     )
     print(
-        f"[synth] wrote {out} ({preset}, seed {seed}): {cfg.n_sat} satellite views {cfg.sat_px}^2 "
+        f"[synth] wrote {out} ({preset}, {style} city, seed {seed}): {cfg.n_sat} satellite views {cfg.sat_px}^2 "
         f"(median GSD {gsd:.2f} m/px, {cfg.sat_supersample}x{cfg.sat_supersample} rays/px), {len(xyz)} points, "
         f"{len(gt_sets)} GT view sets at {cfg.gt_px}^2"
     )
