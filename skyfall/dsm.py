@@ -159,6 +159,44 @@ def render_dsm(
     return out
 
 
+@torch.no_grad()
+def opaque_weight_share(
+    scene: Scene, georef: dict | DsmGrid, *, opaque: float = 0.5, alpha_min: float = 0.05, block: int = 256
+) -> float:
+    """Share of the blended weight, seen straight down on the DSM grid, that comes from near-opaque
+    Gaussians (effective opacity >= ``opaque``).
+
+    It is what separates a surface from haze in what a viewer shows: the median depth ignores
+    low-weight contributions, alpha blending does not. Each Gaussian is rendered with the colour 1
+    if near-opaque and 0 otherwise, so the red channel accumulates their weight and alpha the total,
+    over the cells whose alpha reaches ``alpha_min`` (as ``render_dsm``).
+    """
+    from skyfall.render import render
+
+    g = georef if isinstance(georef, DsmGrid) else DsmGrid.from_json(georef)
+    m = scene.model
+    p = m.params
+    _, opac = m.get_scales_opacities_eff()
+    ind = (opac.reshape(-1) >= opaque).to(p["means"].dtype)
+    rgb = torch.stack([ind, ind, ind], -1)
+    res, w, h = g.resolution, g.width, g.height
+    num = den = 0.0
+    for i0 in range(0, h, block):
+        for j0 in range(0, w, block):
+            bh, bw = min(block, h - i0), min(block, w - j0)
+            cam = nadir_grid_camera(g.x_min + j0 * res, g.y_max - i0 * res, res, bw, bh)
+            out = render(
+                p["means"], p["quats"], p["scales"], p["opacities"], rgb,
+                cam.viewmats.to(p["means"].device), cam.Ks.to(p["means"].device), bw, bh,
+                filter_3d=m.filter_3d, eps2d=scene.eps2d, absgrad=False,
+            )  # fmt: skip
+            a = out.alphas[0, ..., 0]
+            ok = a >= alpha_min
+            num += float(out.colors[0, ..., 0][ok].sum())
+            den += float(a[ok].sum())
+    return num / den if den > 0 else float("nan")
+
+
 # ------------------------------------------------------------------------------------ tile frame
 
 

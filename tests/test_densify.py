@@ -316,3 +316,42 @@ def test_empty_model_is_a_no_op():
     _keep_params(m, torch.tensor([False, False]))
     rep = densify_and_prune(m, grad_threshold=1e-4)
     assert rep.n_after == 0 and m.num_gaussians == 0
+
+
+# ------------------------------------------------------------------- pruning outside densification
+
+
+def test_prune_transparent_uses_the_effective_opacity_and_keeps_a_floor():
+    from skyfall.gaussians.densify import prune_transparent
+
+    m = make_model([0.5, 0.5, 0.5, 0.001, 0.5], [0.9, 0.03, 0.2, 0.9, 0.6])
+    m.filter_3d = torch.tensor([0.0, 0.0, 0.0, 0.1, 0.0])
+    # Gaussian 3 is opaque in its raw opacity but a 1 mm splat under a 10 cm filter: what a viewer
+    # blends is 0.9 * (0.001^2 / (0.001^2 + 0.1^2))^(3/2), i.e. nothing.
+    _, eff = m.get_scales_opacities_eff()
+    assert float(eff.detach().reshape(-1)[3]) < 1e-5
+    assert prune_transparent(m, 0.05) == 2
+    np.testing.assert_array_equal(m.params["means"][:, 0].detach().numpy(), [0, 2, 4])
+    assert m.filter_3d.shape == (3,) and m.grad_accum.shape == (3,)
+    # the floor keeps the most opaque ones
+    m = make_model([0.5] * 4, [0.01, 0.02, 0.03, 0.04])
+    m.filter_3d = torch.zeros(4)
+    assert prune_transparent(m, 0.5, floor=2) == 2
+    np.testing.assert_array_equal(m.params["means"][:, 0].detach().numpy(), [2, 3])
+
+
+def test_strategy_prunes_outside_densification_only_on_its_schedule():
+    from skyfall.gaussians.strategy import GOFStrategy
+
+    calls = []
+    strat = GOFStrategy(
+        start=10, until=0, prune_every=20, prune_opacity=0.05, refilter_every=1000, min_gaussians=1
+    )
+    state = strat.initialize_state()
+    for step, expect in ((20, 3), (10, 4), (30, 4), (40, 3)):
+        m = make_model([0.5] * 4, [0.9, 0.01, 0.6, 0.7])
+        m.filter_3d = torch.zeros(4)
+        strat.step_post_backward(m, state, step, None, lambda step=step: calls.append(step))
+        assert m.num_gaussians == expect, step
+    # step 20 and 40 prune (multiples of 20 after start 10); the filter is refreshed after a prune
+    assert calls == [20, 40]

@@ -67,7 +67,15 @@ def test_eval_writes_reports_with_tiny_encoders(tiny_run: Path, tiny_tile: Path,
     # street level is far outside what satellite views constrain: much worse than the orbits
     assert ck["by_set"]["street"]["psnr"] < ck["by_set"]["orbit_e45_r250"]["psnr"] - 3
     assert "lpips" in doc["unavailable"] and "none.pth" in doc["unavailable"]["lpips"]
-    assert set(ck["geometry"]) == {"nadir", "views"}
+    assert set(ck["geometry"]) == {"nadir", "nadir_expected", "views"}
+    # the blended (expected-depth) read-out and the opaque share agree with the trainer's summary
+    assert ck["geometry"]["nadir_expected"]["dsm_mae_unregistered_m"] == pytest.approx(
+        s1["dsm_mae_expected_depth_m"], abs=1e-6
+    )
+    assert ck["geometry"]["nadir"]["opaque_weight_share"] == pytest.approx(
+        s1["opaque_weight_share"], abs=1e-9
+    )
+    assert 0.0 < s1["opaque_weight_share"] < 1.0
     assert (
         np.isfinite(ck["geometry"]["nadir"]["dsm_mae_m"])
         and 0 < ck["geometry"]["nadir"]["dsm_completeness"] <= 1

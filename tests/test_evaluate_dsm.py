@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from skyfall.eval.dsm import dsm_errors, render_dsm
@@ -88,3 +89,42 @@ def test_a_half_transparent_surface_still_counts():
     np.testing.assert_allclose(med[:, far & (np.arange(48) >= 24)], 0.0, atol=0.05)
     assert set(np.round(med).ravel().tolist()) <= {0.0, 10.0}
     assert np.isnan(render_dsm(scene, georef, alpha_min=0.99)).all()
+
+
+def test_opaque_weight_share_separates_a_surface_from_haze_above_it():
+    """A haze layer in front of an opaque surface: its weight is exactly its own alpha."""
+    from skyfall.dsm import opaque_weight_share
+    from skyfall.render import render
+
+    scene, _, georef = _roof_scene()
+    assert opaque_weight_share(scene, georef) > 0.999
+    p = scene.model.params
+    haze = _flat_layer(np.arange(-16, 16, 2.0) + 1.0, np.arange(-16, 16, 2.0) + 1.0, 25.0, 1.5)
+    nh = len(haze)
+    params = {
+        "means": torch.cat([p["means"], haze]),
+        "quats": torch.cat([p["quats"], torch.tensor([1.0, 0, 0, 0]).expand(nh, 4)]),
+        "scales": torch.cat([p["scales"], torch.log(torch.tensor([1.5, 1.5, 1.5])).expand(nh, 3)]),
+        "opacities": torch.cat([p["opacities"], torch.full((nh,), float(torch.logit(torch.tensor(0.15))))]),
+        "sh0": torch.zeros(len(p["means"]) + nh, 1, 3),
+        "shN": torch.zeros(len(p["means"]) + nh, 0, 3),
+    }
+    hazy = Scene(GaussianModel(params), None)
+    share = opaque_weight_share(hazy, georef)
+
+    def alpha(model: GaussianModel) -> torch.Tensor:
+        from skyfall.data.orbits import nadir_grid_camera
+
+        cam = nadir_grid_camera(georef["x_min"], georef["y_max"], 0.5, 48, 48)
+        q = model.params
+        return render(
+            q["means"], q["quats"], q["scales"], q["opacities"], torch.zeros(model.num_gaussians, 3),
+            cam.viewmats, cam.Ks, 48, 48, filter_3d=model.filter_3d, absgrad=False,
+        ).alphas[0, ..., 0]  # fmt: skip
+
+    haze_only = GaussianModel({k: v[-nh:] for k, v in params.items()})
+    a_all, a_haze = alpha(hazy.model), alpha(haze_only)
+    assert float(a_haze.mean()) > 0.1  # the haze is not negligible
+    want = float((a_all - a_haze).sum() / a_all.sum())
+    assert share == pytest.approx(want, abs=1e-4)
+    assert share < 0.9

@@ -74,6 +74,11 @@ class DensifyConfig:
     max_gaussians: int = 0
     """Densify only up to this many Gaussians, largest gradients first (0 = no cap, the reference): a
     budget for sparse starts (a few thousand matched points), where the plain rule multiplies the count."""
+    prune_interval: int = 0
+    """Outside densification (after ``start``), remove Gaussians whose effective opacity is below
+    ``prune_opacity`` every this many steps (0: never, as the reference)."""
+    prune_opacity: float = 0.05
+    """Effective-opacity threshold of ``prune_interval``'s pruning."""
 
 
 @dataclass

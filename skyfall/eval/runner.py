@@ -442,12 +442,17 @@ def _evaluate_ckpt(
                   "width": grid.width, "height": grid.height}  # fmt: skip
         nadir = render_dsm(scene, georef).astype(np.float64) + off[2]
         dsm_maps["nadir"] = nadir
+        # What a viewer blends (alpha-normalised depth) next to the median surface.
+        dsm_maps["nadir_expected"] = render_dsm(scene, georef, depth="expected").astype(np.float64) + off[2]
         cams = _geometry_cameras(opts)
         if cams is not None:
             pts = geo.render_points(scene, cams.to(opts.device), None) + off
             dsm_maps["views"] = geo.flatten_points(pts, grid, radius=1, reduce="mean")
         for name, pred in dsm_maps.items():
             geometry[name] = geo.dsm_metrics(pred, dsm)
+        from skyfall.dsm import opaque_weight_share
+
+        geometry["nadir"]["opaque_weight_share"] = opaque_weight_share(scene, georef)
         dsm_maps["gt"] = dsm
     truth_score = None
     if truth is not None:

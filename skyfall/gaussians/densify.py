@@ -312,6 +312,30 @@ def densify_and_prune(
 
 
 @torch.no_grad()
+def prune_transparent(model: GaussianModel, min_opacity: float, *, floor: int = 0) -> int:
+    """Remove Gaussians whose *effective* opacity (3D filter applied, what a viewer blends) is below
+    ``min_opacity``; returns how many were removed.
+
+    Without densification nothing ever prunes, and the entropy term leaves most of a sparse start at
+    the 1e-3 clamp plus a few semi-transparent, large splats: invisible to the median depth, but a
+    haze over the ground in any alpha-blended read-out (the expected depth, a web viewer). ``floor``
+    keeps at least that many Gaussians (the most opaque ones).
+    """
+    _, opac = model.get_scales_opacities_eff()
+    opac = opac.reshape(-1)
+    prune = opac < min_opacity
+    n_keep = model.num_gaussians - int(prune.sum())
+    if n_keep < floor:
+        keep_idx = torch.topk(opac, min(floor, model.num_gaussians)).indices
+        prune = torch.ones_like(prune)
+        prune[keep_idx] = False
+    n = int(prune.sum())
+    if n:
+        _keep_params(model, ~prune)
+    return n
+
+
+@torch.no_grad()
 def reset_opacity(model: GaussianModel, value: float = 0.01) -> None:
     """Filter-aware opacity reset (Mip-Splatting / the reference's ``reset_opacity``).
 

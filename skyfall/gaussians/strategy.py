@@ -18,7 +18,13 @@ from typing import Any
 
 import torch
 
-from skyfall.gaussians.densify import accumulate_stats, check_gaussian_count, densify_and_prune, reset_opacity
+from skyfall.gaussians.densify import (
+    accumulate_stats,
+    check_gaussian_count,
+    densify_and_prune,
+    prune_transparent,
+    reset_opacity,
+)
 from skyfall.gaussians.model import GaussianModel
 
 
@@ -67,6 +73,11 @@ class GOFStrategy:
     """CollapseError when densification leaves fewer Gaussians."""
     max_gaussians: int = 0
     """Densify only up to this many Gaussians (those with the largest gradients first); 0 = no cap."""
+    prune_every: int = 0
+    """Outside the densification window (and after ``start``), remove Gaussians whose effective
+    opacity is below ``prune_opacity`` every this many steps (0: never, the reference)."""
+    prune_opacity: float = 0.0
+    """Effective-opacity threshold of that pruning."""
 
     def initialize_state(self) -> dict[str, Any]:
         """Mutable state carried between steps (and through checkpoints)."""
@@ -137,5 +148,9 @@ class GOFStrategy:
                 # the 3D filter just recomputed above is the one the filter-aware reset must see
                 reset_opacity(model, self.reset_value)
                 state["cooldown_until"] = step + self.cooldown_steps
-        elif step % self.refilter_every == 0 and step < self.refilter_until:
-            refilter()
+        else:
+            if self.prune_every and step > self.start and step % self.prune_every == 0:
+                if prune_transparent(model, self.prune_opacity, floor=self.min_gaussians):
+                    refilter()
+            if step % self.refilter_every == 0 and step < self.refilter_until:
+                refilter()

@@ -15,6 +15,7 @@ import torch
 
 from skyfall.config.presets import to_dict
 from skyfall.config.training import Stage1Config
+from skyfall.dsm import opaque_weight_share
 from skyfall.errors import SkyfallError
 from skyfall.eval.dsm import dsm_errors, load_gt_dsm, render_dsm
 from skyfall.eval.heldout import heldout_psnr
@@ -45,6 +46,8 @@ def stage1_strategy(cfg: Stage1Config) -> GOFStrategy:
         refilter_until=cfg.steps - d.filter_recompute_interval,
         min_gaussians=cfg.min_gaussians,
         max_gaussians=d.max_gaussians,
+        prune_every=d.prune_interval,
+        prune_opacity=d.prune_opacity,
     )
 
 
@@ -82,10 +85,12 @@ def _dsm_metrics(trainer: Trainer) -> dict[str, float]:
         return {}
     dsm, georef = gt
     res = dsm_errors(render_dsm(trainer.scene, georef, depth="median"), dsm)
-    # the alpha-normalised expected depth too, for comparison
+    # What a viewer blends: the alpha-normalised expected depth, and how much of the blended weight
+    # comes from near-opaque Gaussians (the rest is haze the median read-out does not see).
     res["dsm_mae_expected_depth_m"] = dsm_errors(render_dsm(trainer.scene, georef, depth="expected"), dsm)[
         "dsm_mae_m"
     ]
+    res["opaque_weight_share"] = opaque_weight_share(trainer.scene, georef)
     return res
 
 
