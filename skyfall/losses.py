@@ -173,3 +173,18 @@ def pearson_depth_loss(
         return skipped("zero_variance")
     r = sxy / torch.sqrt(sxx * syy)
     return PearsonResult(1.0 - r, n_valid, n_total, None, would_skip_reference)
+
+
+def flatten_loss(scales: Tensor) -> Tensor:  # [N, 3] linear -> []
+    """Mean smallest scale of the Gaussians (pass the 3D-filtered scales); 0 for an empty input.
+
+    Near-nadir views barely see how thick a Gaussian is, so nothing else keeps the Gaussians of a wall
+    or a roof edge thin: as balls they stick out of the surface by their radius, which is a halo of
+    roof height over the street in any top-down read-out. Minimising the smallest axis makes each
+    Gaussian a disk in the plane its views do constrain. On the filtered scale sqrt(s^2 + f^2) the
+    push fades below the Mip-Splatting filter size f, where thinner would only mean more transparent
+    (the filter's opacity compensation).
+    """
+    if scales.numel() == 0:
+        return scales.sum()
+    return scales.amin(dim=-1).mean()

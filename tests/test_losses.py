@@ -201,3 +201,23 @@ def test_pearson_argument_errors():
         pearson_depth_loss(torch.rand(3, 3), torch.rand(3, 3), torch.ones(2, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="policy"):
         pearson_depth_loss(torch.rand(3, 3), torch.rand(3, 3), policy="nan")  # type: ignore[arg-type]
+
+
+def test_flatten_loss_is_the_mean_smallest_scale_and_fades_below_the_filter():
+    from skyfall.gaussians.filters import apply_3d_filter
+    from skyfall.losses import flatten_loss
+
+    s = torch.tensor([[1.0, 2.0, 0.5], [0.3, 0.2, 4.0]])
+    assert float(flatten_loss(s)) == pytest.approx((0.5 + 0.2) / 2)
+    assert float(flatten_loss(torch.zeros(0, 3))) == 0.0
+    # on filtered scales the push on a raw scale s is s / sqrt(s^2 + f^2): strong above the filter
+    # size f, fading below it (thinner would only make the splat more transparent)
+    f = 0.2
+    grads = []
+    for raw in (1.0, 0.02):
+        log_s = torch.log(torch.tensor([[2.0, 2.0, raw]])).requires_grad_(True)
+        eff, _ = apply_3d_filter(log_s, torch.zeros(1), torch.tensor([f]))
+        flatten_loss(eff).backward()
+        grads.append(float(log_s.grad[0, 2]) / raw)  # d loss / d s (linear)
+    assert grads[0] == pytest.approx(1.0 / math.sqrt(1 + f * f), rel=1e-4)
+    assert grads[1] == pytest.approx(0.02 / math.sqrt(0.02**2 + f * f), rel=1e-4) and grads[1] < 0.1

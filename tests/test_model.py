@@ -205,3 +205,25 @@ def test_state_dict_round_trip_resumes_identically():
     assert not torch.equal(state["params"]["means"], a.params["means"])
     moment = state["optimizers"]["means"]["state"][0]["exp_avg"]
     assert not torch.equal(moment, b.optimizers["means"].state[b.params["means"]]["exp_avg"])
+
+
+def test_flat_init_lays_disks_in_the_plane_of_the_points():
+    """Points on a wall (x = 0) and on a roof (z = 10): each Gaussian's thin axis is the surface normal."""
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(0)
+    wall = np.stack([np.zeros(300), rng.uniform(-5, 5, 300), rng.uniform(0, 10, 300)], 1)
+    roof = np.stack([rng.uniform(20, 30, 300), rng.uniform(-5, 5, 300), np.full(300, 10.0)], 1)
+    xyz = np.concatenate([wall, roof])
+    p = init_from_points(xyz, np.zeros_like(xyz, dtype=np.uint8), flat=0.25)
+    iso = init_from_points(xyz, np.zeros_like(xyz, dtype=np.uint8))
+    q = p["quats"].numpy().astype(np.float64)
+    rot = Rotation.from_quat(np.concatenate([q[:, 1:], q[:, :1]], 1)).as_matrix()
+    normal = rot[:, :, 2]  # the local z axis carries the thin scale
+    assert np.abs(normal[:300, 0]).min() > 0.99 and np.abs(normal[300:, 2]).min() > 0.99
+    np.testing.assert_allclose(np.linalg.det(rot), 1.0, atol=1e-6)
+    s, s0 = p["scales"].exp().numpy(), iso["scales"].exp().numpy()
+    np.testing.assert_allclose(s[:, :2], s0[:, :2], rtol=1e-6)
+    np.testing.assert_allclose(s[:, 2], 0.25 * s0[:, 2], rtol=1e-5)
+    # the reference's isotropic start is unchanged without the option
+    np.testing.assert_array_equal(iso["quats"].numpy(), np.tile([1.0, 0, 0, 0], (600, 1)))

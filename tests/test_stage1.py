@@ -265,3 +265,42 @@ def test_real_preset_needs_no_download_and_no_synthetic_truth(tiny_tile: Path, t
     assert out.returncode == 0, out.stderr[-2000:]
     s1 = json.loads((tmp_path / "run" / "summary.json").read_text())["stage1"]
     assert s1["steps"] == 20 and s1["pseudo_used"] == 0 and s1["num_gaussians"] == 817  # no densification
+
+
+def test_a_crop_is_the_same_camera_with_a_moved_principal_point(tiny_tile: Path, tmp_path: Path, tiny_config):
+    """Random crops (``--stage1.crop``) render exactly the matching window of the whole view."""
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_config.stage1, crop=40)
+    tr = Trainer(cfg, tiny_tile, tmp_path / "run", progress=False)
+    tr.init_from_points()
+    full_cams = tr.cameras
+    torch.manual_seed(3)
+    seen = set()
+    for _ in range(4):
+        v = tr.satellite_view()
+        j = int(v.embedding) if v.embedding is not None else 0
+        assert v.camera.width == 40 and v.camera.height == 40 and v.image.shape == (3, 40, 40)
+        kc = v.camera.Ks.reshape(-1, 3, 3)[0]
+        dx = float(full_cams.Ks[j][0, 2] - kc[0, 2])
+        dy = float(full_cams.Ks[j][1, 2] - kc[1, 2])
+        x0, y0 = round(dx), round(dy)
+        assert (dx, dy) == (x0, y0) and 0 <= x0 <= full_cams.width - 40 and 0 <= y0 <= full_cams.height - 40
+        torch.testing.assert_close(v.image, tr.images[j][:, y0 : y0 + 40, x0 : x0 + 40])
+        whole = tr.scene.render(full_cams[j], j, absgrad=False).colors[0]
+        crop = tr.scene.render(v.camera, j, absgrad=False).colors[0]
+        torch.testing.assert_close(crop, whole[y0 : y0 + 40, x0 : x0 + 40], atol=2e-5, rtol=0)
+        seen.add((x0, y0))
+    assert len(seen) > 1  # the window moves
+
+
+def test_opacity_regulariser_ramp(tiny_config):
+    """lambda_opacity_end ramps the entropy weight linearly from opacity_ramp_start to the last step."""
+    import dataclasses
+
+    from skyfall.train.stage1 import opacity_schedule
+
+    base = dataclasses.replace(tiny_config.stage1, steps=1000, lambda_opacity=0.1)
+    assert opacity_schedule(base) == 0.1  # constant, as the reference
+    w = opacity_schedule(dataclasses.replace(base, lambda_opacity_end=2.1, opacity_ramp_start=600))
+    assert [round(w(s), 6) for s in (0, 600, 800, 1000, 1200)] == [0.1, 0.1, 1.1, 2.1, 2.1]

@@ -141,6 +141,10 @@ class Stage1Config:
     """Training steps (--iterations)."""
     resolution: int = 1
     """Image downscale factor: 1 = native, 2 = half, ... (--resolution)."""
+    crop: int = 0
+    """Train on random crops of this many pixels (square) of the satellite views instead of whole
+    views: full-resolution detail at the cost per step of a smaller image (0: whole views, as the
+    reference)."""
     sh_degree: int = 1
     """Maximum SH degree (--sh_degree)."""
     sh_increase_every: int = 1000
@@ -153,6 +157,15 @@ class Stage1Config:
     """Weight of the binary-entropy opacity regulariser (--lambda_opacity)."""
     opacity_cooldown_lambda: float = 0.01
     """Opacity-regulariser weight right after an opacity reset (Stage 1 reference: 0.01)."""
+    lambda_opacity_end: float | None = None
+    """Ramp the opacity regulariser linearly from lambda_opacity (at opacity_ramp_start) to this
+    weight at the last step, so that surfaces end opaque without saturating early (None: constant,
+    as the reference)."""
+    opacity_ramp_start: int = 0
+    """First step of that ramp."""
+    lambda_flatten: float = 0.0
+    """Weight of the mean smallest scale (metres) of the Gaussians: turns them into disks that lie on
+    the surface (the flattening term of 2DGS/PGSR-style methods); 0 = off, as the reference."""
     opacity_cooldown_steps: int = 500
     """Length of the cool-down after an opacity reset."""
     eps2d: float = 0.1
@@ -163,6 +176,9 @@ class Stage1Config:
     which collapses when near oblique cameras and far satellite cameras mix (Stage 2)."""
     init_max_scale: float = 10.0
     """Cap (world units) on the initial KNN scales."""
+    init_flat: float = 0.0
+    """> 0: start each Gaussian as a disk in the plane of its 8 nearest points (PCA), this fraction
+    of the KNN scale thick; 0 = isotropic balls, as the reference."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     appearance: AppearanceConfig = field(default_factory=AppearanceConfig)
     densify: DensifyConfig = field(default_factory=DensifyConfig)

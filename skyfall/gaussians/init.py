@@ -57,6 +57,7 @@ def init_from_points(
     sh_degree: int = 1,
     init_opacity: float = 0.5,
     max_scale: float | None = None,
+    flat: float = 0.0,
 ) -> dict[str, Tensor]:
     """Initial Gaussian parameters from points, as the reference's ``create_from_pcd``.
 
@@ -66,6 +67,8 @@ def init_from_points(
         sh_degree: maximum SH degree; shN gets ``(sh_degree + 1)^2 - 1`` zero coefficients.
         init_opacity: initial opacity in (0, 1); the reference uses 0.5 (logit 0).
         max_scale: optional cap on the initial standard deviation (metres), for isolated points.
+        flat: > 0: each Gaussian a disk in the plane of its neighbourhood (``surface_frames``), its
+            normal axis ``flat`` times the KNN scale; 0: isotropic, identity rotation (the reference).
 
     Returns:
         gsplat-named float32 CPU tensors: ``means`` [P, 3], ``scales`` [P, 3] (log),
@@ -90,6 +93,9 @@ def init_from_points(
     n_rest = (sh_degree + 1) ** 2 - 1
     quats = torch.zeros(p, 4)
     quats[:, 0] = 1.0
+    if flat > 0 and p >= 4:
+        quats = torch.from_numpy(surface_frames(xyz_np)).float()
+        scales[:, 2] += math.log(flat)
     return {
         "means": torch.from_numpy(xyz_np).float(),
         "scales": scales,
@@ -98,3 +104,27 @@ def init_from_points(
         "sh0": sh0,
         "shN": torch.zeros(p, n_rest, 3),
     }
+
+
+def surface_frames(xyz: np.ndarray, k: int = 8) -> np.ndarray:
+    """[P, 4] wxyz quaternions whose local z axis is the normal of each point's neighbourhood.
+
+    The normal is the eigenvector of the smallest eigenvalue of the covariance of the point and its
+    ``k`` nearest neighbours (PCA); x and y span the fitted plane (largest spread first), the frame is
+    right-handed. Satellite-matched points sample roofs, ground and walls, so the disks start in the
+    plane each one is meant to represent.
+    """
+    from scipy.spatial.transform import Rotation
+
+    p = xyz.shape[0]
+    kk = min(k, p - 1)
+    _, idx = cKDTree(xyz).query(xyz, k=kk + 1)
+    nb = xyz[idx]  # [P, k+1, 3]
+    d = nb - nb.mean(axis=1, keepdims=True)
+    cov = np.einsum("pki,pkj->pij", d, d) / (kk + 1)
+    _, vecs = np.linalg.eigh(cov)  # ascending eigenvalues: columns = smallest .. largest
+    frame = vecs[:, :, ::-1].copy()  # x = largest, y = middle, z = smallest (the normal)
+    flip = np.linalg.det(frame) < 0
+    frame[flip, :, 2] *= -1
+    xyzw = Rotation.from_matrix(frame).as_quat()
+    return np.concatenate([xyzw[:, 3:], xyzw[:, :3]], axis=1)

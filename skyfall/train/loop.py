@@ -41,7 +41,7 @@ from skyfall.gaussians.filters import compute_3d_filter
 from skyfall.gaussians.init import init_from_points
 from skyfall.gaussians.model import GaussianModel
 from skyfall.gaussians.strategy import GOFStrategy
-from skyfall.losses import opacity_entropy, pearson_depth_loss, photometric_loss
+from skyfall.losses import flatten_loss, opacity_entropy, pearson_depth_loss, photometric_loss
 from skyfall.priors.depth import DepthEstimator, make_depth_estimator
 from skyfall.scene import Scene
 from skyfall.storage.checkpoints import (
@@ -125,8 +125,8 @@ class Phase:
     """Draws the training view of a step."""
     strategy: GOFStrategy
     """Densification, opacity resets and 3D-filter refreshes."""
-    opacity_weight: float
-    """Weight of the binary-entropy opacity regulariser."""
+    opacity_weight: float | Callable[[int], float]
+    """Weight of the binary-entropy opacity regulariser (or a function of the global step)."""
     cooldown_weight: float
     """Its weight during the cool-down after an opacity reset."""
     pseudo: PseudoSchedule | None
@@ -186,7 +186,11 @@ class Trainer:
         cfg = self.cfg
         seed_everything(cfg.seed)
         params = init_from_points(
-            self.tile.points, self.tile.colors, sh_degree=cfg.sh_degree, max_scale=cfg.init_max_scale
+            self.tile.points,
+            self.tile.colors,
+            sh_degree=cfg.sh_degree,
+            max_scale=cfg.init_max_scale,
+            flat=cfg.init_flat,
         )
         if cfg.appearance.enabled:
             params["app_features"] = fourier_init_embeddings(
@@ -303,10 +307,22 @@ class Trainer:
         if not self.view_stack:
             self.view_stack = torch.randperm(len(self.tile.train)).tolist()
         j = self.view_stack.pop()
-        cam = Cameras(
-            self.cameras.camtoworlds[j], self.cameras.Ks[j], self.cameras.width, self.cameras.height
-        )
-        return ViewSample(cam, self.images[j], self.masks[j], j if self.appearance is not None else None)
+        w, h = self.cameras.width, self.cameras.height
+        c = self.cfg.crop
+        emb = j if self.appearance is not None else None
+        if c <= 0 or (c >= w and c >= h):
+            cam = Cameras(self.cameras.camtoworlds[j], self.cameras.Ks[j], w, h)
+            return ViewSample(cam, self.images[j], self.masks[j], emb)
+        cw, ch = min(c, w), min(c, h)
+        x0 = int(torch.randint(0, w - cw + 1, (1,)))
+        y0 = int(torch.randint(0, h - ch + 1, (1,)))
+        k = self.cameras.Ks[j].clone()
+        k[0, 2] -= x0  # a crop is the same camera with its principal point moved
+        k[1, 2] -= y0
+        cam = Cameras(self.cameras.camtoworlds[j], k, cw, ch)
+        img = self.images[j][:, y0 : y0 + ch, x0 : x0 + cw]
+        mask = self.masks[j][y0 : y0 + ch, x0 : x0 + cw]
+        return ViewSample(cam, img, mask, emb)
 
     def pseudo_loss(
         self, step: int, schedule: PseudoSchedule, elevation: float, radius: float
@@ -362,10 +378,15 @@ class Trainer:
         img = out.colors[0].permute(2, 0, 1)
         l_rgb = photometric_loss(img, view.image, view.mask, lambda_dssim=self.cfg.lambda_dssim)
         in_cooldown = phase.strategy.in_cooldown(self.strategy_state, it)
-        lam_op = phase.cooldown_weight if in_cooldown else phase.opacity_weight
+        if in_cooldown:
+            lam_op = phase.cooldown_weight
+        else:
+            lam_op = phase.opacity_weight(it) if callable(phase.opacity_weight) else phase.opacity_weight
         loss = l_rgb
         if lam_op > 0:
             loss = loss + lam_op * opacity_entropy(model.params["opacities"])
+        if self.cfg.lambda_flatten > 0:
+            loss = loss + self.cfg.lambda_flatten * flatten_loss(model.get_scales_opacities_eff()[0])
         if phase.lambda_depth > 0 and view.depth is not None:
             res = pearson_depth_loss(out.depths[0, ..., 0], *view.depth)
             if res.loss is not None:

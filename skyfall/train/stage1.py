@@ -8,6 +8,7 @@ schedule, all as the reference.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +73,24 @@ def stage1_phase(trainer: Trainer) -> Phase:
         end=cfg.steps,
         views=lambda it: trainer.satellite_view(),
         strategy=stage1_strategy(cfg),
-        opacity_weight=cfg.lambda_opacity,
+        opacity_weight=opacity_schedule(cfg),
         cooldown_weight=cfg.opacity_cooldown_lambda,
         pseudo=pseudo,
     )
+
+
+def opacity_schedule(cfg: Stage1Config) -> float | Callable[[int], float]:
+    """The opacity regulariser's weight: constant, or the linear ramp of ``lambda_opacity_end``."""
+    if cfg.lambda_opacity_end is None:
+        return cfg.lambda_opacity
+    a, b = cfg.opacity_ramp_start, max(cfg.steps, cfg.opacity_ramp_start + 1)
+    lo, hi = cfg.lambda_opacity, cfg.lambda_opacity_end
+
+    def weight(step: int) -> float:
+        t = min(max((step - a) / (b - a), 0.0), 1.0)
+        return lo + t * (hi - lo)
+
+    return weight
 
 
 @torch.no_grad()
