@@ -304,3 +304,21 @@ def test_opacity_regulariser_ramp(tiny_config):
     assert opacity_schedule(base) == 0.1  # constant, as the reference
     w = opacity_schedule(dataclasses.replace(base, lambda_opacity_end=2.1, opacity_ramp_start=600))
     assert [round(w(s), 6) for s in (0, 600, 800, 1000, 1200)] == [0.1, 0.1, 1.1, 2.1, 2.1]
+
+
+def test_initial_scale_cap_never_goes_below_the_3d_filter(tiny_tile: Path, tmp_path: Path, tiny_config):
+    """A cap smaller than the Mip-Splatting filter would start every Gaussian transparent: the floor
+    is each point's own filter size (the tiny tile's pixels are ~10 m at half resolution)."""
+    import dataclasses
+
+    from skyfall.gaussians.init import knn_mean_sq_dist
+
+    for cap in (0.01, 1e6):
+        cfg = dataclasses.replace(tiny_config.stage1, init_max_scale=cap)
+        tr = Trainer(cfg, tiny_tile, tmp_path / f"run{cap}", progress=False)
+        tr.init_from_points()
+        s = tr.model.params["scales"].detach().exp()[:, 0].double()
+        knn = torch.from_numpy(knn_mean_sq_dist(tr.tile.points.double().numpy())).clamp_min(1e-7).sqrt()
+        want = torch.minimum(knn, tr.model.filter_3d.double().clamp_min(cap)) if cap < 1 else knn
+        torch.testing.assert_close(s, want, rtol=1e-5, atol=1e-6)
+    assert float(tr.model.filter_3d.min()) > 1.0  # the floor did bind for cap 0.01

@@ -44,11 +44,16 @@ class Demo:
         summary = train_stage1(self.stage1, tile_dir, run, resume=self.resume)
         ply = export_run(run, "ply").path
         s = summary["stage1"]
-        nan = float("nan")
+
+        def num(key: str, scale: float = 1.0, fmt: str = ".2f") -> str:
+            # a metric that could not be measured (nothing rendered in the DSM grid) is null in the summary
+            v = s.get(key)
+            return "n/a" if v is None else format(scale * v, fmt)
+
         print(
-            f"[demo] held-out satellite PSNR {s.get('psnr_test', nan):.2f} dB "
-            f"({s.get('psnr_test_novel_embedding', nan):.2f} dB with the mean embedding), "
-            f"DSM MAE {s.get('dsm_mae_m', nan):.2f} m ({100 * s.get('dsm_completeness', nan):.0f} % of the "
+            f"[demo] held-out satellite PSNR {num('psnr_test')} dB "
+            f"({num('psnr_test_novel_embedding')} dB with the mean embedding), "
+            f"DSM MAE {num('dsm_mae_m')} m ({num('dsm_completeness', 100, '.0f')} % of the "
             f"cells), {s['num_gaussians']} Gaussians, Stage 1 {s['wall_s'] / 60:.1f} min"
         )
         print(f"[demo] summary: {run / 'summary.json'}")

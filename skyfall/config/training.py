@@ -175,7 +175,8 @@ class Stage1Config:
     Gaussian (Mip-Splatting's definition); 'reference' = min depth / max focal over all cameras,
     which collapses when near oblique cameras and far satellite cameras mix (Stage 2)."""
     init_max_scale: float = 10.0
-    """Cap (world units) on the initial KNN scales."""
+    """Cap (world units) on the initial KNN scales, never below the point's Mip-Splatting 3D filter size
+    (smaller would only start more transparent)."""
     init_flat: float = 0.0
     """> 0: start each Gaussian as a disk in the plane of its 8 nearest points (PCA), this fraction
     of the KNN scale thick; 0 = isotropic balls, as the reference."""

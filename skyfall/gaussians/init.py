@@ -56,7 +56,7 @@ def init_from_points(
     *,
     sh_degree: int = 1,
     init_opacity: float = 0.5,
-    max_scale: float | None = None,
+    max_scale: float | np.ndarray | None = None,
     flat: float = 0.0,
 ) -> dict[str, Tensor]:
     """Initial Gaussian parameters from points, as the reference's ``create_from_pcd``.
@@ -66,7 +66,8 @@ def init_from_points(
         rgb: [P, 3] uint8 colours.
         sh_degree: maximum SH degree; shN gets ``(sh_degree + 1)^2 - 1`` zero coefficients.
         init_opacity: initial opacity in (0, 1); the reference uses 0.5 (logit 0).
-        max_scale: optional cap on the initial standard deviation (metres), for isolated points.
+        max_scale: optional cap on the initial standard deviation (metres), for isolated points;
+            one value or one per point.
         flat: > 0: each Gaussian a disk in the plane of its neighbourhood (``surface_frames``), its
             normal axis ``flat`` times the KNN scale; 0: isotropic, identity rotation (the reference).
 
@@ -85,7 +86,9 @@ def init_from_points(
     dist2 = np.maximum(knn_mean_sq_dist(xyz_np), 1e-7)
     log_scale = np.log(np.sqrt(dist2))
     if max_scale is not None:
-        log_scale = np.minimum(log_scale, math.log(max_scale))
+        log_scale = np.minimum(
+            log_scale, np.log(np.broadcast_to(np.asarray(max_scale, np.float64), log_scale.shape))
+        )
     scales = torch.from_numpy(log_scale).float()[:, None].repeat(1, 3)
 
     colours = torch.from_numpy(rgb_np.astype(np.float32) / 255.0)

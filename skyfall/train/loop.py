@@ -185,11 +185,18 @@ class Trainer:
         """Fresh state: Gaussians from the tile's points, a new appearance model, step 0."""
         cfg = self.cfg
         seed_everything(cfg.seed)
+        # The cap never goes below a point's Mip-Splatting 3D filter size: a smaller start would only
+        # be more transparent (the filter's opacity compensation), i.e. invisible on coarse tiles.
+        with torch.no_grad():
+            floor = compute_3d_filter(
+                self.tile.points.to(self.device).float(), self.filter_cameras, rule=cfg.filter_rule
+            )
+        cap = np.maximum(cfg.init_max_scale, floor.double().cpu().numpy())
         params = init_from_points(
             self.tile.points,
             self.tile.colors,
             sh_degree=cfg.sh_degree,
-            max_scale=cfg.init_max_scale,
+            max_scale=cap,
             flat=cfg.init_flat,
         )
         if cfg.appearance.enabled:
