@@ -83,3 +83,24 @@ def tiny_run(tiny_tile, tiny_config, tmp_path_factory: pytest.TempPathFactory):
     run = tmp_path_factory.mktemp("tiny_run") / "run"
     train_stage1(tiny_config.stage1, tiny_tile, run, progress=False)
     return run
+
+
+def rerender_frame(city, tile, index: int):  # noqa: ANN001, ANN201
+    """Render training frame ``index`` of a synthetic ``tile`` again with ``city``: (rendered, stored)
+    uint8 images, which must be equal when the city is rebuilt exactly."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from skyfall.data.cameras import Cameras
+
+    meta = json.loads((tile / "synth.json").read_text())
+    fr = json.loads((tile / "transforms_train.json").read_text())["frames"][index]
+    k = torch.tensor([[fr["fl_x"], 0, fr["cx"]], [0, fr["fl_y"], fr["cy"]], [0, 0, 1]], dtype=torch.float64)
+    cam = Cameras(torch.tensor(fr["transform_matrix"], dtype=torch.float64), k, fr["w"], fr["h"])
+    name = Path(fr["file_path"]).stem
+    r = city.render(cam, date=meta["image_dates"][name], supersample=meta["preset_params"]["sat_supersample"])
+    rgb = (r["rgb"][0].clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
+    return rgb, np.asarray(Image.open(tile / "images" / f"{name}.png"))
