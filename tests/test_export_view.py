@@ -86,3 +86,52 @@ def test_serve_starts_a_viser_server(tmp_path: Path):
         assert len(html) > 100
     finally:
         server.stop()
+
+
+def _non_loopback_ipv4() -> str | None:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.123", 9))  # no packet is sent: this only picks the outgoing interface
+            ip = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if ip.startswith("127.") else ip
+
+
+def test_view_listens_on_this_machine_only_unless_told(capsys: pytest.CaptureFixture):
+    """The viewer has no authentication: loopback by default, a warning when opened to the network."""
+    pytest.importorskip("viser", reason="the viewer extra (viser) is not installed")
+    import socket
+    import urllib.request
+
+    from skyfall.export.viewer import serve
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    port = free_port()
+    server = serve(_splats(), up="+z", port=port, block=False)
+    try:
+        assert server.get_host() == "127.0.0.1"
+        assert len(urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read()) > 100
+        ip = _non_loopback_ipv4()
+        if ip is not None:  # another interface of this machine cannot reach it
+            with pytest.raises(OSError):
+                socket.create_connection((ip, port), timeout=2).close()
+    finally:
+        server.stop()
+    out = capsys.readouterr()
+    assert f"http://localhost:{port}" in out.out and "warning" not in out.err
+
+    port = free_port()
+    server = serve(_splats(), up="+z", port=port, block=False, host="0.0.0.0")
+    try:
+        assert server.get_host() == "0.0.0.0"
+    finally:
+        server.stop()
+    err = capsys.readouterr().err
+    assert "warning: listening on 0.0.0.0" in err and "--host 127.0.0.1" in err

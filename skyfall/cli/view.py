@@ -19,6 +19,9 @@ class View:
     """Run directory or splat file (.ply, compressed .ply, .splat, .spz)."""
     port: int = 8080
     """HTTP port of the viewer."""
+    host: str = "127.0.0.1"
+    """Interface to listen on: 127.0.0.1 keeps the viewer on this machine (it has no authentication);
+    0.0.0.0 opens it to the network (e.g. to view from another machine over a trusted network)."""
     embedding: str | None = None
     """Run only: appearance embedding ('mean' or an image index; default: the run's test_embedding)."""
     up: str | None = None
@@ -28,4 +31,4 @@ class View:
         from skyfall.export.viewer import load_splats_any, serve
 
         splats, up = load_splats_any(self.source, self.embedding)
-        serve(splats, up=self.up or up, port=self.port)
+        serve(splats, up=self.up or up, port=self.port, host=self.host)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -66,10 +67,15 @@ def covariances(splats: Splats) -> np.ndarray:
     return np.einsum("nij,nj,nkj->nik", rot, s2, rot)
 
 
-def serve(splats: Splats, up: str = "+z", port: int = 8080, block: bool = True):  # noqa: ANN201
-    """Show ``splats`` in a viser server on ``port``; blocks until Ctrl-C when ``block``.
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
-    Returns the ``viser.ViserServer`` (when not blocking).
+
+def serve(splats: Splats, up: str = "+z", port: int = 8080, block: bool = True, host: str = "127.0.0.1"):  # noqa: ANN201
+    """Show ``splats`` in a viser server on ``host:port``; blocks until Ctrl-C when ``block``.
+
+    The default host is the loopback interface: the server has no authentication and accepts any
+    websocket, so it is reachable only from this machine unless ``host`` says otherwise (then a
+    warning says so). Returns the ``viser.ViserServer`` (when not blocking).
     """
     try:
         import viser
@@ -79,7 +85,7 @@ def serve(splats: Splats, up: str = "+z", port: int = 8080, block: bool = True):
         ) from e
     import time
 
-    server = viser.ViserServer(port=port)
+    server = viser.ViserServer(host=host, port=port, verbose=False)
     server.scene.set_up_direction(up)
     rgb = np.clip(splats.rgb(), 0.0, 1.0).astype(np.float32)
     server.scene.add_gaussian_splats(
@@ -89,7 +95,14 @@ def serve(splats: Splats, up: str = "+z", port: int = 8080, block: bool = True):
         rgbs=rgb,
         opacities=splats.alpha().astype(np.float32)[:, None],
     )
-    print(f"[view] {len(splats)} splats at http://localhost:{port} (Ctrl-C to stop)")
+    shown = "localhost" if host in (*LOCAL_HOSTS, "0.0.0.0", "::", "") else host
+    print(f"[view] {len(splats)} splats at http://{shown}:{port} (Ctrl-C to stop)")
+    if host not in LOCAL_HOSTS:
+        print(
+            f"[view] warning: listening on {host}, not only this machine: anyone who can reach port {port} "
+            "can open the viewer (no authentication); use --host 127.0.0.1 to keep it local",
+            file=sys.stderr,
+        )
     if block:
         try:
             while True:
