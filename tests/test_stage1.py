@@ -322,3 +322,27 @@ def test_initial_scale_cap_never_goes_below_the_3d_filter(tiny_tile: Path, tmp_p
         want = torch.minimum(knn, tr.model.filter_3d.double().clamp_min(cap)) if cap < 1 else knn
         torch.testing.assert_close(s, want, rtol=1e-5, atol=1e-6)
     assert float(tr.model.filter_3d.min()) > 1.0  # the floor did bind for cap 0.01
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "says"),
+    [
+        ("--stage1.keep-checkpoints", "0", "--stage1.keep-checkpoints must be at least 1"),
+        ("--stage1.checkpoint-every", "0", "--stage1.checkpoint-every must be a positive number of steps"),
+        ("--stage1.eval-every", "0", "--stage1.eval-every must be a positive number of steps"),
+        ("--stage1.optim.means-lr-init", "-1.0", "--stage1.optim.means-lr-init must be a learning rate >= 0"),
+        ("--stage1.device", "tpu", "--stage1.device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ],
+)
+def test_options_no_run_could_use_stop_before_anything_is_written(
+    tiny_tile: Path, tmp_path: Path, option: str, value: str, says: str
+):
+    run = tmp_path / "run"
+    out = subprocess.run(
+        _cli("train", "stage1", "--data", str(tiny_tile), "--out", str(run), "--preset", "tiny", option, value),
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr[-1500:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0]
+    assert not run.exists() or not any(run.iterdir())

@@ -209,6 +209,17 @@ class Stage1Config:
     tensorboard: bool = False
     """Also log scalars to TensorBoard (needs the tensorboard package)."""
 
+    def check(self) -> None:
+        """One ConfigError naming the option (CLI spelling) for a value no run could use; called
+        before a run writes anything."""
+        bad = _check_values(self, "stage1", _STAGE1_RULES)
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            bad = bad or f"--stage1.device must be auto, cpu, cuda or cuda:N, got {self.device!r}"
+        if bad:
+            from skyfall.errors import ConfigError
+
+            raise ConfigError(bad)
+
     def scale_steps(self, factor: float) -> Stage1Config:
         """A copy with every step-valued field multiplied by ``factor`` (for quick runs)."""
 
@@ -355,3 +366,57 @@ def parse_curriculum(spec: str) -> tuple[float | None, list[tuple[float, float]]
     if not episodes:
         raise ConfigError("empty curriculum")
     return None, episodes
+
+
+# (dotted field, rule, what the rule says) for Stage1Config.check: only what no run could use.
+_STAGE1_RULES: tuple[tuple[str, str, str], ...] = (
+    ("steps", "pos", "a positive number of steps"),
+    ("resolution", "pos", "a positive downscale factor"),
+    ("crop", "nonneg", ">= 0 (0: whole views)"),
+    ("checkpoint_every", "pos", "a positive number of steps"),
+    ("keep_checkpoints", "pos", "at least 1 (the run's state lives in its checkpoints)"),
+    ("eval_every", "pos", "a positive number of steps"),
+    ("log_every", "pos", "a positive number of steps"),
+    ("sh_increase_every", "pos", "a positive number of steps"),
+    ("init_max_scale", "pos", "a positive length (metres)"),
+    ("lambda_dssim", "unit", "in [0, 1]"),
+    ("lambda_opacity", "nonneg", ">= 0"),
+    ("lambda_flatten", "nonneg", ">= 0"),
+    ("init_flat", "unit", "in [0, 1]"),
+    ("optim.means_lr_init", "nonneg", "a learning rate >= 0"),
+    ("optim.means_lr_final", "nonneg", "a learning rate >= 0"),
+    ("optim.sh0_lr", "nonneg", "a learning rate >= 0"),
+    ("optim.shN_lr", "nonneg", "a learning rate >= 0"),
+    ("optim.opacities_lr", "nonneg", "a learning rate >= 0"),
+    ("optim.scales_lr", "nonneg", "a learning rate >= 0"),
+    ("optim.quats_lr", "nonneg", "a learning rate >= 0"),
+    ("optim.adam_eps", "pos", "> 0"),
+    ("densify.interval", "pos", "a positive number of steps"),
+    ("densify.opacity_reset_interval", "pos", "a positive number of steps"),
+    ("densify.filter_recompute_interval", "pos", "a positive number of steps"),
+    ("densify.prune_interval", "nonneg", ">= 0 (0: never)"),
+    ("pseudo.interval", "pos", "a positive number of steps"),
+)
+
+
+def _check_values(cfg: object, prefix: str, rules: tuple[tuple[str, str, str], ...]) -> str | None:
+    """The first rule broken, as one line naming the option as the CLI spells it, or None."""
+    import math
+
+    for dotted, rule, says in rules:
+        v: object = cfg
+        for part in dotted.split("."):
+            v = getattr(v, part)
+        x = float(v)  # type: ignore[arg-type]
+        ok = (
+            math.isfinite(x)
+            and {
+                "pos": x > 0,
+                "nonneg": x >= 0,
+                "unit": 0 <= x <= 1,
+            }[rule]
+        )
+        if not ok:
+            flag = "--" + prefix + "." + dotted.replace("_", "-")
+            return f"{flag} must be {says}, got {v}"
+    return None

@@ -147,6 +147,7 @@ def train_stage1(
         depth_estimator: overrides the one named in ``cfg.pseudo.estimator`` (tests).
         progress: show a tqdm progress bar.
     """
+    cfg.check()  # before anything is written: one line naming the option
     trainer = Trainer(cfg, data, out, depth_estimator=depth_estimator, progress=progress)
     rd = trainer.run_dir
     rd.create()
