@@ -12,14 +12,20 @@ import torch
 from skyfall.errors import ConfigError
 
 
-def resolve_device(device: str | None) -> torch.device:
+def resolve_device(device: str | None, option: str = "device") -> torch.device:
     """A usable torch device: None or 'auto' = CUDA when available, else CPU.
 
-    An explicit CUDA request without a GPU is a ConfigError (rather than a crash at the first tensor).
+    A device that is not auto, cpu, cuda or cuda:N, or an explicit CUDA request without a GPU, is a
+    ConfigError naming ``option`` (rather than a crash at the first tensor).
     """
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{option} must be auto, cpu, cuda or cuda:N, got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             f"device {device!r} requested but no CUDA GPU is available (torch.cuda.is_available() is False)"

@@ -213,12 +213,13 @@ class Stage1Config:
         """One ConfigError naming the option (CLI spelling) for a value no run could use; called
         before a run writes anything."""
         bad = _check_values(self, "stage1", _STAGE1_RULES)
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            bad = bad or f"--stage1.device must be auto, cpu, cuda or cuda:N, got {self.device!r}"
         if bad:
             from skyfall.errors import ConfigError
 
             raise ConfigError(bad)
+        from skyfall.devices import resolve_device  # torch: imported only when a run starts
+
+        resolve_device(self.device, "--stage1.device")
 
     def scale_steps(self, factor: float) -> Stage1Config:
         """A copy with every step-valued field multiplied by ``factor`` (for quick runs)."""
