@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -123,6 +123,16 @@ class DsmGrid:
 # -------------------------------------------------------------------------------------- rendering
 
 
+def _grid_blocks(g: DsmGrid, block: int) -> Iterator[tuple[int, int, int, int, Any]]:
+    """(row0, col0, rows, cols, camera) for each ``block`` x ``block`` tile of the grid: the nadir
+    camera whose pixels are exactly those cells (render in bounded memory)."""
+    res = g.resolution
+    for i0 in range(0, g.height, block):
+        for j0 in range(0, g.width, block):
+            bh, bw = min(block, g.height - i0), min(block, g.width - j0)
+            yield i0, j0, bh, bw, nadir_grid_camera(g.x_min + j0 * res, g.y_max - i0 * res, res, bw, bh)
+
+
 @torch.no_grad()
 def render_dsm(
     scene: Scene, georef: dict | DsmGrid, *, depth: str = "median", alpha_min: float = 0.05, block: int = 256
@@ -141,21 +151,17 @@ def render_dsm(
     if depth not in ("median", "expected"):
         raise ValueError(f"depth must be 'median' or 'expected', got {depth!r}")
     g = georef if isinstance(georef, DsmGrid) else DsmGrid.from_json(georef)
-    res, w, h = g.resolution, g.width, g.height
-    out = np.full((h, w), np.nan, dtype=np.float32)
-    for i0 in range(0, h, block):
-        for j0 in range(0, w, block):
-            bh, bw = min(block, h - i0), min(block, w - j0)
-            cam = nadir_grid_camera(g.x_min + j0 * res, g.y_max - i0 * res, res, bw, bh)
-            cam_z = float(cam.camtoworlds[0, 2, 3])
-            if depth == "median":
-                med, alpha = scene.render_median_depth(cam, normalized=True)
-                d = med[0, ..., 0].double().cpu().numpy()
-            else:
-                r = scene.render(cam, None, absgrad=False)
-                d, alpha = r.expected_depths[0, ..., 0].double().cpu().numpy(), r.alphas
-            ok = (alpha[0, ..., 0].cpu().numpy() >= alpha_min) & np.isfinite(d)
-            out[i0 : i0 + bh, j0 : j0 + bw] = np.where(ok, cam_z - d, np.nan)
+    out = np.full((g.height, g.width), np.nan, dtype=np.float32)
+    for i0, j0, bh, bw, cam in _grid_blocks(g, block):
+        cam_z = float(cam.camtoworlds[0, 2, 3])
+        if depth == "median":
+            med, alpha = scene.render_median_depth(cam, normalized=True)
+            d = med[0, ..., 0].double().cpu().numpy()
+        else:
+            r = scene.render(cam, None, absgrad=False)
+            d, alpha = r.expected_depths[0, ..., 0].double().cpu().numpy(), r.alphas
+        ok = (alpha[0, ..., 0].cpu().numpy() >= alpha_min) & np.isfinite(d)
+        out[i0 : i0 + bh, j0 : j0 + bw] = np.where(ok, cam_z - d, np.nan)
     return out
 
 
@@ -179,21 +185,17 @@ def opaque_weight_share(
     _, opac = m.get_scales_opacities_eff()
     ind = (opac.reshape(-1) >= opaque).to(p["means"].dtype)
     rgb = torch.stack([ind, ind, ind], -1)
-    res, w, h = g.resolution, g.width, g.height
     num = den = 0.0
-    for i0 in range(0, h, block):
-        for j0 in range(0, w, block):
-            bh, bw = min(block, h - i0), min(block, w - j0)
-            cam = nadir_grid_camera(g.x_min + j0 * res, g.y_max - i0 * res, res, bw, bh)
-            out = render(
-                p["means"], p["quats"], p["scales"], p["opacities"], rgb,
-                cam.viewmats.to(p["means"].device), cam.Ks.to(p["means"].device), bw, bh,
-                filter_3d=m.filter_3d, eps2d=scene.eps2d, absgrad=False,
-            )  # fmt: skip
-            a = out.alphas[0, ..., 0]
-            ok = a >= alpha_min
-            num += float(out.colors[0, ..., 0][ok].sum())
-            den += float(a[ok].sum())
+    for _, _, bh, bw, cam in _grid_blocks(g, block):
+        out = render(
+            p["means"], p["quats"], p["scales"], p["opacities"], rgb,
+            cam.viewmats.to(p["means"].device), cam.Ks.to(p["means"].device), bw, bh,
+            filter_3d=m.filter_3d, eps2d=scene.eps2d, absgrad=False,
+        )  # fmt: skip
+        a = out.alphas[0, ..., 0]
+        ok = a >= alpha_min
+        num += float(out.colors[0, ..., 0][ok].sum())
+        den += float(a[ok].sum())
     return num / den if den > 0 else float("nan")
 
 
