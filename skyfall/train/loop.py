@@ -187,11 +187,12 @@ class Trainer:
         seed_everything(cfg.seed)
         # The cap never goes below a point's Mip-Splatting 3D filter size: a smaller start would only
         # be more transparent (the filter's opacity compensation), i.e. invisible on coarse tiles.
+        # That filter is the model's initial one (the means are these points in float32).
         with torch.no_grad():
-            floor = compute_3d_filter(
+            filter_3d = compute_3d_filter(
                 self.tile.points.to(self.device).float(), self.filter_cameras, rule=cfg.filter_rule
-            )
-        cap = np.maximum(cfg.init_max_scale, floor.double().cpu().numpy())
+            ).to(self.device)
+        cap = np.maximum(cfg.init_max_scale, filter_3d.double().cpu().numpy())
         params = init_from_points(
             self.tile.points,
             self.tile.colors,
@@ -216,7 +217,7 @@ class Trainer:
         self.pseudo_stack: list[tuple[Tensor, Tensor]] = []
         self.strategy_state: dict[str, Any] | None = None  # the first phase's strategy initialises it
         self.step = 0
-        self.recompute_filter()
+        self.model.filter_3d = filter_3d
 
     def _make_appearance(self) -> AppearanceModel | None:
         a = self.cfg.appearance
