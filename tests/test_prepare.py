@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from skyfall.data.cameras import look_at
 from skyfall.prepare import ENUFrame, RPCModel, fit_pinhole
 from skyfall.prepare.pinhole import project_pinhole
 from skyfall.prepare.raster import ImageReadError, read_satellite_image
@@ -138,12 +140,7 @@ def test_fit_pinhole_recovers_exact_camera() -> None:
     # A satellite-like pinhole: 700 km away, 30 deg off nadir, off-image principal point.
     k = np.array([[1.4e6, 0.0, -2.0e5], [0.0, 1.45e6, 3.0e4], [0.0, 0.0, 1.0]])
     centre = np.array([3.0e5, -2.0e5, 6.5e5])
-    fwd = -centre / np.linalg.norm(centre)
-    right = np.cross(fwd, [0, 0, 1.0])
-    right /= np.linalg.norm(right)
-    c2w = np.eye(4)
-    c2w[:3, :3] = np.stack([right, np.cross(fwd, right), fwd], axis=1)
-    c2w[:3, 3] = centre
+    c2w = look_at(torch.from_numpy(centre), torch.zeros(3)).numpy()
     g = np.linspace(-150, 150, 7)
     xyz = np.stack(np.meshgrid(g, g, np.linspace(0, 100, 4), indexing="ij"), -1).reshape(-1, 3)
     uv = project_pinhole(k, c2w, xyz)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from skyfall.data.cameras import look_at
 from skyfall.prepare.adjust import Correction, build_tracks, joint_adjustment, project_views
 from skyfall.prepare.matching import Matches
 
@@ -22,12 +24,7 @@ SIZE = (400, 400)
 def _camera(azimuth_deg: float, elevation_deg: float) -> tuple[np.ndarray, np.ndarray]:
     az, el = np.radians(azimuth_deg), np.radians(elevation_deg)
     centre = 7.0e5 * np.array([np.cos(el) * np.sin(az), np.cos(el) * np.cos(az), np.sin(el)])
-    fwd = -centre / np.linalg.norm(centre)
-    right = np.cross(fwd, [0, 0, 1.0])
-    right /= np.linalg.norm(right)
-    c2w = np.eye(4)
-    c2w[:3, :3] = np.stack([right, np.cross(fwd, right), fwd], axis=1)
-    c2w[:3, 3] = centre
+    c2w = look_at(torch.from_numpy(centre), torch.zeros(3)).numpy()
     f = np.linalg.norm(centre) / 0.5  # 0.5 m per pixel at the scene
     return np.array([[f, 0, SIZE[0] / 2], [0, f, SIZE[1] / 2], [0, 0, 1.0]]), c2w
 
