@@ -28,12 +28,19 @@ pixels that are not exactly black (reference); an RGBA alpha channel additionall
 alpha 0 ([FIX] the reference's alpha check never fires). With ``resolution = r > 1`` images
 are box-filtered and masks nearest-resized to ``round(W/r) x round(H/r)`` ([FIX] the
 reference leaves masks at full size), and intrinsics scale via ``Cameras.scaled``.
+
+**Checks** at load, each a ``TileFormatError`` naming the file and field: every path a transforms
+file names stays inside the tile folder; focal lengths are finite and positive, principal points lie
+within ``_PP_BAND`` of the image (see there), optional ``w`` / ``h`` are positive whole numbers;
+every view keeps at least one valid pixel; the optional ground truth under ``gt/`` follows its
+schema (``skyfall.data.ground_truth.check_gt``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +52,7 @@ from torch import Tensor
 
 from skyfall.data.cameras import Cameras
 from skyfall.data.colmap import read_points3d_text
+from skyfall.data.ground_truth import check_gt
 from skyfall.errors import ConfigError, TileFormatError
 
 TRAIN_FILE = "transforms_train.json"
@@ -58,6 +66,15 @@ NORMALIZED_RADIUS = 256.0  # reference: the 99th-percentile point radius after n
 # ~1e-4 x 1e6 m at satellite distances).
 _RIGID_TOL = 1e-4
 _SUPPORTED_CAMERA_MODELS = ("PINHOLE", "SIMPLE_PINHOLE")
+# Principal point band: |cx - W/2| <= _PP_BAND * max(fx, W), likewise cy with fy and H. Satellite
+# crops put the principal point far outside the image: ``skyfall prepare`` writes offsets of up to
+# ~3000 image widths (0.36 fx) in the multi-view prepare tests and 0.20 fx (~1200 widths) on the
+# Pléiades Giza sample; synthetic tiles stay under 0.05 fx. The offset over the focal length is the
+# tangent of the angle between the optical axis and the image centre's ray; beyond atan(10) = 84 deg
+# no satellite (or ordinary) view points that way, so the bound is 28x the largest offset prepare
+# produced and still catches unit mix-ups (focal in mm, principal point in pixels) and garbage.
+# max(f, W) keeps a 10-image-size band for cameras whose focal length is shorter than the image.
+_PP_BAND = 10.0
 
 
 @dataclass
@@ -122,6 +139,8 @@ class _Frame:
     image_path: Path
     c2w: np.ndarray  # [4, 4] float64
     K: np.ndarray  # [3, 3] float64
+    source: Path  # the transforms file and the frame's place in it, for error messages
+    where: str
 
 
 def load_tile(path: str | Path, *, resolution: int = 1) -> Tile:
@@ -157,6 +176,9 @@ def load_tile(path: str | Path, *, resolution: int = 1) -> Tile:
     if test_file.is_file():
         # The test split lives in the train file's frame: the reference uses the train R/T for both.
         test_frames = _parse_frames(_read_json(test_file), test_file, root, rt, allow_empty=True)
+    # Optional ground truth is read lazily by the evaluations; check it now so that a malformed
+    # file stops the run before training instead of at the first evaluation.
+    check_gt(root)
 
     xyz, rgb, _ = read_points3d_text(root / POINTS_FILE)
     normalization = None
@@ -269,6 +291,8 @@ def _parse_frames(
         raise TileFormatError(file, "frames", f"expected a list of frames, got {type(frames).__name__}.")
     if not frames and not allow_empty:
         raise TileFormatError(file, "frames", "the list of frames is empty; at least one frame is needed.")
+    _check_size_fields(data, file, "")
+    _check_path_fields(data, file, "")
     return [_parse_frame(fr, file, f"frames[{i}]", root, rt) for i, fr in enumerate(frames)]
 
 
@@ -286,6 +310,7 @@ def _parse_frame(
             raise TileFormatError(
                 file, f"{where}.{key}", f"the focal length must be positive, got {value:g}."
             )
+    _check_size_fields(frame, file, f"{where}.")
 
     # With R/T the camera lives in the rotated frame; derive it from the raw pose when only that exists.
     key = (
@@ -308,13 +333,58 @@ def _parse_frame(
     rel = frame["file_path"]
     if not isinstance(rel, str) or not rel:
         raise TileFormatError(file, f"{where}.file_path", "expected a non-empty string path.")
+    _check_path_fields(frame, file, f"{where}.")
     image_path = root / rel
     if not image_path.is_file() and image_path.with_name(image_path.name + ".png").is_file():
         image_path = image_path.with_name(image_path.name + ".png")  # some converters omit the extension
     if not image_path.is_file():
         raise TileFormatError(file, f"{where}.file_path", f"the image {image_path} does not exist.")
     k = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
-    return _Frame(name=image_path.stem, image_path=image_path, c2w=c2w, K=k)
+    return _Frame(name=image_path.stem, image_path=image_path, c2w=c2w, K=k, source=file, where=where)
+
+
+def _check_size_fields(data: dict, file: Path, prefix: str) -> None:
+    """Optional ``w`` / ``h`` must be positive whole pixel counts (the loader takes sizes from the images)."""
+    for key in ("w", "h"):
+        if key not in data:
+            continue
+        value = data[key]
+        # Whole floats (512.0) are accepted: some converters write every number as a float.
+        ok = not isinstance(value, bool) and isinstance(value, (int, float))
+        if not (ok and math.isfinite(value) and value > 0 and float(value).is_integer()):
+            raise TileFormatError(
+                file, f"{prefix}{key}", f"expected a positive whole number of pixels, got {value!r}."
+            )
+
+
+def _check_path_fields(data: dict, file: Path, prefix: str) -> None:
+    """Every string path the document names (``file_path``, ``mask_path``, ``depth_file_path``, ...)
+    must stay inside the tile folder: a tile is one self-contained folder, and a crafted
+    ``../../x`` must not make the loader read outside it. Judged lexically (``..`` resolved,
+    symlinks not followed)."""
+    for key, value in data.items():
+        if not (isinstance(key, str) and key.endswith("_path") and isinstance(value, str)):
+            continue
+        norm = os.path.normpath(value)
+        if os.path.isabs(value) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+            raise TileFormatError(
+                file, f"{prefix}{key}", f"must be a path inside the tile folder, got {value!r}."
+            )
+
+
+def _check_principal_point(f: _Frame, size: tuple[int, int]) -> None:
+    """The principal point must lie within the band ``_PP_BAND`` of the image centre (see there)."""
+    k = f.K
+    for key, c, focal, extent in (("cx", k[0, 2], k[0, 0], size[0]), ("cy", k[1, 2], k[1, 1], size[1])):
+        off = abs(c - extent / 2)
+        if off > _PP_BAND * max(focal, extent):
+            raise TileFormatError(
+                f.source,
+                f"{f.where}.{key}",
+                f"the principal point {c:g} px is {off:g} px from the image centre, more than "
+                f"{_PP_BAND:g} x max(focal length {focal:g} px, image size {extent} px), "
+                "so this is not a plausible camera.",
+            )
 
 
 def _normalize(xyz: np.ndarray, r: np.ndarray, t: np.ndarray, points_file: Path) -> tuple[np.ndarray, dict]:
@@ -392,6 +462,7 @@ def _load_split(
                 "size",
                 f"the image is {im.size[0]}x{im.size[1]} but the tile's images are {size[0]}x{size[1]}.",
             )
+        _check_principal_point(f, size)
         mask_file = root / "masks" / f"{f.name}.npy"
         rgb = np.asarray(im)
         if mask_file.is_file():
@@ -400,6 +471,16 @@ def _load_split(
             mask = rgb.any(axis=-1)  # reference: a pixel is valid unless exactly black
         if alpha is not None:
             mask &= alpha
+        # A view without a valid pixel can neither be trained on nor scored (its PSNR is undefined).
+        mask_source = mask_file if mask_file.is_file() else f.image_path
+        if not mask.any():
+            if mask_file.is_file():
+                why = "the mask has no valid pixel" + ("" if alpha is None else " where the image is opaque")
+            else:
+                why = "the image has no valid pixel (every pixel is exactly black or fully transparent)"
+            raise TileFormatError(
+                mask_source, None, f"{why}, so the view can neither be trained on nor scored."
+            )
         if images is None:
             out_size = (round(size[0] / resolution), round(size[1] / resolution))
             if min(out_size) < 1:
@@ -417,6 +498,11 @@ def _load_split(
             images[i] = np.asarray(im.resize(out_size, Image.Resampling.BOX, reducing_gap=1.0))
             small = Image.fromarray(mask.astype(np.uint8) * 255).resize(out_size, Image.Resampling.NEAREST)
             masks[i] = np.asarray(small) > 127
+            if not masks[i].any():
+                raise ConfigError(
+                    f"resolution {resolution} leaves no valid pixel in the mask of {mask_source} "
+                    f"({int(mask.sum())} valid at full size); load it at a finer resolution."
+                )
     assert size is not None and images is not None and masks is not None
     cameras = Cameras(
         torch.from_numpy(np.stack([f.c2w for f in frames])),

@@ -8,23 +8,27 @@ shift registration and reports on top of this.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
+from skyfall.data.ground_truth import GT_DSM_KEYS, check_gt_dsm, check_shape, read_gt_georef
 from skyfall.dsm import render_dsm
 
-__all__ = ["dsm_errors", "load_gt_dsm", "render_dsm"]
+__all__ = ["GT_DSM_KEYS", "check_gt_dsm", "dsm_errors", "load_gt_dsm", "read_gt_georef", "render_dsm"]
 
 
 def load_gt_dsm(tile_dir: str | Path) -> tuple[np.ndarray, dict] | None:
-    """The synthetic tile's ``gt/dsm.npy`` + ``gt/dsm.json`` georeference, or None when absent."""
+    """The synthetic tile's ``gt/dsm.npy`` + ``gt/dsm.json`` georeference (checked as in
+    ``read_gt_georef``), or None when either is absent."""
     root = Path(tile_dir) / "gt"
     if not (root / "dsm.npy").exists() or not (root / "dsm.json").exists():
         return None
-    return np.load(root / "dsm.npy"), json.loads((root / "dsm.json").read_text())
+    georef = read_gt_georef(root / "dsm.json")
+    dsm = np.load(root / "dsm.npy")
+    check_shape(root / "dsm.npy", dsm.shape, georef)
+    return dsm, georef
 
 
 def dsm_errors(pred: np.ndarray, gt: np.ndarray) -> dict:

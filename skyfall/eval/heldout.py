@@ -8,6 +8,7 @@ NeRF-W / WildGaussians protocol).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from skyfall.data.camera_path import read_camera_path
 from skyfall.data.cameras import Cameras
+from skyfall.data.ground_truth import view_set_images
 from skyfall.data.tile import Split
 from skyfall.eval.image_metrics import psnr
 from skyfall.scene import Scene
@@ -60,12 +62,13 @@ def heldout_psnr(
     embedding: Tensor | None,
     protocol: Literal["fit-left-half", "novel"] = "fit-left-half",
     fit_steps: int = 30,
-) -> dict[str, float | list[float]]:
+) -> dict[str, float | None | list[float | None]]:
     """PSNR of the held-out satellite views.
 
     Returns ``psnr_test`` (by ``protocol``; 'novel' when the scene has no appearance model),
     ``psnr_test_novel_embedding`` (always the novel-view ``embedding`` on the whole view) and
-    ``psnr_test_views`` (per view, the ``psnr_test`` protocol).
+    ``psnr_test_views`` (per view, the ``psnr_test`` protocol). A view with no scored pixel is None
+    in ``psnr_test_views`` and left out of the means; a mean over no such view is None.
     """
     device = scene.model.device
     novel, fitted = [], []
@@ -82,10 +85,18 @@ def heldout_psnr(
             with torch.no_grad():
                 out = scene.render(cam, fit, absgrad=False)
             fitted.append(psnr(out.colors[0], gt, mask & ~left))
-    res: dict[str, float | list[float]] = {"psnr_test_novel_embedding": float(np.mean(novel))}
-    res["psnr_test"] = float(np.mean(fitted)) if fitted else res["psnr_test_novel_embedding"]
-    res["psnr_test_views"] = fitted or novel
+    # A view whose scored pixels are empty (e.g. all its valid pixels lie in the fitted left half)
+    # has no PSNR (NaN): it is reported as None and left out of the means.
+    res: dict[str, float | None | list[float | None]] = {"psnr_test_novel_embedding": _finite_mean(novel)}
+    res["psnr_test"] = _finite_mean(fitted) if fitted else res["psnr_test_novel_embedding"]
+    res["psnr_test_views"] = [v if math.isfinite(v) else None for v in (fitted or novel)]
     return res
+
+
+def _finite_mean(values: list[float]) -> float | None:
+    """Mean of the finite values, None when there is none."""
+    ok = [v for v in values if math.isfinite(v)]
+    return float(np.mean(ok)) if ok else None
 
 
 def read_image(path: Path, device: torch.device | str = "cpu") -> Tensor:
@@ -101,9 +112,10 @@ def gt_orbit_psnr(scene: Scene, tile_dir: str | Path, embedding: Tensor | None) 
     if not (root / "camera_path.json").exists():
         return None
     cams = read_camera_path(root / "camera_path.json")
+    files = view_set_images(root)
     vals = []
     for i in range(len(cams)):
         out = scene.render(cams[i], embedding, absgrad=False)
-        img = read_image(root / "images" / f"{i:05d}.png", scene.model.device).permute(1, 2, 0)
+        img = read_image(files[i], scene.model.device).permute(1, 2, 0)
         vals.append(psnr(out.colors[0], img))
     return float(np.mean(vals))

@@ -40,11 +40,18 @@ def psnr(pred: Tensor, gt: Tensor, mask: Tensor | None = None) -> float:
         pred: [H, W, 3] prediction (clamped to [0, 1]).
         gt: [H, W, 3] reference.
         mask: optional [H, W] bool; only these pixels count.
+
+    Returns:
+        The PSNR; NaN when ``mask`` has no pixel (no error was measured, so there is no PSNR, and
+        NaN keeps the view out of means that skip non-finite values).
     """
     err = (pred.double().clamp(0, 1) - gt.double()) ** 2
     if mask is not None:
         m = mask.to(err.dtype)[..., None].expand_as(err)
-        mse = float((err * m).sum() / m.sum().clamp_min(1))
+        n = m.sum()
+        if not n > 0:
+            return math.nan
+        mse = float((err * m).sum() / n)
     else:
         mse = float(err.mean())
     return -10.0 * math.log10(mse + PSNR_EPS)
