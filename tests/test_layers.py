@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import its own package and any lower layer):
 
-    errors, cuda_ext  <  registry, data, storage, kernels, devices  <  gaussians, losses
+    errors, interrupts, cuda_ext  <  registry, data, storage, kernels, devices  <  gaussians, losses
     <  render, config  <  scene, priors, prepare  <  dsm  <  synth, eval, export  <  train  <  cli  <  __main__
 
 So the core (data .. scene) never sees the shell's config, export and eval sit beside train and
@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "skyfall"
 
 LAYERS: list[set[str]] = [
-    {"errors", "cuda_ext", "skyfall"},
+    {"errors", "interrupts", "cuda_ext", "skyfall"},
     {"registry", "data", "storage", "kernels", "devices"},
     {"gaussians", "losses"},
     {"render", "config"},

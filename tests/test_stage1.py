@@ -141,14 +141,17 @@ def test_cli_bad_tile_exits_2_with_one_line(tmp_path: Path):
     assert len(lines) == 1 and "transforms_train.json" in lines[0] and "Traceback" not in out.stderr
 
 
-def test_resume_without_checkpoint_is_a_clear_error(tiny_tile: Path, tmp_path: Path):
+def test_resume_of_a_folder_without_a_run_is_a_clear_error(tiny_tile: Path, tmp_path: Path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
     out = subprocess.run(
         _train_args(tiny_tile, tmp_path / "run", 5) + ["--resume"],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert out.returncode == 2 and "no checkpoint" in out.stderr
+    assert out.returncode == 2 and "holds no skyfall run (no config.yml)" in out.stderr
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["notes.txt"]
 
 
 def test_tensorboard_logging_or_a_clear_missing_dependency_error(

@@ -213,6 +213,13 @@ def test_sigkill_during_training_resumes_to_the_same_state(stage1_run: Path, tmp
     for key, value in a["model"]["params"].items():
         assert torch.equal(value, b["model"]["params"][key]), key
 
+    # metrics.jsonl equals the uninterrupted run's line for line (wall time aside): no step logged twice
+    def rows(r: Path) -> list[dict]:
+        lines = (r / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(ln).items() if k != "wall_s"} for ln in lines]
+
+    assert rows(run) == rows(ref)
+
 
 def test_tiny_random_flux_flowedit_runs_a_full_episode(stage1_run: Path, tmp_path: Path, tiny_config):
     # The real FlowEdit refiner (our loop on diffusers' FLUX components), on a tiny

@@ -22,12 +22,12 @@ import pytest
 import torch
 from PIL import Image
 
+from skyfall.data.ground_truth import check_gt
 from skyfall.data.tile import Split, load_tile
 from skyfall.errors import ConfigError, TileFormatError
 from skyfall.eval.dsm import load_gt_dsm
 from skyfall.eval.heldout import heldout_psnr
 from skyfall.eval.image_metrics import psnr
-from skyfall.data.ground_truth import check_gt
 
 TRAIN = "transforms_train.json"
 TEST = "transforms_test.json"

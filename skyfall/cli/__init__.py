@@ -14,8 +14,14 @@ read before tyro parses, so that the defaults tyro shows and applies are the mer
 the number of cores the load average leaves idle (``skyfall.devices.choose_threads``), and commands
 that compute say their choice in their first line.
 
-User errors (``skyfall.errors.SkyfallError``: bad tile files, bad options, bad config files) print
-one line and exit with code 2.
+User errors (``skyfall.errors.SkyfallError``: bad tile files, bad options, bad config files) and
+failed file operations (a full disk, a folder that cannot be written: ``OSError``) print one line and
+exit with code 2 (``SKYFALL_TRACEBACK=1`` shows the traceback too). SIGINT, SIGTERM and SIGHUP stop a
+training run at the next step boundary with a checkpoint (``skyfall.interrupts``), other commands at
+once; the exit code is 128 + the signal number (130, 143, 129).
+
+``--resume`` without ``--preset``/``--config`` takes its defaults from the run's own config.yml, so
+that resuming needs no memory of the options a run started with.
 """
 
 from __future__ import annotations
@@ -105,6 +111,36 @@ def preset_options(argv: list[str]) -> tuple[str | None, Path | None]:
     return known.preset, known.config
 
 
+def resume_config(argv: list[str]) -> Path | None:
+    """The run's config.yml that a resuming command takes its defaults from, or None.
+
+    ``train stage1|all --resume`` and ``demo --resume`` read OUT/config.yml (demo: OUT/run/), and
+    ``train stage2`` reads RUN/config.yml once it holds a stage2 section, unless ``--preset`` or
+    ``--config`` is given.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--out", type=Path)
+    pre.add_argument("--run", type=Path)
+    pre.add_argument("--resume", action="store_true")
+    known, _ = pre.parse_known_args(argv)
+    words = [w for w in argv if not w.startswith("-")][:2]
+    path = None
+    if known.resume and known.out is not None and words in (["train", "stage1"], ["train", "all"]):
+        path = known.out / "config.yml"
+    elif known.resume and words[:1] == ["demo"]:
+        path = (known.out or Path("outputs/demo")) / "run" / "config.yml"
+    elif words == ["train", "stage2"] and known.run is not None:
+        path = known.run / "config.yml"
+        try:
+            import yaml
+
+            if "stage2" not in (yaml.safe_load(path.read_text()) or {}):
+                path = None
+        except (OSError, ValueError, AttributeError):
+            path = None
+    return path if path is not None and path.is_file() else None
+
+
 def _subcommand(name: str, cls: type, preset: str | None, config: Path | None, chosen: bool) -> Any:
     import tyro
 
@@ -140,6 +176,8 @@ def command_union(argv: list[str]) -> Any:
     import tyro
 
     preset, config = preset_options(argv)
+    if preset is None and config is None:
+        config = resume_config(argv)
     members = []
     words = [w for w in argv if not w.startswith("-")][:2]
     for name, entry in COMMANDS.items():
@@ -165,31 +203,61 @@ def command_union(argv: list[str]) -> Any:
 
 def entrypoint(argv: list[str] | None = None) -> None:
     """Console-script entry point: parse the command line and run the chosen command."""
-    import tyro
+    import os
 
+    from skyfall import interrupts
     from skyfall.errors import SkyfallError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        threads, argv = thread_option(argv)
-        commands = command_union(argv)
-        cmd = tyro.cli(
-            commands,
-            args=argv,
-            prog="skyfall",
-            description="skyfall: satellite images of a city tile -> explorable 3D Gaussian-splat scene. "
-            "Global option: --threads N (torch CPU threads; default: the cores the load leaves idle).",
-        )
-        if not argv or argv[0] not in _NO_TORCH:
-            from skyfall.devices import apply_threads, choose_threads
-
-            choice = choose_threads(threads)
-            apply_threads(choice)
-            print(f"[skyfall] {choice.describe()}", flush=True)
-        cmd.main()
+        with interrupts.handlers():
+            _run(argv)
     except SkyfallError as e:
         print(f"skyfall: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        if os.environ.get("SKYFALL_TRACEBACK"):
+            raise
+        print(
+            f"skyfall: error: {_os_error_line(e)} (completed work and checkpoints are kept)", file=sys.stderr
+        )
+        sys.exit(2)
+    except interrupts.StopRequested as e:
+        detail = f"; {e.detail}" if e.detail else " (completed work and checkpoints are kept)"
+        print(f"skyfall: stopped by {interrupts.signal_name(e.signum)}{detail}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("skyfall: interrupted (completed work and checkpoints are kept)", file=sys.stderr)
         sys.exit(130)
+
+
+def _os_error_line(e: OSError) -> str:
+    """``cannot write PATH: No space left on device`` from any OSError."""
+    what = e.strerror or str(e) or type(e).__name__
+    if e.filename is None:
+        return what
+    where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    return f"{where}: {what}"
+
+
+def _run(argv: list[str]) -> None:
+    import tyro
+
+    threads, argv = thread_option(argv)
+    commands = command_union(argv)
+    cmd = tyro.cli(
+        commands,
+        args=argv,
+        prog="skyfall",
+        description="skyfall: satellite images of a city tile -> explorable 3D Gaussian-splat scene. "
+        "Global option: --threads N (torch CPU threads; default: the cores the load leaves idle).",
+    )
+    if not argv or argv[0] not in _NO_TORCH:
+        from skyfall.devices import apply_threads, choose_threads
+
+        choice = choose_threads(threads)
+        apply_threads(choice)
+        print(f"[skyfall] {choice.describe()}", flush=True)
+    if preset_options(argv) == (None, None) and (used := resume_config(argv)) is not None:
+        print(f"[skyfall] settings from {used} (the run's own)", flush=True)
+    cmd.main()

@@ -36,7 +36,10 @@ class TrainStage1:
     config: Path | None = None
     """A YAML file with stage1:/stage2: sections layered on the preset (a run's config.yml works too)."""
     resume: bool = False
-    """Continue from the latest checkpoint in OUT/ckpts."""
+    """Continue the run in OUT from its newest checkpoint; without --preset/--config it takes the run's
+    own settings (OUT/config.yml), and it refuses a different tile, seed or model setting."""
+    overwrite: bool = False
+    """Start a fresh run in OUT even though it holds a run: its contents are deleted first."""
     export: bool = True
     """Write OUT/ply/stage1_raw.ply (raw PLY with the 3D filter) at the end."""
     stage1: Stage1Config = field(default_factory=Stage1Config)
@@ -44,7 +47,7 @@ class TrainStage1:
     def main(self) -> None:
         from skyfall.train.stage1 import export_raw_ply, train_stage1
 
-        summary = train_stage1(self.stage1, self.data, self.out, resume=self.resume)
+        summary = train_stage1(self.stage1, self.data, self.out, resume=self.resume, overwrite=self.overwrite)
         if self.export:
             print(f"[stage1] raw PLY: {export_raw_ply(self.out)}")
         print_stage1(summary["stage1"])
@@ -65,12 +68,21 @@ class TrainStage2:
     """Named defaults (configs/NAME.yaml; demo uses the ideal refiner)."""
     config: Path | None = None
     """A YAML file with a stage2: section layered on the preset."""
+    allow_unfinished_stage1: bool = False
+    """Start Stage 2 although Stage 1 stopped before its last step."""
+    export: bool = True
+    """Write RUN/ply/stage2_raw.ply (raw PLY with the 3D filter) at the end."""
     stage2: Stage2Config = field(default_factory=Stage2Config)
 
     def main(self) -> None:
+        from skyfall.train.stage1 import export_raw_ply
         from skyfall.train.stage2 import train_stage2
 
-        print_stage2(train_stage2(self.stage2, self.run))
+        print_stage2(
+            train_stage2(self.stage2, self.run, allow_unfinished_stage1=self.allow_unfinished_stage1)
+        )
+        if self.export:
+            print(f"[stage2] raw PLY: {export_raw_ply(self.run)}")
 
 
 @dataclass
@@ -86,21 +98,34 @@ class TrainAll:
     config: Path | None = None
     """A YAML file with stage1:/stage2: sections layered on the preset."""
     resume: bool = False
-    """Continue from the latest checkpoint (Stage 1 or Stage 2)."""
+    """Continue the run in OUT from its newest checkpoint (Stage 1 or Stage 2); see `train stage1 --resume`."""
+    overwrite: bool = False
+    """Start a fresh run in OUT even though it holds a run: its contents are deleted first."""
+    export: bool = True
+    """Write OUT/ply/stage1_raw.ply and OUT/ply/stage2_raw.ply (raw PLYs with the 3D filter)."""
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
 
     def main(self) -> None:
-        from skyfall.storage.checkpoints import latest_checkpoint, load_checkpoint
-        from skyfall.train.stage1 import train_stage1
+        from skyfall.storage.run_dir import RunDir
+        from skyfall.storage.run_lock import run_lock
+        from skyfall.train.stage1 import export_raw_ply, train_stage1
         from skyfall.train.stage2 import train_stage2
 
-        ckpt = latest_checkpoint(self.out / "ckpts") if self.resume else None
-        stage = load_checkpoint(ckpt).get("stage") if ckpt is not None else None
-        if stage != "stage2":
-            s1 = train_stage1(self.stage1, self.data, self.out, resume=self.resume and ckpt is not None)
-            print_stage1(s1["stage1"])
-        print_stage2(train_stage2(self.stage2, self.out))
+        self.stage2.check()  # both stages' options before Stage 1 starts
+        with run_lock(self.out):
+            # Stage 2 has begun once its baseline is in summary.json: Stage 1 is then not revisited.
+            in_stage2 = self.resume and "stage2" in RunDir(self.out).read_summary()
+            if not in_stage2:
+                s1 = train_stage1(
+                    self.stage1, self.data, self.out, resume=self.resume, overwrite=self.overwrite
+                )
+                print_stage1(s1["stage1"])
+                if self.export:
+                    print(f"[stage1] raw PLY: {export_raw_ply(self.out)}")
+            print_stage2(train_stage2(self.stage2, self.out))
+            if self.export:
+                print(f"[stage2] raw PLY: {export_raw_ply(self.out)}")
 
 
 def print_stage1(s: dict) -> None:

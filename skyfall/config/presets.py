@@ -22,7 +22,7 @@ from skyfall.config.training import Stage1Config, Stage2Config
 from skyfall.errors import ConfigError
 
 DEFAULT_PRESET = "paper-jax"
-_IGNORED_KEYS = ("description", "data", "stage")
+_IGNORED_KEYS = ("description", "data", "data_relative", "stage")
 
 
 @dataclass

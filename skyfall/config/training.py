@@ -10,6 +10,7 @@ Step-valued fields can be rescaled together with ``scale_steps`` for smoke runs.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -319,6 +320,88 @@ class Stage2Config:
     max_episodes: int | None = None
     """Stop after this many episodes (None = the whole curriculum)."""
 
+    def check(self) -> None:
+        """One ConfigError naming the option (CLI spelling) for a value no run could use; cheap (no
+        model is loaded), so that it runs before Stage 1 or any Stage 2 work starts.
+
+        Only the selected refiner's section (--stage2.flowedit / --stage2.sdedit) is checked: the
+        other one is not used, and its device may well name a GPU this machine lacks.
+        """
+        from skyfall.errors import ConfigError
+
+        def value(dotted: str) -> object:
+            v: object = self
+            for part in dotted.split("."):
+                v = getattr(v, part)
+            return v
+
+        section = self.refiner if self.refiner in ("flowedit", "sdedit") else None
+        rules = tuple(
+            r
+            for r in _STAGE2_RULES
+            if value(r[0]) is not None and (r[0].count(".") == 0 or r[0].split(".")[0] == section)
+        )
+        bad = _check_values(self, "stage2", rules)
+        if bad:
+            raise ConfigError(bad)
+        try:
+            parse_curriculum(self.curriculum)
+        except ConfigError as e:
+            raise ConfigError(f"--stage2.curriculum {self.curriculum!r}: {e}") from None
+        if self.scale != "auto":
+            try:
+                scale = float(self.scale)
+            except ValueError:
+                scale = math.nan
+            if not (math.isfinite(scale) and scale > 0):
+                raise ConfigError(f"--stage2.scale must be a number > 0 or 'auto', got {self.scale!r}")
+        for name in ("pseudo_elevation_start", "pseudo_elevation_end"):
+            v = getattr(self, name)
+            if not 0 < v <= 90:
+                raise ConfigError(f"--stage2.{name.replace('_', '-')} must be in (0, 90] degrees, got {v}")
+        if self.fov is not None and not 0 < self.fov < 180:
+            raise ConfigError(f"--stage2.fov must be in (0, 180) degrees (or None), got {self.fov}")
+        if section is not None:
+            self._check_flux(section)
+
+    def _check_flux(self, section: str) -> None:
+        """The FLUX refiner's schedule (what FlowEditRefiner / SDEditRefiner refuse) and its device."""
+        from skyfall.errors import ConfigError
+
+        cfg = getattr(self, section)
+        flag = f"--stage2.{section}"
+        if self.render_size % 16:
+            raise ConfigError(
+                f"--stage2.render-size must be a multiple of 16 for the {section} refiner (FLUX latents), "
+                f"got {self.render_size}"
+            )
+        if section == "flowedit":
+            if not 0 <= cfg.n_min <= cfg.n_max <= cfg.T_steps:
+                raise ConfigError(
+                    f"{flag}.n-min, {flag}.n-max: need 0 <= n-min ({cfg.n_min}) <= n-max ({cfg.n_max}) "
+                    f"<= T-steps ({cfg.T_steps})"
+                )
+            if cfg.n_max_end != -1 and not cfg.n_min <= cfg.n_max_end <= cfg.T_steps:
+                raise ConfigError(
+                    f"{flag}.n-max-end must be -1 or in [n-min, T-steps] = [{cfg.n_min}, {cfg.T_steps}], "
+                    f"got {cfg.n_max_end}"
+                )
+        elif not 0 <= cfg.n_steps <= cfg.T_steps:
+            raise ConfigError(
+                f"{flag}.n-steps must be in [0, T-steps] = [0, {cfg.T_steps}], got {cfg.n_steps}"
+            )
+        from skyfall.devices import resolve_device  # torch: imported only when a run starts
+
+        try:
+            resolve_device(cfg.device, f"{flag}.device")
+        except ConfigError as e:
+            if f"{flag}.device" in str(e):
+                raise
+            hint = ""
+            if "no CUDA GPU" in str(e):
+                hint = f"; without a GPU: {flag}.device cpu (FLUX on a CPU), or --preset demo (the ideal refiner)"
+            raise ConfigError(f"{flag}.device {cfg.device}: {e}{hint}") from None
+
     def scale_steps(self, factor: float) -> Stage2Config:
         """A copy with every step-valued field multiplied by ``factor``."""
 
@@ -397,6 +480,46 @@ _STAGE1_RULES: tuple[tuple[str, str, str], ...] = (
     ("densify.filter_recompute_interval", "pos", "a positive number of steps"),
     ("densify.prune_interval", "nonneg", ">= 0 (0: never)"),
     ("pseudo.interval", "pos", "a positive number of steps"),
+)
+
+
+# (dotted field, rule, what the rule says) for Stage2Config.check. Fields that may be None (None: a
+# default) are checked only when set; flowedit.* / sdedit.* only for the selected refiner.
+_STAGE2_RULES: tuple[tuple[str, str, str], ...] = (
+    ("grid_size", "pos", "a positive number of look-at targets per side"),
+    ("grid_width", "pos", "a positive width (reference scale)"),
+    ("n_azimuths", "pos", "a positive number of cameras per target"),
+    ("samples_per_view", "pos", "a positive number of samples"),
+    ("render_size", "pos", "a positive size in pixels"),
+    ("episode_steps", "pos", "a positive number of steps"),
+    ("densify_until", "nonneg", ">= 0 (0: no densification)"),
+    ("densify_interval", "pos", "a positive number of steps"),
+    ("grad_threshold", "nonneg", ">= 0"),
+    ("opacity_reset_interval", "pos", "a positive number of steps"),
+    ("opacity_cooldown_lambda", "nonneg", ">= 0"),
+    ("opacity_cooldown_steps", "nonneg", ">= 0"),
+    ("lambda_opacity", "nonneg", ">= 0"),
+    ("idu_ratio", "unit", "a probability in [0, 1]"),
+    ("lambda_depth", "nonneg", ">= 0"),
+    ("ideal_noise", "nonneg", ">= 0"),
+    ("pseudo_weight", "nonneg", ">= 0"),
+    ("pseudo_radius_start", "pos", "a positive radius (reference scale)"),
+    ("pseudo_radius_end", "pos", "a positive radius (reference scale)"),
+    ("pseudo_size", "pos", "a positive size in pixels (or None: Stage 1's)"),
+    ("checkpoint_every", "pos", "a positive number of steps"),
+    ("max_episodes", "pos", "at least 1 (or None: the whole curriculum)"),
+    ("flowedit.T_steps", "pos", "a positive number of steps"),
+    ("flowedit.n_avg", "pos", "at least 1"),
+    ("flowedit.src_guidance", "nonneg", ">= 0"),
+    ("flowedit.tar_guidance", "nonneg", ">= 0"),
+    ("flowedit.batch_size", "pos", "at least 1"),
+    ("flowedit.max_sequence_length", "pos", "a positive number of tokens"),
+    ("flowedit.seed", "nonneg", ">= 0"),
+    ("sdedit.T_steps", "pos", "a positive number of steps"),
+    ("sdedit.guidance", "nonneg", ">= 0"),
+    ("sdedit.batch_size", "pos", "at least 1"),
+    ("sdedit.max_sequence_length", "pos", "a positive number of tokens"),
+    ("sdedit.seed", "nonneg", ">= 0"),
 )
 
 

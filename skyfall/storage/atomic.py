@@ -25,8 +25,9 @@ def atomic_write(path: str | Path, mode: Literal["wb", "w"] = "wb") -> Iterator[
         mode: ``"wb"`` (binary, default) or ``"w"`` (text, UTF-8).
 
     On any exception the temporary file is deleted and ``path`` (if it existed) is left untouched.
-    The temporary name starts with a dot and ends in ``.tmp``, so it never matches a checkpoint or
-    output pattern. Like any ``mkstemp`` file it is private (0600) until the caller changes that.
+    The temporary name starts with a dot and ends in ``.tmp`` (`is_temp_name`), so it never matches
+    a checkpoint or output pattern. The final file gets the permissions of any file the user creates
+    (0666 less the umask), not ``mkstemp``'s private 0600.
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_write mode must be 'wb' or 'w', got {mode!r}")
@@ -35,6 +36,8 @@ def atomic_write(path: str | Path, mode: Literal["wb", "w"] = "wb") -> Iterator[
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as f:
+            with contextlib.suppress(OSError, AttributeError):  # no fchmod on Windows
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -50,6 +53,36 @@ def atomic_write(path: str | Path, mode: Literal["wb", "w"] = "wb") -> Iterator[
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _umask() -> int:
+    # The only portable way to read the umask is to set it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is one of `atomic_write`'s temporary files."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def remove_stale_temp(folder: str | Path, *, recursive: bool = False) -> int:
+    """Delete `atomic_write` temporary files left in ``folder`` by a killed process; returns how many.
+
+    Only for folders whose writers the caller excludes (a run folder under its lock).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    found = folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")
+    n = 0
+    for p in found:
+        if p.is_file() and is_temp_name(p.name):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                n += 1
+    return n
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

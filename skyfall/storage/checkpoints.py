@@ -11,20 +11,27 @@ filter_3d), "appearance", "rng" (capture_rng_state())}``.
 
 Files are named ``ckpt_{step:06d}.pt`` and written with `skyfall.storage.atomic.atomic_write`
 (temporary file in the same folder, fsync, ``os.replace``), so a crash mid-write never leaves a
-truncated file under a checkpoint name.
+truncated file under a checkpoint name. Each has a ``ckpt_{step:06d}.pt.sha256`` beside it
+(``sha256sum -c`` format), written before the checkpoint is renamed into place, so a flipped byte
+(disk or copy damage) is detected at load. Loading the latest checkpoint falls back to the newest
+one that verifies and loads (`load_latest_checkpoint`), with a warning naming the damaged ones.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import random
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from skyfall.storage.atomic import atomic_write
+from skyfall.errors import SkyfallError
+from skyfall.storage.atomic import atomic_write, atomic_write_text
 
 CHECKPOINT_RE = re.compile(r"ckpt_(\d+)\.pt")
 """Full-match pattern of checkpoint file names; the group is the step."""
@@ -57,31 +64,155 @@ def _check_plain(obj: Any, where: str = "payload") -> None:
     )
 
 
+class CheckpointError(SkyfallError):
+    """A checkpoint that cannot be used (damaged, truncated, not a skyfall checkpoint), or none at all."""
+
+
+class _HashingWriter:
+    """A file wrapper for ``torch.save`` that hashes what it writes and keeps the first OSError.
+
+    ``torch.save`` turns a failed write (a full disk) into an opaque RuntimeError; the kept error
+    lets the caller report the real one (errno, file name).
+    """
+
+    def __init__(self, f: Any, name: Path):
+        self.f, self.name = f, name
+        self.sha = hashlib.sha256()
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            n = self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+        self.sha.update(memoryview(data)[:n] if n is not None else data)
+        return len(data) if n is None else n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def checksum_path(path: str | Path) -> Path:
+    """The ``.sha256`` file beside a checkpoint."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` atomically to ``path`` (see the module docstring); returns the path."""
+    """Write ``payload`` atomically to ``path`` with its checksum file (see the module docstring)."""
     _check_plain(payload)
     path = Path(path)
     with atomic_write(path) as f:
-        torch.save(payload, f)
+        w = _HashingWriter(f, path)
+        try:
+            torch.save(payload, w)
+        except (RuntimeError, OSError):
+            if w.error is not None:  # report the write that failed, naming the checkpoint
+                err = w.error
+                raise OSError(err.errno, err.strerror, str(path)) from None
+            raise
+        # Before the rename: a checkpoint under its final name always has its checksum beside it.
+        atomic_write_text(checksum_path(path), f"{w.sha.hexdigest()}  {path.name}\n")
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (tensors on ``map_location``)."""
-    return torch.load(Path(path), map_location=map_location, weights_only=True)
+def remove_checkpoint(path: str | Path) -> None:
+    """Delete a checkpoint and its checksum file."""
+    path = Path(path)
+    for p in (path, checksum_path(path)):
+        p.unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", *, verify: bool = True
+) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (tensors on ``map_location``).
+
+    With ``verify`` the file must match its ``.sha256`` (when it has one), load, and be a skyfall
+    checkpoint (a dict with ``step`` and ``model``; the step its name says); otherwise
+    `CheckpointError` says which.
+    """
+    path = Path(path)
+    if verify:
+        side = checksum_path(path)
+        if side.is_file():
+            want = side.read_text().split()[:1]
+            if not want or want[0] != _sha256(path):
+                raise CheckpointError(f"{path}: damaged (its content does not match {side.name})")
+    try:
+        st = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for bad files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot be read ({first[:160]})") from None
+    if verify:
+        if not isinstance(st, dict) or "model" not in st or "step" not in st:
+            raise CheckpointError(f"{path}: not a skyfall checkpoint (no 'step'/'model' entries)")
+        m = CHECKPOINT_RE.fullmatch(path.name)
+        if m and int(st["step"]) != int(m.group(1)):
+            raise CheckpointError(f"{path}: holds step {int(st['step'])}, not the step its name says")
+    return st
+
+
+def checkpoints(directory: str | Path) -> list[Path]:
+    """The ``ckpt_<step>.pt`` files of ``directory``, oldest step first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p)
+        for p in directory.iterdir()
+        if (m := CHECKPOINT_RE.fullmatch(p.name)) and p.is_file()
+    ]
+    return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
     """The ``ckpt_<step>.pt`` in ``directory`` with the largest step, or None if there is none."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    best: tuple[int, Path] | None = None
-    for p in directory.iterdir():
-        m = CHECKPOINT_RE.fullmatch(p.name)
-        if m and p.is_file() and (best is None or int(m.group(1)) > best[0]):
-            best = (int(m.group(1)), p)
-    return None if best is None else best[1]
+    found = checkpoints(directory)
+    return found[-1] if found else None
+
+
+def load_latest_checkpoint(
+    directory: str | Path,
+    map_location: str | torch.device = "cpu",
+    *,
+    set_aside: bool = False,
+) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint of ``directory`` that verifies and loads, and its payload.
+
+    Damaged ones are skipped with a warning on stderr; with ``set_aside`` (a run about to continue
+    training) they are renamed to ``*.damaged`` so that they neither block nor count as kept
+    checkpoints. Raises `CheckpointError` when there is no checkpoint or none loads.
+    """
+    found = checkpoints(directory)
+    if not found:
+        raise CheckpointError(f"{directory}: no checkpoint (ckpt_NNNNNN.pt)")
+    problems = []
+    for path in reversed(found):
+        try:
+            st = load_checkpoint(path, map_location)
+        except CheckpointError as e:
+            problems.append(str(e))
+            if set_aside:
+                for p in (path, checksum_path(path)):
+                    if p.exists():
+                        os.replace(p, p.with_name(p.name + ".damaged"))
+            continue
+        for msg in problems:
+            print(f"skyfall: warning: {msg}; using {path.name}", file=sys.stderr, flush=True)
+        return path, st
+    raise CheckpointError(f"{directory}: no checkpoint loads ({'; '.join(problems)})")
 
 
 # ---------------------------------------------------------------------------------- RNG state

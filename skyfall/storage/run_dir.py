@@ -8,18 +8,25 @@
       summary.json        machine-readable results (written atomically, updated per stage)
       ckpts/ckpt_NNNNNN.pt  atomic step checkpoints (skyfall.storage.checkpoints)
       ply/                exported splats
+      .lock               held by the process training in the folder (skyfall.storage.run_lock)
+
+A run folder belongs to one run: a fresh run starts only in an empty folder (or one it may clear,
+``--overwrite``); ``--resume`` continues the run config.yml describes.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from skyfall.storage.atomic import atomic_write_text
+from skyfall.errors import SkyfallError
+from skyfall.storage.atomic import atomic_write_text, remove_stale_temp
+from skyfall.storage.run_lock import LOCK_NAME
 
 
 def _jsonable(x: Any) -> Any:
@@ -46,6 +53,53 @@ class RunDir:
         self.ckpts.mkdir(parents=True, exist_ok=True)
         return self
 
+    def entries(self) -> list[str]:
+        """Names in the run folder other than its lock file (sorted; [] when it does not exist)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.name != LOCK_NAME)
+
+    def is_run(self) -> bool:
+        """Whether the folder holds a skyfall run (a config.yml or a ckpts/ folder)."""
+        return self.config_path.is_file() or self.ckpts.is_dir()
+
+    def check_fresh(self, overwrite: bool) -> None:
+        """Refuse a fresh run in a folder that holds something, unless ``overwrite`` may clear it."""
+        found = self.entries()
+        if not found:
+            return
+        if not overwrite:
+            what = "a run" if self.is_run() else "other files"
+            shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+            raise SkyfallError(
+                f"{self.root}: not empty (holds {what}: {shown}); continue it with --resume, start again "
+                "with --overwrite (deletes its contents), or choose another folder"
+            )
+        if not self.is_run():
+            raise SkyfallError(
+                f"{self.root}: --overwrite clears only skyfall run folders (with config.yml or ckpts/), and "
+                f"this one holds {', '.join(found[:4])}; choose another folder"
+            )
+
+    def clear(self) -> None:
+        """Delete everything in the run folder but its lock (``--overwrite``; caller holds the lock)."""
+        import shutil
+
+        for name in self.entries():
+            p = self.root / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+    def remove_stale_temp(self) -> int:
+        """Delete temporary files that killed writes of this run left behind (caller holds the lock).
+
+        Exports and evaluations write RUN/ply and RUN/eval without the lock, so those are left alone.
+        """
+        n = remove_stale_temp(self.root) + remove_stale_temp(self.ckpts)
+        return n + remove_stale_temp(self.root / "idu", recursive=True)
+
     @property
     def config_path(self) -> Path:
         return self.root / "config.yml"
@@ -56,6 +110,42 @@ class RunDir:
 
     def save_config(self, config: dict) -> None:
         atomic_write_text(self.config_path, yaml.safe_dump(_jsonable(config), sort_keys=False))
+
+    def save_run_config(self, stage: str, data: str | Path, config: dict) -> None:
+        """config.yml of a fresh run: the stage, the tile folder and the resolved config.
+
+        The tile is stored twice: absolute (the run works from any directory) and relative to the run
+        folder (it still works after run and tile move together).
+        """
+        tile = Path(data).resolve()
+        entry = {
+            "stage": stage,
+            "data": str(tile),
+            "data_relative": os.path.relpath(tile, self.root.resolve()),
+        }
+        self.save_config({**entry, **config})
+
+    def tile_dir(self, config: dict | None = None) -> Path | None:
+        """The run's tile folder as config.yml names it, or None when it is not found.
+
+        Tried in order: the absolute path, the path relative to the run folder, and (runs made before
+        the relative path was stored) the path as written, relative to the current directory.
+        """
+        config = self.load_config() if config is None else config
+        candidates = []
+        if config.get("data"):
+            candidates.append(Path(config["data"]))
+        if config.get("data_relative"):
+            candidates.append(self.root / config["data_relative"])
+        for c in candidates:
+            if c.is_dir():
+                return c
+        return None
+
+    @staticmethod
+    def as_saved(config: dict) -> dict:
+        """``config`` as config.yml gives it back (for comparing a command line with a saved run)."""
+        return yaml.safe_load(yaml.safe_dump(_jsonable(config), sort_keys=False)) or {}
 
     def load_config(self) -> dict:
         """The saved config.yml ({} when the run has none)."""

@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import math
 import random
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from skyfall import interrupts
 from skyfall.config.presets import to_dict
 from skyfall.config.training import Stage1Config
 from skyfall.data.cameras import Cameras
@@ -47,7 +50,11 @@ from skyfall.scene import Scene
 from skyfall.storage.checkpoints import (
     capture_rng_state,
     checkpoint_path,
+    checkpoints,
+    latest_checkpoint,
     load_checkpoint,
+    load_latest_checkpoint,
+    remove_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
@@ -56,6 +63,63 @@ from skyfall.storage.run_dir import RunDir, atomic_write_text
 
 class NonFiniteLossError(SkyfallError):
     """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+class DivergenceError(SkyfallError):
+    """The optimisation ran away (Gaussians far outside the scene, or the loss exploding); the run
+    stops before checkpointing the diverged state."""
+
+
+@dataclass
+class DivergenceGuard:
+    """Stops a run whose optimisation ran away before the diverged state is checkpointed.
+
+    Two signs, each far outside what a converging run shows: half of the Gaussians farther from the
+    scene's centre than ``max_radius_factor`` times its radius (a learning rate orders of magnitude
+    too high sends them kilometres away while the loss stays finite), or the photometric loss above
+    ``loss_factor`` times its running median (and above ``loss_floor``, which no image pair in
+    [0, 1] reaches while renders stay in range) for ``patience`` consecutive steps.
+    """
+
+    center: Tensor
+    radius: float
+    max_radius_factor: float = 10.0
+    loss_factor: float = 5.0
+    loss_floor: float = 0.5
+    patience: int = 20
+    window: int = 500
+
+    def __post_init__(self) -> None:
+        self.history: deque[float] = deque(maxlen=self.window)
+        self.high = 0
+
+    def loss(self, l_rgb: float) -> str | None:
+        """Record one step's photometric loss; the reason to stop, or None."""
+        if len(self.history) >= 50:
+            median = statistics.median(self.history)
+            if l_rgb > max(self.loss_factor * median, self.loss_floor):
+                self.high += 1
+                if self.high >= self.patience:
+                    return (
+                        f"the photometric loss stayed above {self.loss_factor:g}x its running median "
+                        f"({median:.3g}) for {self.patience} steps (now {l_rgb:.3g})"
+                    )
+                return None  # a spike does not enter the median it is judged against
+        self.high = 0
+        self.history.append(l_rgb)
+        return None
+
+    def extent(self, means: Tensor) -> str | None:
+        """The reason to stop if the Gaussians left the scene, else None."""
+        if means.shape[0] == 0:
+            return None
+        d = float((means.detach() - self.center.to(means.device)).norm(dim=-1).median())
+        if not math.isfinite(d) or d > self.max_radius_factor * self.radius:
+            return (
+                f"half of the Gaussians are more than {d:.3g} m from the scene centre "
+                f"(its radius is {self.radius:.3g} m)"
+            )
+        return None
 
 
 def seed_everything(seed: int) -> None:
@@ -172,12 +236,18 @@ class Trainer:
         self.prune_floor = 0
         """Step checkpoints at or below this step are never pruned."""
         self.tb = None
+        self.checkpoint: Path | None = None
+        """The checkpoint the state was restored from (None: a fresh start)."""
         tr = self.tile.train
         self.images = tr.images.to(self.device).permute(0, 3, 1, 2).float() / 255.0  # [N,3,H,W]
         self.masks = tr.masks.to(self.device)  # [N,H,W]
         self.cameras: Cameras = tr.cameras
         self.filter_cameras: Cameras | list[Cameras] = self.cameras
         """Cameras that define the 3D filter (Stage 2 adds each episode's refined views)."""
+        pts = self.tile.points.double()
+        center = pts.median(dim=0).values if len(pts) else torch.zeros(3, dtype=torch.float64)
+        radius = float((pts - center).norm(dim=-1).quantile(0.99)) if len(pts) > 1 else 0.0
+        self.guard = DivergenceGuard(center.float(), max(radius, cfg.scene_extent))
 
     # ------------------------------------------------------------------ state
 
@@ -264,9 +334,17 @@ class Trainer:
             **self.extra_state(),
         }
 
-    def load(self, path: Path) -> dict[str, Any]:
-        """Restore a checkpoint (either stage's); returns it for the stage's own entries."""
-        st = load_checkpoint(path, map_location=self.device)
+    def load(self, path: Path | None = None) -> dict[str, Any]:
+        """Restore a checkpoint (either stage's); returns it for the stage's own entries.
+
+        ``path`` None: the newest checkpoint that loads; damaged newer ones are set aside with a
+        warning (`load_latest_checkpoint`).
+        """
+        if path is None:
+            path, st = load_latest_checkpoint(self.run_dir.ckpts, self.device, set_aside=True)
+        else:
+            st = load_checkpoint(path, map_location=self.device)
+        self.checkpoint = path
         self.model = GaussianModel.from_state_dict(st["model"], device=self.device)
         self.appearance = self._make_appearance()
         if self.appearance is not None:
@@ -288,16 +366,36 @@ class Trainer:
         A milestone (the end of a Stage 2 episode, the final Stage 1 checkpoint once Stage 2 starts) is
         never pruned; otherwise the oldest prunable step checkpoints beyond ``keep_checkpoints`` go.
         """
+        self.check_divergence(self.step)
         path = save_checkpoint(checkpoint_path(self.run_dir.ckpts, self.step), self.state_dict())
         if milestone:
             self.protect(self.step)
             return path
         keep = self.milestones()
-        ckpts = [p for p in sorted(self.run_dir.ckpts.glob("ckpt_*.pt")) if _ckpt_step(p) not in keep]
+        ckpts = [p for p in checkpoints(self.run_dir.ckpts) if _ckpt_step(p) not in keep]
         for old in ckpts[: max(0, len(ckpts) - self.cfg.keep_checkpoints)]:
             if _ckpt_step(old) > self.prune_floor:
-                old.unlink()
+                remove_checkpoint(old)
         return path
+
+    def _kept(self) -> str:
+        """What a stopped run keeps, for its message."""
+        last = latest_checkpoint(self.run_dir.ckpts)
+        if last is None:
+            return "no checkpoint was written yet, so a --resume starts again from step 0"
+        return f"its last checkpoint {last} is kept (continue with --resume)"
+
+    def check_divergence(self, it: int, l_rgb: float | None = None, *, extent: bool = True) -> None:
+        """Raise `DivergenceError` if the guard sees a run-away optimisation at step ``it``: feeds it
+        the step's photometric loss and, with ``extent``, measures where the Gaussians are."""
+        why = self.guard.loss(l_rgb) if l_rgb is not None else None
+        if why is None and extent:
+            why = self.guard.extent(self.model.params["means"])
+        if why:
+            raise DivergenceError(
+                f"training diverged at step {it}: {why}; the run stopped and the diverged state was not "
+                f"saved; {self._kept()} (lower the learning rates, e.g. --stage1.optim.means-lr-init)"
+            )
 
     def protect(self, step: int) -> None:
         """Exempt the checkpoint of ``step`` from pruning (RUN/ckpts/milestones.json)."""
@@ -407,8 +505,8 @@ class Trainer:
                 loss = loss + l_pd
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
-                f"non-finite loss at step {it} (rgb={float(l_rgb.detach()):.4g}); the run stopped and keeps its last "
-                f"checkpoint in {self.run_dir.ckpts}"
+                f"non-finite loss at step {it} (rgb={float(l_rgb.detach()):.4g}); the run stopped; "
+                + self._kept()
             )
         phase.strategy.step_pre_backward(model, self.strategy_state, it, out)
         loss.backward()
@@ -461,23 +559,32 @@ class Trainer:
             dynamic_ncols=True,
         )
         try:
-            for it in range(self.step + 1, phase.end + 1):
-                stats = self.train_step(it, phase)
-                self.step = it
-                bar.update(1)
-                if it % log_every == 0 or it == phase.end:
-                    bar.set_postfix(loss=f"{stats['loss']:.4f}", psnr=f"{stats['psnr']:.2f}", n=stats["n"])
-                    self.run_dir.log_metrics({"step": it, **tags, **stats, "wall_s": self.wall()})
-                    self.tb_log(it, stats)
-                if eval_every and evaluate is not None and it % eval_every == 0 and it != phase.end:
-                    res = evaluate()
-                    self.run_dir.log_metrics({"step": it, **res})
-                    self.tb_log(it, res, prefix="eval")
-                if it == phase.end:
-                    if save_at_end:
-                        self.save()
-                elif it % checkpoint_every == 0:
-                    self.save()
+            with interrupts.deferred():
+                for it in range(self.step + 1, phase.end + 1):
+                    stats = self.train_step(it, phase)
+                    self.step = it
+                    bar.update(1)
+                    log = it % log_every == 0 or it == phase.end
+                    self.check_divergence(it, stats["l_rgb"], extent=log)
+                    if log:
+                        bar.set_postfix(
+                            loss=f"{stats['loss']:.4f}", psnr=f"{stats['psnr']:.2f}", n=stats["n"]
+                        )
+                        self.run_dir.log_metrics({"step": it, **tags, **stats, "wall_s": self.wall()})
+                        self.tb_log(it, stats)
+                    if eval_every and evaluate is not None and it % eval_every == 0 and it != phase.end:
+                        res = evaluate()
+                        self.run_dir.log_metrics({"step": it, **res})
+                        self.tb_log(it, res, prefix="eval")
+                    saved = None
+                    if (it == phase.end and save_at_end) or (it != phase.end and it % checkpoint_every == 0):
+                        saved = self.save()
+                    signum = interrupts.pending()
+                    if signum is not None:
+                        saved = saved or self.save()
+                        raise interrupts.StopRequested(
+                            signum, f"stopped at step {it}; checkpoint {saved} saved (continue with --resume)"
+                        )
         finally:
             bar.close()
 

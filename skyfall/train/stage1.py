@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from skyfall.config.presets import to_dict
+from skyfall.config.resume import check_resume, check_same_tile
 from skyfall.config.training import Stage1Config
 from skyfall.dsm import opaque_weight_share
 from skyfall.errors import SkyfallError
@@ -22,8 +23,9 @@ from skyfall.eval.dsm import dsm_errors, load_gt_dsm, render_dsm
 from skyfall.eval.heldout import heldout_psnr
 from skyfall.gaussians.strategy import GOFStrategy
 from skyfall.priors.depth import DepthEstimator
-from skyfall.storage.checkpoints import latest_checkpoint, load_checkpoint
+from skyfall.storage.checkpoints import latest_checkpoint, load_latest_checkpoint
 from skyfall.storage.run_dir import RunDir
+from skyfall.storage.run_lock import run_lock
 from skyfall.train.loop import NonFiniteLossError, Phase, PseudoSchedule, Trainer
 
 
@@ -134,6 +136,7 @@ def train_stage1(
     out: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     depth_estimator: DepthEstimator | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -142,29 +145,67 @@ def train_stage1(
     Args:
         cfg: the resolved Stage 1 config.
         data: tile folder.
-        out: run directory (created).
-        resume: continue from the latest checkpoint in ``out/ckpts`` (error if there is none).
+        out: run directory (created). A fresh run needs it empty (or ``overwrite``).
+        resume: continue from the newest loadable checkpoint in ``out/ckpts`` (from step 0 when the
+            run stopped before its first one). The tile and every setting but the safe ones
+            (`skyfall.config.resume`) must be the run's; a finished run is not trained or evaluated again.
+        overwrite: clear ``out`` (a run folder) before a fresh run.
         depth_estimator: overrides the one named in ``cfg.pseudo.estimator`` (tests).
         progress: show a tqdm progress bar.
     """
     cfg.check()  # before anything is written: one line naming the option
+    rd = RunDir(out)
+    saved = rd.load_config() if resume else {}
+    if resume and saved:
+        check_same_tile(rd.tile_dir(saved), Path(data), rd.config_path)
+        check_resume("stage1", saved.get("stage1", {}), rd.as_saved(to_dict(cfg)), rd.config_path)
+        finished = _finished_summary(rd, cfg)
+        if finished is not None:
+            return finished
+    elif resume and rd.entries():
+        raise SkyfallError(f"--resume: {rd.root} holds no skyfall run (no config.yml) to continue")
+    elif not resume:
+        rd.check_fresh(overwrite)  # said before the tile loads; checked again under the lock
     trainer = Trainer(cfg, data, out, depth_estimator=depth_estimator, progress=progress)
-    rd = trainer.run_dir
-    rd.create()
-    # Load the depth prior now, not at the first pseudo-depth step: a missing model or a prior that
-    # does not fit the tile stops the run before any training. Before the state is seeded or
-    # restored, so that loading it cannot move the run's random streams.
-    if cfg.pseudo.enabled and cfg.pseudo.weight > 0:
-        trainer.depth_estimator()
-    if resume:
-        ckpt = latest_checkpoint(rd.ckpts)
-        if ckpt is None:
-            raise SkyfallError(f"--resume: no checkpoint in {rd.ckpts}")
-        trainer.load(ckpt)
-        trainer.truncate_metrics(trainer.step)
-    else:
-        trainer.init_from_points()
-        rd.save_config({"stage": "stage1", "data": str(trainer.data), "stage1": to_dict(cfg)})
+    with run_lock(rd.root):
+        if not resume:
+            rd.check_fresh(overwrite)
+            rd.clear()
+        rd.remove_stale_temp()
+        rd.create()
+        # Load the depth prior now, not at the first pseudo-depth step: a missing model or a prior
+        # that does not fit the tile stops the run before any training. Before the state is seeded or
+        # restored, so that loading it cannot move the run's random streams.
+        if cfg.pseudo.enabled and cfg.pseudo.weight > 0:
+            trainer.depth_estimator()
+        if resume and latest_checkpoint(rd.ckpts) is not None:
+            trainer.load()
+            trainer.truncate_metrics(trainer.step)
+        else:
+            if resume:
+                print(f"[stage1] {rd.ckpts}: no checkpoint yet; starting from step 0", flush=True)
+                trainer.truncate_metrics(0)
+            trainer.init_from_points()
+            rd.save_run_config("stage1", trainer.data, {"stage1": to_dict(cfg)})
+        return _train(trainer)
+
+
+def _finished_summary(rd: RunDir, cfg: Stage1Config) -> dict[str, Any] | None:
+    """The summary of a run whose Stage 1 already ran to ``cfg.steps`` (nothing to redo), else None."""
+    s1 = rd.read_summary().get("stage1")
+    last = latest_checkpoint(rd.ckpts)
+    if not s1 or last is None or s1.get("steps") != cfg.steps or _step_of(last) < cfg.steps:
+        return None
+    print(f"[stage1] {rd.root}: already trained to step {cfg.steps}; nothing to do", flush=True)
+    return rd.read_summary()
+
+
+def _step_of(path: Path) -> int:
+    return int(path.stem.split("_")[1])
+
+
+def _train(trainer: Trainer) -> dict[str, Any]:
+    cfg, rd = trainer.cfg, trainer.run_dir
     if cfg.tensorboard:
         trainer.open_tensorboard()
     trainer.train(
@@ -194,7 +235,8 @@ def train_stage1(
 
 
 def export_raw_ply(run: str | Path) -> Path:
-    """Write RUN/ply/stage1_raw.ply from the latest checkpoint: raw parameters plus the filter_3D column.
+    """Write RUN/ply/STAGE_raw.ply (stage1_raw.ply, stage2_raw.ply) from the latest checkpoint: raw
+    parameters plus the filter_3D column.
 
     Raw means not viewer-ready (the appearance model and the 3D filter are not baked in); it
     round-trips exactly and matches the reference's ``point_cloud.ply``.
@@ -202,11 +244,8 @@ def export_raw_ply(run: str | Path) -> Path:
     from skyfall.storage.ply import write_raw_ply
 
     rd = RunDir(run)
-    ckpt = latest_checkpoint(rd.ckpts)
-    if ckpt is None:
-        raise SkyfallError(f"no checkpoint in {rd.ckpts}")
-    st = load_checkpoint(ckpt)
-    path = rd.ply / "stage1_raw.ply"
+    _, st = load_latest_checkpoint(rd.ckpts)
+    path = rd.ply / f"{st.get('stage', 'stage1')}_raw.ply"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_raw_ply(path, st["model"]["params"], st["model"]["filter_3d"])
     return path

@@ -27,6 +27,7 @@ from PIL import Image
 from torch import Tensor
 
 from skyfall.config.presets import from_dict, to_dict
+from skyfall.config.resume import check_resume
 from skyfall.config.training import Stage1Config, Stage2Config, parse_curriculum
 from skyfall.data.cameras import Cameras, intrinsics_from_fov, look_at
 from skyfall.data.orbits import orbit_eye
@@ -39,6 +40,7 @@ from skyfall.scene import parse_embedding
 from skyfall.storage.atomic import atomic_write
 from skyfall.storage.checkpoints import latest_checkpoint
 from skyfall.storage.run_dir import RunDir
+from skyfall.storage.run_lock import run_lock
 from skyfall.train.loop import Phase, PseudoSchedule, Trainer, ViewSample
 from skyfall.train.stage1 import evaluate as stage1_evaluate
 from skyfall.train.stage1 import stage1_strategy
@@ -147,13 +149,24 @@ class IterativeDatasetUpdate:
         refiner: ImageRefiner | None = None,
         depth_estimator: DepthEstimator | None = None,
         progress: bool = True,
+        allow_unfinished_stage1: bool = False,
     ):
         rd = RunDir(run)
+        self.allow_unfinished_stage1 = allow_unfinished_stage1
         if not rd.config_path.exists():
             raise SkyfallError(f"{rd.config_path}: not a skyfall run directory (run Stage 1 first)")
         saved = rd.load_config()
+        if "stage1" not in saved:
+            raise SkyfallError(f"{rd.config_path}: no stage1 section (not a Stage 1 run's config.yml)")
         cfg1: Stage1Config = from_dict(Stage1Config, saved["stage1"], where=str(rd.config_path))
-        self.trainer = Trainer(cfg1, saved["data"], run, depth_estimator=depth_estimator, progress=progress)
+        tile = rd.tile_dir(saved)
+        if tile is None:
+            raise SkyfallError(
+                f"{rd.config_path}: the run's tile {saved.get('data')!r} is not found (from here or "
+                f"relative to the run folder); move the tile back, or edit 'data' in {rd.config_path}"
+            )
+        self.saved_stage2 = saved.get("stage2")
+        self.trainer = Trainer(cfg1, tile, run, depth_estimator=depth_estimator, progress=progress)
         self.trainer.extra_state = self.state_dict
         self.cfg = cfg1
         self.cfg2 = cfg2
@@ -191,7 +204,7 @@ class IterativeDatasetUpdate:
             "stage2_config": to_dict(self.cfg2),
         }
 
-    def load(self, path: Path) -> dict[str, Any]:
+    def load(self, path: Path | None = None) -> dict[str, Any]:
         st = self.trainer.load(path)
         if st.get("stage") == "stage2":
             self.first_step = int(st["first_step"])
@@ -335,11 +348,33 @@ class IterativeDatasetUpdate:
     # ------------------------------------------------------------------ the episodes
 
     def run(self) -> dict[str, Any]:
+        with run_lock(self.run_dir.root):
+            self.run_dir.remove_stale_temp()
+            return self._run()
+
+    def _check_resumable(self) -> None:
+        """Refuse other Stage 2 settings than the ones this run's Stage 2 started with."""
+        # Stage 2 has begun once its baseline is in summary.json; before that no option has acted yet.
+        if self.saved_stage2 is not None and "stage2" in self.run_dir.read_summary():
+            check_resume(
+                "stage2", self.saved_stage2, RunDir.as_saved(to_dict(self.cfg2)), self.run_dir.config_path
+            )
+
+    def _check_stage1_finished(self, st: dict[str, Any]) -> None:
+        if st.get("stage") == "stage2" or self.allow_unfinished_stage1:
+            return
+        if int(st["step"]) < self.cfg.steps:
+            raise SkyfallError(
+                f"{self.run_dir.root}: Stage 1 stopped at step {int(st['step'])} of {self.cfg.steps}; finish it "
+                "with `skyfall train stage1 --resume ...`, or pass --allow-unfinished-stage1"
+            )
+
+    def _run(self) -> dict[str, Any]:
         tr = self.trainer
         self.run_dir.create()
-        ckpt = latest_checkpoint(self.run_dir.ckpts)
-        if ckpt is None:
+        if latest_checkpoint(self.run_dir.ckpts) is None:
             raise SkyfallError(f"{self.run_dir.ckpts}: no checkpoint; run Stage 1 first")
+        self._check_resumable()
         # Load the priors before anything else (and before the random streams are restored): a
         # missing model stops the run at once, not after an episode's renders.
         summary = self.run_dir.read_summary()
@@ -347,15 +382,18 @@ class IterativeDatasetUpdate:
             self.refiner()
             if (self.cfg.pseudo.enabled and self.cfg2.pseudo_weight > 0) or self.cfg2.lambda_depth > 0:
                 tr.depth_estimator()
-        st = self.load(ckpt)
-        # the resolved Stage 2 config next to Stage 1's (a resume with other options overwrites it)
+        st = self.load()
+        self._check_stage1_finished(st)
         self.run_dir.save_config({**self.run_dir.load_config(), "stage2": to_dict(self.cfg2)})
         if st.get("stage") != "stage2":
             # Entering Stage 2: protect the final Stage 1 checkpoint (left as Stage 1 wrote it) and
             # record the Stage 1 baseline.
             tr.protect(tr.step)
+            print(f"[stage2] evaluating the Stage 1 baseline (step {tr.step})", flush=True)
             base = self.evaluate()
             summary = self.run_dir.update_summary(stage2={"stage1_baseline": base, "episodes": []})
+        else:
+            tr.truncate_metrics(tr.step)  # lines after the checkpoint are logged again
         n_done = len(summary.get("stage2", {}).get("episodes", []))
         for ep in self.episodes[n_done:]:
             self.episode = ep
@@ -405,5 +443,7 @@ class IterativeDatasetUpdate:
 
 
 def train_stage2(cfg2: Stage2Config, run: str | Path, **kwargs: Any) -> dict[str, Any]:
-    """Run (or resume) Stage 2 on a finished Stage 1 run."""
+    """Run (or resume) Stage 2 on a finished Stage 1 run (``allow_unfinished_stage1`` to start from
+    an unfinished one)."""
+    cfg2.check()  # before anything is written: one line naming the option
     return IterativeDatasetUpdate(cfg2, run, **kwargs).run()
