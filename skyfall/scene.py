@@ -18,18 +18,22 @@ from skyfall.gaussians.model import GaussianModel
 from skyfall.render import RenderOutput, render, render_median_depth
 
 
-def parse_embedding(value: str | int) -> str | int:
-    """'mean' or an integer index (the config stores it as a string so the CLI accepts both)."""
-    if isinstance(value, int):
-        return value
+def parse_embedding(value: str | int, option: str = "appearance.test_embedding") -> str | int:
+    """'mean' or an image index >= 0 (the config stores it as a string so the CLI accepts both).
+
+    A ConfigError names ``option`` (how the user set the value) for anything else.
+    """
+    from skyfall.errors import ConfigError
+
     if value == "mean":
         return "mean"
     try:
-        return int(value)
-    except ValueError:
-        from skyfall.errors import ConfigError
-
-        raise ConfigError(f"appearance embedding must be 'mean' or an integer index, got {value!r}") from None
+        index = int(value)
+    except (TypeError, ValueError):
+        index = None
+    if index is None or index < 0 or isinstance(value, bool):
+        raise ConfigError(f"{option} {value}: must be 'mean' or an image index >= 0")
+    return index
 
 
 @dataclass
@@ -72,11 +76,31 @@ class Scene:
             sh = self.appearance(sh, p["app_features"], embedding)
         return sh, self.model.active_sh_degree
 
-    def novel_embedding(self, rule: str | int) -> Tensor | None:
-        """Embedding used for views that are not training views ('mean' or an index)."""
+    def novel_embedding(self, rule: str | int, option: str | None = None) -> Tensor | None:
+        """Embedding used for views that are not training views ('mean' or an index).
+
+        ``option``: the command-line option the rule came from; an index outside the trained images
+        is then a ConfigError naming it and the valid range. Without it (the run's own
+        ``appearance.test_embedding``), an index past the last image is clamped, the documented
+        reference rule (``AppearanceModel.image_embedding``).
+        """
+        from skyfall.errors import ConfigError
+
+        name = option or "appearance.test_embedding"
+        n = None if self.appearance is None else self.appearance.n_images
+        try:
+            parsed = parse_embedding(rule, name)
+        except ConfigError:
+            if n is None:
+                raise
+            parsed = None
         if self.appearance is None:
             return None
-        return self.appearance.image_embedding(parse_embedding(rule))
+        if parsed is None or (option is not None and isinstance(parsed, int) and parsed >= n):
+            raise ConfigError(
+                f"{name} {rule}: must be 'mean' or an image index 0..{n - 1} (the run has {n} training images)"
+            )
+        return self.appearance.image_embedding(parsed)
 
     def render(
         self,

@@ -336,7 +336,9 @@ def test_stage2_refuses_an_unfinished_stage1(run_copy: Path):
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
-def test_a_signal_saves_a_checkpoint_and_exits_128_plus_its_number(tiny_tile: Path, tmp_path: Path, sig, code):
+def test_a_signal_saves_a_checkpoint_and_exits_128_plus_its_number(
+    tiny_tile: Path, tmp_path: Path, sig, code
+):
     run = tmp_path / "run"
     args = [sys.executable, "-m", "skyfall", *map(str, _train(tiny_tile, run, "--stage1.steps", "400"))]
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -410,7 +412,9 @@ def test_a_run_folder_works_from_anywhere_and_after_moving_with_its_tile(
     cwd = os.getcwd()
     os.chdir(home)
     try:  # trained with relative paths, as a user types them
-        train_stage1(dataclasses.replace(tiny_config.stage1, steps=5), Path("tile"), Path("run"), progress=False)
+        train_stage1(
+            dataclasses.replace(tiny_config.stage1, steps=5), Path("tile"), Path("run"), progress=False
+        )
     finally:
         os.chdir(cwd)
     assert RunDir(home / "run").tile_dir() == (home / "tile").resolve()
@@ -419,3 +423,18 @@ def test_a_run_folder_works_from_anywhere_and_after_moving_with_its_tile(
     assert RunDir(moved / "run").tile_dir() == moved / "run" / ".." / "tile"
     idu = IterativeDatasetUpdate(tiny_config.stage2, moved / "run", progress=False)
     assert idu.trainer.tile.root.resolve() == (moved / "tile").resolve()
+
+
+@pytest.mark.parametrize("fmt", ["ply", "splat", "raw-ply", "dsm"])
+def test_exporting_a_non_finite_model_is_one_line_and_writes_nothing(run_copy: Path, fmt: str):
+    path = run_copy / "ckpts" / "ckpt_000060.pt"
+    st = load_checkpoint(path)
+    for value in st["model"]["params"].values():
+        value.fill_(float("nan"))
+    save_checkpoint(path, st)
+    before = _checksums(run_copy)
+    res = _cli("export", run_copy, "--format", fmt)
+    assert res.returncode == 2
+    line = _error_line(res)
+    assert "ckpt_000060.pt" in line and "nothing was written" in line
+    assert _checksums(run_copy) == before

@@ -43,17 +43,23 @@ class Export:
     """dsm: tile folder, which decides the frame and extent (default: `data` in RUN/config.yml)."""
 
     def main(self) -> None:
+        from skyfall.errors import ConfigError
         from skyfall.export.run import export_run
 
         if self.format == "dsm":
             from skyfall.export.dsm import export_dsm
 
+            if self.embedding is not None:
+                raise ConfigError(
+                    "--embedding does not apply to --format dsm (a DSM has heights, no colours)"
+                )
             d = export_dsm(
                 self.run,
                 data=self.data,
                 resolution=self.dsm_resolution,
                 oversample=self.dsm_oversample,
                 out=self.out,
+                progress=True,
             )
             print(
                 f"[export] {d.path}  crs={d.crs} {d.grid.width}x{d.grid.height} cells of "

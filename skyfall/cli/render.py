@@ -43,23 +43,55 @@ class Render:
         default_factory=lambda: OrbitOptions(frames=60, width=256, height=256)
     )
 
+    def check(self) -> None:
+        """One ConfigError naming the option for a value no render could use (before loading the run)."""
+        from skyfall.errors import ConfigError
+
+        if self.num_frames < 0:
+            raise ConfigError(f"--num-frames must be >= 0 (0: every frame), got {self.num_frames}")
+        if self.path is None:
+            o = self.orbit
+            for flag, value in (
+                ("frames", o.frames),
+                ("width", o.width),
+                ("height", o.height),
+                ("fps", o.fps),
+            ):
+                if value < 1:
+                    raise ConfigError(f"--orbit.{flag} must be >= 1, got {value}")
+            if not 0 < o.fov < 180:
+                raise ConfigError(f"--orbit.fov must be in (0, 180) degrees, got {o.fov}")
+            if not self.auto_target and not o.radius > 0:
+                raise ConfigError(f"--orbit.radius must be > 0, got {o.radius}")
+
     def main(self) -> None:
         import dataclasses
+        import json
 
         import torch
 
         from skyfall.data.camera_path import read_camera_path
+        from skyfall.errors import TileFormatError
         from skyfall.export.run import load_run
-        from skyfall.export.video import render_video
-        from skyfall.scene import parse_embedding
+        from skyfall.export.video import render_video, require_video
 
+        self.check()
+        require_video()
+        if self.path is not None:
+            cams = read_camera_path(self.path)
+            fps = json.loads(self.path.read_text()).get("fps", 24)
+            if not isinstance(fps, (int, float)) or not fps > 0:
+                raise TileFormatError(self.path, "fps", f"must be a number > 0, got {fps!r}")
+            fps = float(fps)
         loaded = load_run(self.run)
         scene = loaded.scene
+        if self.embedding is None:
+            rule = loaded.default_embedding
+            emb = scene.novel_embedding(rule)
+        else:
+            rule = self.embedding
+            emb = scene.novel_embedding(rule, "--embedding")
         if self.path is not None:
-            import json
-
-            cams = read_camera_path(self.path)
-            fps = float(json.loads(self.path.read_text()).get("fps", 24))
             name = self.name or self.path.stem
         else:
             orbit = self.orbit
@@ -74,11 +106,21 @@ class Render:
         if self.num_frames > 0 and self.num_frames < len(cams):
             idx = torch.linspace(0, len(cams) - 1, self.num_frames).round().long().tolist()
             cams = cams[idx]
-        rule = loaded.default_embedding if self.embedding is None else self.embedding
-        emb = scene.novel_embedding(parse_embedding(rule))
         out = self.out or Path(self.run) / "video"
+        print(
+            f"[render] {len(cams)} frames {cams.width}x{cams.height}, embedding {rule} -> {out}/{name}.mp4",
+            flush=True,
+        )
         res = render_video(
-            scene, cams, out, name=name, embedding=emb, fps=fps, depth=self.depth, save_frames=self.frames_png
+            scene,
+            cams,
+            out,
+            name=name,
+            embedding=emb,
+            fps=fps,
+            depth=self.depth,
+            save_frames=self.frames_png,
+            progress=True,
         )
         print(
             f"[render] {res.rgb_video}"

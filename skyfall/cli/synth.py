@@ -37,11 +37,36 @@ class Synth:
     rpc_bias_px: float = 2.0
     """Largest injected RPC bias in pixels (view 0 none; the others a random direction, length in [b/2, b])."""
 
+    def check(self) -> None:
+        """One ConfigError naming the option for a value no tile could use; nothing is written before.
+
+        The --rpc-* options are checked even without --rpc: a typo there is a mistake all the same.
+        """
+        import math
+
+        from skyfall.errors import ConfigError
+        from skyfall.synth.layout import city_style
+        from skyfall.synth.writer import PRESETS
+
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be an integer >= 0, got {self.seed}")
+        city_style(self.style)  # an unknown style names the choices
+        n_sat = PRESETS[self.preset].n_sat
+        if not 1 <= self.rpc_views <= n_sat:
+            raise ConfigError(
+                f"--rpc-views must be 1..{n_sat} (the {self.preset} preset's satellite views), got {self.rpc_views}"
+            )
+        if not (math.isfinite(self.rpc_bias_px) and self.rpc_bias_px >= 0):
+            raise ConfigError(f"--rpc-bias-px must be a finite number >= 0, got {self.rpc_bias_px}")
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"{self.out} exists and is not a directory")
+        if self.out.is_dir() and any(self.out.iterdir()) and not self.overwrite:
+            raise ConfigError(f"{self.out} is not empty; pass --overwrite to replace the tile")
+
     def main(self) -> None:
         from skyfall.synth import write_synthetic_tile
-        from skyfall.synth.layout import city_style
 
-        city_style(self.style)  # an unknown style: one line, exit code 2, before anything is written
+        self.check()  # before anything is written
         if self.rpc:
             # Check the options and the optional dependencies before the slow rendering.
             from skyfall.synth.rpc import check_rpc_options

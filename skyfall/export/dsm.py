@@ -36,7 +36,7 @@ from skyfall.dsm import (
     write_geotiff,
     write_preview,
 )
-from skyfall.errors import ConfigError
+from skyfall.errors import ConfigError, SkyfallError
 from skyfall.storage.atomic import atomic_write_text
 from skyfall.storage.run_dir import RunDir
 
@@ -66,12 +66,12 @@ def run_tile(run: str | Path, data: str | Path | None = None) -> Path | None:
         return Path(data)
     rd = RunDir(run)
     cfg = rd.load_config()
-    tile = cfg.get("data") if isinstance(cfg, dict) else None
-    if not tile:
+    if not isinstance(cfg, dict) or not cfg.get("data"):
         return None
-    if not Path(tile).is_dir():
-        raise ConfigError(f"{rd.config_path} [data]: tile folder {tile} not found; pass --data TILE")
-    return Path(tile)
+    tile = rd.tile_dir(cfg)  # the absolute path, else the one relative to the run folder
+    if tile is None:
+        raise ConfigError(f"{rd.config_path} [data]: tile folder {cfg['data']} not found; pass --data TILE")
+    return tile
 
 
 def export_dsm(
@@ -83,6 +83,7 @@ def export_dsm(
     out: str | Path | None = None,
     depth: str = "median",
     alpha_min: float = 0.05,
+    progress: bool = False,
 ) -> DsmExport:
     """Render RUN's latest checkpoint as a DSM GeoTIFF (see the module docstring for the frames).
 
@@ -93,6 +94,7 @@ def export_dsm(
         oversample: ENU render cells per output cell along each axis, for georeferenced tiles.
         out: the GeoTIFF (default RUN/dsm/dsm.tif); the preview and JSON go next to it.
         depth, alpha_min: see ``skyfall.dsm.render_dsm``.
+        progress: a tqdm bar over the rendered grid blocks.
     """
     from skyfall.export.run import load_run
 
@@ -107,7 +109,9 @@ def export_dsm(
     extent = frame.extent or scene_extent(loaded.scene)
 
     def render(g: DsmGrid) -> np.ndarray:
-        return render_dsm(loaded.scene, g, depth=depth, alpha_min=alpha_min).astype(np.float64)
+        return render_dsm(loaded.scene, g, depth=depth, alpha_min=alpha_min, progress=progress).astype(
+            np.float64
+        )
 
     if frame.enu is not None:
         epsg, grid = utm_grid(frame.enu, extent, resolution)
@@ -121,6 +125,11 @@ def export_dsm(
         heights = render(grid)
         crs = "local ENU"
         vertical = "metres, ENU z of the tile's local frame"
+    if not np.isfinite(heights).any():
+        raise SkyfallError(
+            f"{loaded.checkpoint}: the model renders no height anywhere on the DSM grid (empty or diverged "
+            "model); nothing was written"
+        )
     path = Path(out) if out is not None else Path(run) / "dsm" / "dsm.tif"
     tags = {"SKYFALL_CRS": crs, "SKYFALL_HEIGHTS": vertical, "SKYFALL_CHECKPOINT": loaded.checkpoint.name}
     if frame.enu is not None:

@@ -13,8 +13,8 @@ from skyfall.errors import ConfigError, SkyfallError
 from skyfall.export.bake import Splats, bake, sanitize, splats_from_params
 from skyfall.export.formats import FORMATS, write_ply, write_splats
 from skyfall.export.upaxis import to_up_axis
-from skyfall.scene import Scene, parse_embedding
-from skyfall.storage.checkpoints import latest_checkpoint, load_checkpoint
+from skyfall.scene import Scene
+from skyfall.storage.checkpoints import load_latest_checkpoint
 from skyfall.storage.run_dir import RunDir
 
 
@@ -36,19 +36,26 @@ class LoadedRun:
 def load_run(run: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     """Rebuild the Gaussian and appearance models of RUN's latest checkpoint."""
     rd = RunDir(run)
-    ckpt = latest_checkpoint(rd.ckpts)
-    if ckpt is None:
+    if not rd.ckpts.is_dir():
         raise SkyfallError(f"{rd.ckpts}: no checkpoint (is {rd.root} a run directory?)")
-    st = load_checkpoint(ckpt, map_location=device)
+    ckpt, st = load_latest_checkpoint(rd.ckpts, map_location=device)
     cfg = st.get("config", {}) or {}
     return LoadedRun(Scene.from_checkpoint(st, device), ckpt, int(st.get("step", 0)), cfg)
 
 
-def baked_splats(loaded: LoadedRun, embedding: str | int | None = None) -> tuple[Splats, int]:
-    """Viewer-ready splats of a loaded run (3D filter and appearance baked, non-finite rows dropped)."""
+def baked_splats(
+    loaded: LoadedRun, embedding: str | int | None = None, option: str = "--embedding"
+) -> tuple[Splats, int]:
+    """Viewer-ready splats of a loaded run (3D filter and appearance baked, non-finite rows dropped).
+
+    ``embedding`` None bakes the run's ``appearance.test_embedding``; a given one must name a trained
+    image or 'mean' (a ConfigError naming ``option`` otherwise).
+    """
     scene = loaded.scene
-    rule = loaded.default_embedding if embedding is None else embedding
-    emb = scene.novel_embedding(parse_embedding(rule))
+    if embedding is None:
+        emb = scene.novel_embedding(loaded.default_embedding)
+    else:
+        emb = scene.novel_embedding(embedding, option)
     p = {k: v.detach() for k, v in scene.model.params.items()}
     splats = bake(
         p,
@@ -103,11 +110,20 @@ def export_run(
     loaded = load_run(run)
     rule = str(loaded.default_embedding if embedding is None else embedding)
     if fmt == "raw-ply":
+        if embedding is not None:
+            # Validated all the same: a typo must not pass unnoticed because this format ignores it.
+            loaded.scene.novel_embedding(embedding, "--embedding")
         model = loaded.scene.model
         splats, dropped = sanitize(splats_from_params(dict(model.params), model.filter_3d))
         rule = "none"
     else:
-        splats, dropped = baked_splats(loaded, rule)
+        splats, dropped = baked_splats(loaded, embedding)
+    if len(splats) == 0:
+        # A viewer shows an empty file as a black page; say why instead of writing one.
+        raise SkyfallError(
+            f"{loaded.checkpoint}: no Gaussian to export ({dropped} with non-finite parameters dropped); the "
+            "model of this checkpoint is empty or diverged, nothing was written"
+        )
     splats = to_up_axis(splats, up)
     path = Path(out) if out is not None else default_output(run, fmt, up)
     path.parent.mkdir(parents=True, exist_ok=True)

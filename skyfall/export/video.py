@@ -7,6 +7,7 @@ Spectral colormap on inverse expected depth, normalised between its 1 % and 99 %
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,15 +72,26 @@ def _even(frame: np.ndarray) -> np.ndarray:
     return np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
 
 
-def write_mp4(path: str | Path, frames: np.ndarray, fps: float) -> Path:
-    """Write uint8 frames [T, H, W, 3] as H.264 mp4."""
+def require_video() -> None:
+    """Raise MissingDependencyError unless mp4 output is possible (checked before a long render)."""
     try:
-        import imageio.v2 as imageio
+        import imageio.v2  # noqa: F401
         import imageio_ffmpeg  # noqa: F401  (the ffmpeg binary provider)
     except ImportError as e:
         raise MissingDependencyError(
             f"mp4 output needs imageio + imageio-ffmpeg: pip install 'skyfall[video]' ({e})"
         ) from e
+
+
+def write_mp4(
+    path: str | Path, frames: np.ndarray, fps: float, *, progress: bool = False, desc: str = ""
+) -> Path:
+    """Write uint8 frames [T, H, W, 3] as H.264 mp4 (``progress``: a tqdm bar per frame)."""
+    from tqdm import tqdm
+
+    require_video()
+    import imageio.v2 as imageio
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = imageio.get_writer(
@@ -92,7 +104,9 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float) -> Path:
         ffmpeg_log_level="error",
     )
     try:
-        for f in frames:
+        for f in tqdm(
+            frames, desc=desc or f"encode {path.name}", unit="frame", disable=not progress, leave=False
+        ):
             writer.append_data(_even(f))
     finally:
         writer.close()
@@ -114,15 +128,28 @@ class VideoResult:
 
 @torch.no_grad()
 def render_frames(
-    scene: Scene, cameras: Cameras, embedding: Tensor | int | None
+    scene: Scene,
+    cameras: Cameras,
+    embedding: Tensor | int | None,
+    *,
+    progress: bool = False,
+    on_frame: Callable[[int, np.ndarray], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Render every camera: uint8 RGB [T,H,W,3], expected depth [T,H,W] and alpha [T,H,W] (float32)."""
+    """Render every camera: uint8 RGB [T,H,W,3], expected depth [T,H,W] and alpha [T,H,W] (float32).
+
+    ``progress``: a tqdm bar (with ETA) per frame; ``on_frame(i, rgb)`` is called as each frame is
+    done (e.g. to save it at once, so that an interrupted render keeps its frames).
+    """
+    from tqdm import tqdm
+
     rgb, depth, alpha = [], [], []
-    for i in range(len(cameras)):
+    for i in tqdm(range(len(cameras)), desc="render", unit="frame", disable=not progress, dynamic_ncols=True):
         out = scene.render(cameras[i], embedding, absgrad=False)
         rgb.append((out.colors[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
         depth.append(out.expected_depths[0, ..., 0].float().cpu().numpy())
         alpha.append(out.alphas[0, ..., 0].float().cpu().numpy())
+        if on_frame is not None:
+            on_frame(i, rgb[-1])
     return np.stack(rgb), np.stack(depth), np.stack(alpha)
 
 
@@ -136,27 +163,36 @@ def render_video(
     fps: float = 24.0,
     depth: bool = True,
     save_frames: bool = True,
+    progress: bool = False,
 ) -> VideoResult:
-    """Render ``cameras`` and write OUT/<name>.mp4, OUT/<name>_depth.mp4 and OUT/<name>/NNNN.png."""
+    """Render ``cameras`` and write OUT/<name>.mp4, OUT/<name>_depth.mp4 and OUT/<name>/NNNN.png.
+
+    PNG frames are written as they are rendered; ``progress`` shows tqdm bars for the rendering and
+    the encoding.
+    """
     import time
 
     from PIL import Image
 
+    require_video()  # before the rendering, which can take minutes
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    rgb, dep, alpha = render_frames(scene, cameras, embedding)
-    spf = (time.perf_counter() - t0) / max(len(cameras), 1)
     frame_dir, pngs = None, []
     if save_frames:
         frame_dir = out_dir / name
         frame_dir.mkdir(parents=True, exist_ok=True)
-        for i, f in enumerate(rgb):
+
+    def save(i: int, frame: np.ndarray) -> None:
+        if frame_dir is not None:
             pngs.append(frame_dir / f"{i:04d}.png")
-            Image.fromarray(f).save(pngs[-1])
-    video = write_mp4(out_dir / f"{name}.mp4", rgb, fps)
+            Image.fromarray(frame).save(pngs[-1])
+
+    t0 = time.perf_counter()
+    rgb, dep, alpha = render_frames(scene, cameras, embedding, progress=progress, on_frame=save)
+    spf = (time.perf_counter() - t0) / max(len(cameras), 1)
+    video = write_mp4(out_dir / f"{name}.mp4", rgb, fps, progress=progress)
     depth_video, depth_rgb = None, None
     if depth:
         depth_rgb = colorize_depth(dep, alpha)
-        depth_video = write_mp4(out_dir / f"{name}_depth.mp4", depth_rgb, fps)
+        depth_video = write_mp4(out_dir / f"{name}_depth.mp4", depth_rgb, fps, progress=progress)
     return VideoResult(video, depth_video, frame_dir, rgb, depth_rgb, spf, pngs)

@@ -207,11 +207,14 @@ def write_synthetic_tile(
         The tile directory.
 
     Raises:
-        ConfigError: unknown preset or style, or ``out`` not empty and ``overwrite`` is False.
+        ConfigError: unknown preset or style, a negative seed, or ``out`` not empty and ``overwrite``
+            is False.
     """
     if preset not in PRESETS:
         raise ConfigError(f"unknown synthetic preset {preset!r}; choose one of {sorted(PRESETS)}")
     city_style(style)  # an unknown style fails here, before anything is written
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be an integer >= 0 (numpy seeds), got {seed!r}")
     cfg = PRESETS[preset]
     out = Path(out)
     _prepare_out(out, overwrite)
