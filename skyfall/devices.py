@@ -27,9 +27,7 @@ def resolve_device(device: str | None, option: str = "device") -> torch.device:
     if dev is None or dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"{option} must be auto, cpu, cuda or cuda:N, got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"device {device!r} requested but no CUDA GPU is available (torch.cuda.is_available() is False)"
-        )
+        raise ConfigError(f"{option} {device}: no CUDA GPU is available (torch.cuda.is_available() is False)")
     return dev
 
 

@@ -133,9 +133,25 @@ def _grid_blocks(g: DsmGrid, block: int) -> Iterator[tuple[int, int, int, int, A
             yield i0, j0, bh, bw, nadir_grid_camera(g.x_min + j0 * res, g.y_max - i0 * res, res, bw, bh)
 
 
+def _progress(blocks: Iterator, g: DsmGrid, block: int, desc: str, enabled: bool) -> Iterator:
+    """``blocks`` behind a tqdm bar (ETA per grid block) when ``enabled``."""
+    if not enabled:
+        return blocks
+    from tqdm import tqdm
+
+    total = -(-g.height // block) * -(-g.width // block)
+    return iter(tqdm(blocks, total=total, desc=desc, unit="block", leave=False, dynamic_ncols=True))
+
+
 @torch.no_grad()
 def render_dsm(
-    scene: Scene, georef: dict | DsmGrid, *, depth: str = "median", alpha_min: float = 0.05, block: int = 256
+    scene: Scene,
+    georef: dict | DsmGrid,
+    *,
+    depth: str = "median",
+    alpha_min: float = 0.05,
+    block: int = 256,
+    progress: bool = False,
 ) -> np.ndarray:
     """Heights (ENU z) on a grid of the world frame from rendered near-vertical depth; NaN where
     (almost) nothing is rendered.
@@ -146,13 +162,15 @@ def render_dsm(
     semi-transparent edge splats, which on a dense city puts metres of error on every building edge;
     the median picks one surface. Cells whose alpha is below ``alpha_min`` are empty (NaN), so a
     sparse, half-transparent surface still counts towards the error instead of being dropped. The
-    grid is rendered in blocks of ``block`` x ``block`` cells to bound memory.
+    grid is rendered in blocks of ``block`` x ``block`` cells to bound memory; ``progress`` shows a
+    tqdm bar over them.
     """
     if depth not in ("median", "expected"):
         raise ValueError(f"depth must be 'median' or 'expected', got {depth!r}")
     g = georef if isinstance(georef, DsmGrid) else DsmGrid.from_json(georef)
     out = np.full((g.height, g.width), np.nan, dtype=np.float32)
-    for i0, j0, bh, bw, cam in _grid_blocks(g, block):
+    blocks = _progress(_grid_blocks(g, block), g, block, f"DSM ({depth} depth)", progress)
+    for i0, j0, bh, bw, cam in blocks:
         cam_z = float(cam.camtoworlds[0, 2, 3])
         if depth == "median":
             med, alpha = scene.render_median_depth(cam, normalized=True)
@@ -167,7 +185,13 @@ def render_dsm(
 
 @torch.no_grad()
 def opaque_weight_share(
-    scene: Scene, georef: dict | DsmGrid, *, opaque: float = 0.5, alpha_min: float = 0.05, block: int = 256
+    scene: Scene,
+    georef: dict | DsmGrid,
+    *,
+    opaque: float = 0.5,
+    alpha_min: float = 0.05,
+    block: int = 256,
+    progress: bool = False,
 ) -> float:
     """Share of the blended weight, seen straight down on the DSM grid, that comes from near-opaque
     Gaussians (effective opacity >= ``opaque``).
@@ -175,7 +199,8 @@ def opaque_weight_share(
     It is what separates a surface from haze in what a viewer shows: the median depth ignores
     low-weight contributions, alpha blending does not. Each Gaussian is rendered with the colour 1
     if near-opaque and 0 otherwise, so the red channel accumulates their weight and alpha the total,
-    over the cells whose alpha reaches ``alpha_min`` (as ``render_dsm``).
+    over the cells whose alpha reaches ``alpha_min`` (as ``render_dsm``). ``progress``: a tqdm bar
+    over the grid blocks.
     """
     from skyfall.render import render
 
@@ -186,7 +211,7 @@ def opaque_weight_share(
     ind = (opac.reshape(-1) >= opaque).to(p["means"].dtype)
     rgb = torch.stack([ind, ind, ind], -1)
     num = den = 0.0
-    for _, _, bh, bw, cam in _grid_blocks(g, block):
+    for _, _, bh, bw, cam in _progress(_grid_blocks(g, block), g, block, "DSM opaque share", progress):
         out = render(
             p["means"], p["quats"], p["scales"], p["opacities"], rgb,
             cam.viewmats.to(p["means"].device), cam.Ks.to(p["means"].device), bw, bh,

@@ -28,12 +28,14 @@ class Eval:
     opts: Annotated[EvalOptions, tyro.conf.arg(name="")]
 
     def main(self) -> None:
-        from skyfall.eval.report import markdown_table
+        from skyfall.eval.report import markdown_table, protocol_lines
         from skyfall.eval.runner import evaluate_run
 
         opts = self.opts
         doc = evaluate_run(opts)
         print(markdown_table(doc))
+        for line in protocol_lines(doc):
+            print(f"[eval] {line}")
         for k, v in doc["unavailable"].items():
             print(f"[eval] {k} unavailable: {v}")
         print(f"[eval] report: {Path(doc['out']) / 'report.html'} ({doc['wall_s']:.1f} s)")

@@ -50,7 +50,7 @@ class TrainStage1:
         summary = train_stage1(self.stage1, self.data, self.out, resume=self.resume, overwrite=self.overwrite)
         if self.export:
             print(f"[stage1] raw PLY: {export_raw_ply(self.out)}")
-        print_stage1(summary["stage1"])
+        print_stage1(summary["stage1"], self.stage1)
 
 
 @dataclass
@@ -120,7 +120,7 @@ class TrainAll:
                 s1 = train_stage1(
                     self.stage1, self.data, self.out, resume=self.resume, overwrite=self.overwrite
                 )
-                print_stage1(s1["stage1"])
+                print_stage1(s1["stage1"], self.stage1)
                 if self.export:
                     print(f"[stage1] raw PLY: {export_raw_ply(self.out)}")
             print_stage2(train_stage2(self.stage2, self.out))
@@ -128,8 +128,8 @@ class TrainAll:
                 print(f"[stage2] raw PLY: {export_raw_ply(self.out)}")
 
 
-def print_stage1(s: dict) -> None:
-    """One line with the Stage 1 summary's main figures."""
+def print_stage1(s: dict, cfg: Stage1Config | None = None) -> None:
+    """One line with the Stage 1 summary's main figures and one saying how they were measured."""
     keys = ("steps", "num_gaussians", "psnr_test", "dsm_mae_m", "dsm_completeness", "wall_s")
     parts = []
     for k in keys:
@@ -137,6 +137,14 @@ def print_stage1(s: dict) -> None:
             v = s[k]
             parts.append(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}")
     print("[stage1] " + "  ".join(parts))
+    if cfg is not None:
+        from skyfall.eval.report import DSM_SUMMARY_PROTOCOL, heldout_protocol
+
+        a = cfg.appearance
+        print(
+            f"[stage1] psnr_test: held-out satellite views, {heldout_protocol(cfg.eval_appearance, a.test_embedding, a.enabled)}; "
+            f"dsm_mae_m: {DSM_SUMMARY_PROTOCOL} (`skyfall eval` registers the DSM and scores whole images)"
+        )
 
 
 def print_stage2(summary: dict) -> None:

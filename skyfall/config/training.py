@@ -395,12 +395,11 @@ class Stage2Config:
         try:
             resolve_device(cfg.device, f"{flag}.device")
         except ConfigError as e:
-            if f"{flag}.device" in str(e):
+            if "no CUDA GPU" not in str(e):
                 raise
-            hint = ""
-            if "no CUDA GPU" in str(e):
-                hint = f"; without a GPU: {flag}.device cpu (FLUX on a CPU), or --preset demo (the ideal refiner)"
-            raise ConfigError(f"{flag}.device {cfg.device}: {e}{hint}") from None
+            raise ConfigError(
+                f"{e}; without a GPU: {flag}.device cpu (FLUX on a CPU), or --preset demo (the ideal refiner)"
+            ) from None
 
     def scale_steps(self, factor: float) -> Stage2Config:
         """A copy with every step-valued field multiplied by ``factor``."""

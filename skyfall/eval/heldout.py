@@ -9,6 +9,7 @@ NeRF-W / WildGaussians protocol).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -29,7 +30,15 @@ GT_ORBIT_45 = Path("gt") / "views" / "orbit_e45_r250"
 
 
 def fit_embedding(
-    scene: Scene, cam: Cameras, gt: Tensor, mask: Tensor, start: Tensor, *, steps: int, lr: float = 0.02
+    scene: Scene,
+    cam: Cameras,
+    gt: Tensor,
+    mask: Tensor,
+    start: Tensor,
+    *,
+    steps: int,
+    lr: float = 0.02,
+    on_step: Callable[[], object] | None = None,
 ) -> Tensor:
     """An appearance embedding fitted to the ``mask`` pixels of one view, the model frozen.
 
@@ -41,6 +50,7 @@ def fit_embedding(
         start: [D] initial embedding.
         steps: Adam steps.
         lr: Adam learning rate.
+        on_step: called after each step (a progress bar's update).
     """
     emb = start.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([emb], lr=lr)
@@ -50,6 +60,8 @@ def fit_embedding(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if on_step is not None:
+            on_step()
     scene.model.zero_grad()
     scene.appearance.zero_grad(set_to_none=True)
     return emb.detach()
@@ -62,6 +74,7 @@ def heldout_psnr(
     embedding: Tensor | None,
     protocol: Literal["fit-left-half", "novel"] = "fit-left-half",
     fit_steps: int = 30,
+    progress: bool = False,
 ) -> dict[str, float | None | list[float | None]]:
     """PSNR of the held-out satellite views.
 
@@ -69,22 +82,33 @@ def heldout_psnr(
     ``psnr_test_novel_embedding`` (always the novel-view ``embedding`` on the whole view) and
     ``psnr_test_views`` (per view, the ``psnr_test`` protocol). A view with no scored pixel is None
     in ``psnr_test_views`` and left out of the means; a mean over no such view is None.
+    ``progress`` shows a bar (fitting an embedding per view takes seconds each on a CPU).
     """
+    from tqdm import tqdm
+
     device = scene.model.device
     novel, fitted = [], []
-    for i in range(len(test)):
-        cam = test.cameras[i]
-        gt = test.images[i].to(device).float() / 255.0
-        mask = test.masks[i].to(device)
-        with torch.no_grad():
-            novel.append(psnr(scene.render(cam, embedding, absgrad=False).colors[0], gt, mask))
-        if protocol == "fit-left-half" and embedding is not None:
-            left = torch.zeros_like(mask)
-            left[:, : cam.width // 2] = True
-            fit = fit_embedding(scene, cam, gt, mask & left, embedding, steps=fit_steps)
+    fitting = protocol == "fit-left-half" and embedding is not None
+    # one tick per render: the embedding fits (steps per view) are what takes the time
+    total = len(test) * (1 + (fit_steps + 1 if fitting else 0))
+    with tqdm(total=total, desc="eval held-out views", disable=not progress, leave=False) as bar:
+        for i in range(len(test)):
+            cam = test.cameras[i]
+            gt = test.images[i].to(device).float() / 255.0
+            mask = test.masks[i].to(device)
             with torch.no_grad():
-                out = scene.render(cam, fit, absgrad=False)
-            fitted.append(psnr(out.colors[0], gt, mask & ~left))
+                novel.append(psnr(scene.render(cam, embedding, absgrad=False).colors[0], gt, mask))
+            bar.update(1)
+            if fitting:
+                left = torch.zeros_like(mask)
+                left[:, : cam.width // 2] = True
+                fit = fit_embedding(
+                    scene, cam, gt, mask & left, embedding, steps=fit_steps, on_step=lambda: bar.update(1)
+                )
+                with torch.no_grad():
+                    out = scene.render(cam, fit, absgrad=False)
+                fitted.append(psnr(out.colors[0], gt, mask & ~left))
+                bar.update(1)
     # A view whose scored pixels are empty (e.g. all its valid pixels lie in the fitted left half)
     # has no PSNR (NaN): it is reported as None and left out of the means.
     res: dict[str, float | None | list[float | None]] = {"psnr_test_novel_embedding": _finite_mean(novel)}
@@ -106,15 +130,19 @@ def read_image(path: Path, device: torch.device | str = "cpu") -> Tensor:
 
 
 @torch.no_grad()
-def gt_orbit_psnr(scene: Scene, tile_dir: str | Path, embedding: Tensor | None) -> float | None:
+def gt_orbit_psnr(
+    scene: Scene, tile_dir: str | Path, embedding: Tensor | None, *, progress: bool = False
+) -> float | None:
     """Mean PSNR over the synthetic tile's 45-degree ground-truth orbit; None when the tile has none."""
+    from tqdm import tqdm
+
     root = Path(tile_dir) / GT_ORBIT_45
     if not (root / "camera_path.json").exists():
         return None
     cams = read_camera_path(root / "camera_path.json")
     files = view_set_images(root)
     vals = []
-    for i in range(len(cams)):
+    for i in tqdm(range(len(cams)), desc="eval 45-degree orbit", disable=not progress, leave=False):
         out = scene.render(cams[i], embedding, absgrad=False)
         img = read_image(files[i], scene.model.device).permute(1, 2, 0)
         vals.append(psnr(out.colors[0], img))

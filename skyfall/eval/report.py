@@ -29,7 +29,49 @@ from skyfall.storage.atomic import atomic_write_text
 
 SUMMARY_COLS = ("ckpt", "kind", "group", "n_views", "altitude_m", "psnr", "ssim", "lpips", "depth_absrel",
                 "coverage", "clip_fid", "cmmd", "dsm_mae_m", "dsm_rmse_m", "dsm_completeness",
-                "dsm_mae_unregistered_m", "shift_rows", "shift_cols", "dz_m")  # fmt: skip
+                "dsm_mae_unregistered_m", "shift_rows", "shift_cols", "dz_m", "protocol")  # fmt: skip
+
+# ----------------------------------------------------------------------------- metric protocols
+# Two protocols score the same run differently, and both are printed: the trainers' summary
+# (skyfall.train.stage1.evaluate: held-out PSNR with a fitted embedding, DSM unregistered) and
+# `skyfall eval` (every view with one novel-view embedding, DSM registered). Every printed figure
+# carries one of these labels, so that the two are never compared as if they were one.
+
+REGISTERED = "NCC shift + mean vertical offset registered"
+DSM_SUMMARY_PROTOCOL = "median depth seen straight down, unregistered"
+"""The trainers' ``dsm_mae_m`` (``skyfall.eval.dsm.dsm_errors`` of ``render_dsm``)."""
+
+
+def embedding_label(rule: object) -> str:
+    """'mean embedding' or 'embedding of training image 6' for a novel-view embedding rule."""
+    return "mean embedding" if str(rule) == "mean" else f"embedding of training image {rule}"
+
+
+def heldout_protocol(eval_appearance: str, test_embedding: object = "mean", appearance: bool = True) -> str:
+    """How the trainers' ``psnr_test`` was measured (``Stage1Config.eval_appearance``)."""
+    if not appearance:
+        return "no appearance model, whole image"
+    if eval_appearance == "fit-left-half":
+        return "appearance fitted on the left half, scored on the right"
+    return f"{embedding_label(test_embedding)}, whole image"
+
+
+def eval_image_protocol(rule: object, satellite: bool = False) -> str:
+    """How ``skyfall eval`` scores images: one novel-view embedding on the whole view."""
+    return f"{embedding_label(rule)}, whole image" + (" (valid pixels)" if satellite else "")
+
+
+def eval_dsm_protocol(source: str, *, geometry_views: int = 0, shift_radius: int = 5) -> str:
+    """How ``skyfall eval`` computes the DSM of geometry source ``source`` and scores it."""
+    what = {
+        "nadir": "median depth seen straight down",
+        "nadir_expected": "expected (alpha-blended) depth seen straight down",
+        "views": f"depth of {geometry_views} training views flattened (plyflatten r=1)",
+        "truth": f"median depth resampled onto the truth grid, shift within +-{shift_radius} cells",
+    }.get(source, source)
+    return f"{what}, {REGISTERED}"
+
+
 VIEW_COLS = ("ckpt", "set", "view", "band", "altitude_m", "psnr", "ssim", "lpips", "depth_absrel", "coverage")
 
 
@@ -185,6 +227,7 @@ def write_outputs(out: Path, doc: dict) -> None:
         f"<h1>skyfall eval: {html.escape(doc['run'])}</h1>",
         f"<p>tile {html.escape(str(doc['data']))}; embedding {html.escape(doc['embedding'])}; "
         f"checkpoints {html.escape(', '.join(labels))}; {doc['wall_s']:.1f} s</p>",
+        "<p>" + "<br>".join(html.escape(line) for line in protocol_lines(doc)) + "</p>",
     ]
     if doc["unavailable"]:
         items = "".join(
@@ -195,7 +238,8 @@ def write_outputs(out: Path, doc: dict) -> None:
         comp = band_comparison(doc, metric)
         if any(r.get(lab) is not None for r in comp for lab in labels):
             parts.append(
-                f"<h2>{metric.upper()} per altitude band</h2>" + _table(comp, ("band", "altitude_m", *labels))
+                f"<h2>{metric.upper()} per altitude band ({html.escape(eval_image_protocol(doc['embedding']))})</h2>"
+                + _table(comp, ("band", "altitude_m", *labels))
             )
     parts.append("<h2>Summary</h2>" + _table(rows, SUMMARY_COLS))
     for title, f in figures:
@@ -207,11 +251,24 @@ def write_outputs(out: Path, doc: dict) -> None:
 
 
 def markdown_table(doc: dict) -> str:
-    """A compact Markdown table of the summary (for terminals and notes)."""
+    """A compact Markdown table of the summary (for terminals and notes); each row names its protocol."""
     cols = ("ckpt", "kind", "group", "altitude_m", "psnr", "ssim", "lpips", "depth_absrel", "coverage", "cmmd",
-            "clip_fid", "dsm_mae_m", "dsm_rmse_m", "dsm_completeness")  # fmt: skip
+            "clip_fid", "dsm_mae_m", "dsm_rmse_m", "dsm_completeness", "dsm_mae_unregistered_m",
+            "protocol")  # fmt: skip
     rows = summary_rows(doc)
     cols = tuple(c for c in cols if any(_fmt(r.get(c)) for r in rows))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def protocol_lines(doc: dict) -> list[str]:
+    """What the printed figures mean, and how they differ from the training summary's."""
+    rule = doc["embedding"]
+    trained = heldout_protocol(doc.get("train_eval_appearance", "fit-left-half"), rule)
+    return [
+        f"psnr/ssim/lpips: {eval_image_protocol(rule)} (satellite views: their valid pixels); the training "
+        f"summary's psnr_test: {trained}",
+        f"dsm_mae_m: {REGISTERED}; dsm_mae_unregistered_m: the same DSM unregistered (dsm_nadir's is the "
+        f"training summary's dsm_mae_m, '{DSM_SUMMARY_PROTOCOL}')",
+    ]

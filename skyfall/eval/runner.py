@@ -24,6 +24,7 @@ from skyfall.eval import distribution as dist
 from skyfall.eval import geometry as geo
 from skyfall.eval.image_metrics import load_lpips, lpips_distance, psnr, ssim
 from skyfall.eval.options import DEFAULT_BAND_EDGES, EvalOptions  # noqa: F401 (re-exported)
+from skyfall.eval.report import eval_dsm_protocol, eval_image_protocol
 
 SATELLITE_BAND = "satellite"
 
@@ -184,25 +185,45 @@ def _resolve(opts: EvalOptions) -> tuple[dict, Path | None, list[Path]]:
     run = Path(opts.run)
     if not run.is_dir():
         raise ConfigError(f"{run}: run directory not found")
+    edges = opts.band_edges
+    if (
+        not edges
+        or any(not math.isfinite(e) for e in edges)
+        or any(edges[i + 1] <= edges[i] for i in range(len(edges) - 1))
+    ):
+        raise ConfigError(
+            f"--band-edges must be increasing finite altitudes in metres, got {' '.join(map(str, edges))}"
+        )
+    from skyfall.devices import resolve_device
+
+    try:
+        resolve_device(opts.device, "--device")
+    except ConfigError as e:
+        if "--device" in str(e):
+            raise
+        raise ConfigError(f"--device {opts.device}: {e}") from None
     from skyfall.storage.run_dir import RunDir
 
-    config = RunDir(run).load_config()
-    data = Path(opts.data) if opts.data else (Path(config["data"]) if config.get("data") else None)
-    if data is not None and not data.is_dir():
-        if opts.data:
+    rd = RunDir(run)
+    config = rd.load_config()
+    if opts.data:
+        data: Path | None = Path(opts.data)
+        if not data.is_dir():
             raise ConfigError(f"--data {data}: tile folder not found")
-        data = None  # the tile moved: GT must come from --gt
+    else:
+        # None when the tile moved: GT must then come from --gt / --gt-dsm / --dsm-truth, and
+        # evaluate_run says so when nothing is left to evaluate.
+        data = rd.tile_dir(config)
     if opts.ckpts:
         ckpts = [Path(c) for c in opts.ckpts]
         for c in ckpts:
             if not c.is_file():
                 raise ConfigError(f"--ckpt {c}: file not found")
     else:
-        from skyfall.storage.checkpoints import latest_checkpoint
+        from skyfall.storage.checkpoints import load_latest_checkpoint
 
-        latest = latest_checkpoint(run / "ckpts")
-        if latest is None:
-            raise ConfigError(f"{run / 'ckpts'}: no checkpoint (ckpt_NNNNNN.pt) to evaluate")
+        # the newest checkpoint that loads (a damaged newer one is skipped with a warning)
+        latest, _ = load_latest_checkpoint(run / "ckpts")
         ckpts = [latest]
     return config, data, ckpts
 
@@ -249,8 +270,14 @@ def evaluate_run(opts: EvalOptions, *, progress: bool = True) -> dict:
         sat = _satellite_set(data, res, opts.max_views)
         if sat is not None:
             view_sets.insert(0, sat)
-    if not view_sets and not opts.geometry:
-        raise ConfigError("nothing to evaluate: no ground-truth views found and geometry disabled")
+    if opts.sets and gt_root is not None:
+        found = {f.name for f in discover_sets(gt_root)}
+        unknown = [name for name in opts.sets if name not in found]
+        if unknown:
+            raise ConfigError(
+                f"--sets {' '.join(unknown)}: no such view set in {gt_root} "
+                f"(found: {', '.join(sorted(found)) or 'none'})"
+            )
 
     # Ground-truth DSM.
     gt_dsm = None
@@ -272,6 +299,9 @@ def evaluate_run(opts: EvalOptions, *, progress: bool = True) -> dict:
         )
     else:
         ground_z = 0.0
+    if not view_sets and gt_dsm is None and truth is None:
+        # Before any model is loaded or any file written: an empty report is not a result.
+        raise ConfigError(f"nothing to evaluate in {opts.run}: {_why_nothing(opts, config, data)}")
 
     unavailable: dict[str, str] = {}
     lpips_model = None
@@ -311,18 +341,24 @@ def evaluate_run(opts: EvalOptions, *, progress: bool = True) -> dict:
         "data": str(data) if data else None,
         "gt": str(gt_root) if gt_root else None,
         "embedding": str(embedding_rule),
+        "train_eval_appearance": _find_key(config, "eval_appearance", "fit-left-half"),
         "band_edges_m": list(opts.band_edges),
         "ground_z_m": ground_z,
         "unavailable": unavailable,
         "models": {k: e.name for k, e in embedders.items()},
         "protocol": {
+            "appearance": f"{eval_image_protocol(embedding_rule)}: every view is rendered with the novel-view "
+            "embedding and scored on the whole image (the training summary's psnr_test fits the embedding "
+            "on the left half of each held-out view and scores the right half)",
             "ssim": "pyiqa ssim: YIQ luma x255 rounded, 11x11 Gaussian sigma 1.5, valid filtering, relu(cs)",
             "psnr": "RGB, data range 1 (masked to valid pixels on satellite views)",
             "lpips": "LPIPS v0.1 AlexNet",
             "patches": "512^2 (or min(H, W)), stride min((H-p)//8, (W-p)//15)",
             "clip_fid": f"Frechet distance of CLIP image embeddings ({opts.clip_fid_model}), clean-fid preprocessing",
             "cmmd": f"biased MMD^2, RBF sigma 10, x1000, L2-normalised CLIP embeddings ({opts.cmmd_model})",
-            "geometry": "depth -> points -> plyflatten(r=1) on the GT grid; NCC shift + vertical offset",
+            "geometry": "dsm_nadir: median depth seen straight down; dsm_nadir_expected: expected depth; "
+            "dsm_views: depth -> points -> plyflatten(r=1) on the GT grid; all NCC shift + mean vertical offset "
+            "registered (dsm_mae_unregistered_m: without; the training summary's dsm_mae_m is dsm_nadir's)",
             **(
                 {
                     "dsm_truth": f"{truth[0].path}: nadir median-depth DSM rendered at 1/{opts.dsm_oversample} "
@@ -339,6 +375,28 @@ def evaluate_run(opts: EvalOptions, *, progress: bool = True) -> dict:
     write_outputs(out_dir, doc)
     doc["out"] = str(out_dir)
     return doc
+
+
+def _why_nothing(opts: EvalOptions, config: dict, data: Path | None) -> str:
+    """Why ``evaluate_run`` found no reference view and no ground-truth DSM, and what to pass."""
+    from skyfall.storage.run_dir import RunDir
+
+    hint = "pass --data TILE, --gt DIR, --gt-dsm FILE or --dsm-truth FILE"
+    if data is None and not opts.gt:
+        cfg = RunDir(opts.run).config_path
+        if config.get("data"):
+            return f"{cfg} [data]: tile folder {config['data']} not found; {hint}"
+        return f"{cfg} names no tile; {hint}"
+    skipped = [
+        flag for flag, on in (("--no-satellite", opts.satellite), ("--no-geometry", opts.geometry)) if not on
+    ]
+    where = opts.gt or data
+    return (
+        f"{where} has no ground-truth view set (gt/views/<set>/camera_path.json), no held-out satellite "
+        f"view (transforms_test.json) and no ground-truth DSM (gt/dsm.npy)"
+        + (f" that {' and '.join(skipped)} leave{'s' if len(skipped) == 1 else ''}" if skipped else "")
+        + f"; {hint}"
+    )
 
 
 @torch.no_grad()
@@ -358,10 +416,7 @@ def _evaluate_ckpt(
 
     t0 = time.perf_counter()
     scene, st = load_scene(ckpt, opts.device)
-    try:
-        emb = scene.novel_embedding(embedding_rule)
-    except (IndexError, RuntimeError) as e:
-        raise ConfigError(f"--embedding {embedding_rule!r}: not valid for {ckpt}: {e}") from e
+    emb = scene.novel_embedding(embedding_rule, "--embedding" if opts.embedding else None)
     label = f"{st.get('stage', 'ckpt')}@{int(st.get('step', 0))}"
     rows: list[dict] = []
     samples: dict[str, dict] = {}
@@ -405,6 +460,10 @@ def _evaluate_ckpt(
 
     by_set = aggregate(rows, "set")
     by_band = aggregate([r for r in rows], "band")
+    for name, agg in by_set.items():
+        agg["protocol"] = eval_image_protocol(embedding_rule, satellite=name == "sat_test")
+    for name, agg in by_band.items():
+        agg["protocol"] = eval_image_protocol(embedding_rule, satellite=name == SATELLITE_BAND)
     # Distribution metrics per set, per band and over all ground-truth (non-satellite) views.
     groups: dict[tuple[str, str], list[int]] = {}
     for idx, r in enumerate(rows):
@@ -440,19 +499,24 @@ def _evaluate_ckpt(
 
         georef = {"x_min": grid.x_min - off[0], "y_max": grid.y_max - off[1], "resolution": grid.resolution,
                   "width": grid.width, "height": grid.height}  # fmt: skip
-        nadir = render_dsm(scene, georef).astype(np.float64) + off[2]
+        nadir = render_dsm(scene, georef, progress=progress).astype(np.float64) + off[2]
         dsm_maps["nadir"] = nadir
         # What a viewer blends (alpha-normalised depth) next to the median surface.
-        dsm_maps["nadir_expected"] = render_dsm(scene, georef, depth="expected").astype(np.float64) + off[2]
+        dsm_maps["nadir_expected"] = (
+            render_dsm(scene, georef, depth="expected", progress=progress).astype(np.float64) + off[2]
+        )
         cams = _geometry_cameras(opts)
         if cams is not None:
             pts = geo.render_points(scene, cams.to(opts.device), None) + off
             dsm_maps["views"] = geo.flatten_points(pts, grid, radius=1, reduce="mean")
         for name, pred in dsm_maps.items():
             geometry[name] = geo.dsm_metrics(pred, dsm)
+            geometry[name]["protocol"] = eval_dsm_protocol(
+                name, geometry_views=0 if cams is None else len(cams)
+            )
         from skyfall.dsm import opaque_weight_share
 
-        geometry["nadir"]["opaque_weight_share"] = opaque_weight_share(scene, georef)
+        geometry["nadir"]["opaque_weight_share"] = opaque_weight_share(scene, georef, progress=progress)
         dsm_maps["gt"] = dsm
     truth_score = None
     if truth is not None:
@@ -461,14 +525,18 @@ def _evaluate_ckpt(
 
         raster, frame, extent = truth
         truth_score = score_truth(
-            lambda g: render_dsm(scene, g).astype(np.float64),
+            lambda g: render_dsm(scene, g, progress=progress).astype(np.float64),
             raster,
             frame,
             extent=extent,
             oversample=opts.dsm_oversample,
             radius=opts.dsm_shift_radius,
         )
-        geometry["truth"] = {**truth_score.metrics, "file": str(raster.path)}
+        geometry["truth"] = {
+            **truth_score.metrics,
+            "file": str(raster.path),
+            "protocol": eval_dsm_protocol("truth", shift_radius=opts.dsm_shift_radius),
+        }
     return {
         "label": label,
         "ckpt": str(ckpt),

@@ -208,16 +208,23 @@ class FluxModel:
         self._move(self._home)
 
     @classmethod
-    def load(cls, cfg: FluxConfig, prompts: Sequence[str]) -> FluxModel:
+    def load(cls, cfg: FluxConfig, prompts: Sequence[str], *, option: str = "device") -> FluxModel:
         """Load from ``cfg.model_id`` (Hub id or local folder), encoding ``prompts`` once first.
 
-        Missing or gated weights raise :class:`skyfall.priors.hub.WeightsNotFoundError`.
+        Missing or gated weights raise :class:`skyfall.priors.hub.WeightsNotFoundError`; an unusable
+        ``cfg.device`` a ConfigError naming ``option`` (the command-line flag it came from).
         """
         _require("diffusers", '"skyfall[diffusion]"', "the FLUX refiner")
         _require("transformers", '"skyfall[diffusion]"', "the FLUX refiner")
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
-        device, dtype = resolve_device(cfg.device), torch_dtype(cfg.dtype)
+        try:
+            device = resolve_device(cfg.device, option)
+        except ConfigError as e:
+            if option in str(e):
+                raise
+            raise ConfigError(f"{option} {cfg.device}: {e}") from None
+        dtype = torch_dtype(cfg.dtype)
         # Text encoders first and alone (T5-XXL ~9 GiB), then freed before the transformer arrives.
         encoder = PromptEncoder(cfg, device, dtype)
         embeds = encoder.encode(list(dict.fromkeys(prompts)))

@@ -101,7 +101,8 @@ class FlowEditRefiner(_FluxRefiner):
             raise ConfigError(f"flowedit: n_max_end ({cfg.n_max_end}) must be -1 or in [n_min, T_steps]")
         if cfg.n_avg < 1:
             raise ConfigError(f"flowedit: n_avg ({cfg.n_avg}) must be >= 1")
-        super().__init__(model or FluxModel.load(cfg, [cfg.source_prompt, cfg.target_prompt]))
+        prompts = [cfg.source_prompt, cfg.target_prompt]
+        super().__init__(model or FluxModel.load(cfg, prompts, option="--stage2.flowedit.device"))
 
     def n_max_for(self, seed: int) -> int:
         """Fixed ``n_max``, or drawn from U{n_min..n_max_end} by the image's seed (paper scripts)."""
@@ -130,7 +131,7 @@ class SDEditRefiner(_FluxRefiner):
         self.cfg = cfg = cfg or SDEditConfig()
         if not 0 <= cfg.n_steps <= cfg.T_steps:
             raise ConfigError(f"sdedit: need 0 <= n_steps ({cfg.n_steps}) <= T_steps ({cfg.T_steps})")
-        super().__init__(model or FluxModel.load(cfg, [cfg.target_prompt]))
+        super().__init__(model or FluxModel.load(cfg, [cfg.target_prompt], option="--stage2.sdedit.device"))
 
     def n_max_for(self, seed: int) -> int:
         return self.cfg.n_steps

@@ -101,13 +101,13 @@ def _dsm_metrics(trainer: Trainer) -> dict[str, float]:
     if gt is None:
         return {}
     dsm, georef = gt
-    res = dsm_errors(render_dsm(trainer.scene, georef, depth="median"), dsm)
+    bar = trainer.progress
+    res = dsm_errors(render_dsm(trainer.scene, georef, depth="median", progress=bar), dsm)
     # What a viewer blends: the alpha-normalised expected depth, and how much of the blended weight
     # comes from near-opaque Gaussians (the rest is haze the median read-out does not see).
-    res["dsm_mae_expected_depth_m"] = dsm_errors(render_dsm(trainer.scene, georef, depth="expected"), dsm)[
-        "dsm_mae_m"
-    ]
-    res["opaque_weight_share"] = opaque_weight_share(trainer.scene, georef)
+    expected = render_dsm(trainer.scene, georef, depth="expected", progress=bar)
+    res["dsm_mae_expected_depth_m"] = dsm_errors(expected, dsm)["dsm_mae_m"]
+    res["opaque_weight_share"] = opaque_weight_share(trainer.scene, georef, progress=bar)
     return res
 
 
@@ -124,6 +124,7 @@ def evaluate(trainer: Trainer) -> dict[str, Any]:
                 embedding=scene.novel_embedding(cfg.appearance.test_embedding),
                 protocol=cfg.eval_appearance,
                 fit_steps=cfg.eval_fit_steps,
+                progress=trainer.progress,
             )
         )
     res.update(_dsm_metrics(trainer))

@@ -339,7 +339,10 @@ class IterativeDatasetUpdate:
         res = stage1_evaluate(self.trainer)
         scene = self.trainer.scene
         gt45 = gt_orbit_psnr(
-            scene, self.trainer.data, scene.novel_embedding(self.cfg.appearance.test_embedding)
+            scene,
+            self.trainer.data,
+            scene.novel_embedding(self.cfg.appearance.test_embedding),
+            progress=self.progress,
         )
         if gt45 is not None:
             res["psnr_gt_45"] = gt45
