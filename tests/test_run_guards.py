@@ -438,3 +438,28 @@ def test_exporting_a_non_finite_model_is_one_line_and_writes_nothing(run_copy: P
     line = _error_line(res)
     assert "ckpt_000060.pt" in line and "nothing was written" in line
     assert _checksums(run_copy) == before
+
+
+def test_train_all_writes_both_stages_plys(tiny_tile: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    res = _cli(
+        "train", "all", "--data", tiny_tile, "--out", run, "--preset", "tiny",
+        "--stage1.steps", "20", "--stage2.max-episodes", "1", "--stage2.episode-steps", "10",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    for stage in ("stage1", "stage2"):
+        assert (run / "ply" / f"{stage}_raw.ply").stat().st_size > 1000
+        assert f"[{stage}] raw PLY: {run / 'ply' / f'{stage}_raw.ply'}" in res.stdout
+    assert "psnr_test: held-out satellite views, appearance fitted on the left half" in res.stdout
+
+
+def test_stage1_evaluation_shows_progress(tiny_tile: Path, tmp_path: Path, tiny_config, capsys):
+    import dataclasses
+
+    from skyfall.train.stage1 import train_stage1
+
+    cfg = dataclasses.replace(tiny_config.stage1, steps=5)
+    train_stage1(cfg, tiny_tile, tmp_path / "run", progress=True)
+    err = capsys.readouterr().err
+    for bar in ("stage1", "eval held-out views", "DSM (median depth)"):
+        assert f"{bar}:" in err, bar
