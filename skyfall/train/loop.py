@@ -77,15 +77,18 @@ class DivergenceGuard:
     Two signs, each far outside what a converging run shows: half of the Gaussians farther from the
     scene's centre than ``max_radius_factor`` times its radius (a learning rate orders of magnitude
     too high sends them kilometres away while the loss stays finite), or the photometric loss above
-    ``loss_factor`` times its running median (and above ``loss_floor``, which no image pair in
-    [0, 1] reaches while renders stay in range) for ``patience`` consecutive steps.
+    ``loss_factor`` times its running median and above ``loss_floor`` for ``patience`` consecutive
+    steps. The floor is above what any render with colours in [0, 1] can score ((1 - l) L1 +
+    l (1 - SSIM) <= 1 + l <= 2 for lambda_dssim l), so the transparent scene right after an opacity
+    reset, whose loss jumps several times over for a hundred steps, never trips it: only colours
+    running out of range do.
     """
 
     center: Tensor
     radius: float
     max_radius_factor: float = 10.0
     loss_factor: float = 5.0
-    loss_floor: float = 0.5
+    loss_floor: float = 2.5
     patience: int = 20
     window: int = 500
 
