@@ -251,16 +251,18 @@ def test_demo_bad_seed_creates_nothing(tmp_path: Path):
     assert not (tmp_path / "demo").exists()
 
 
+@pytest.mark.parametrize("again", [("--resume",), ()], ids=["resume", "run-again"])
 def test_demo_resume_of_a_finished_run_trains_nothing_and_says_so(
-    tiny_run: Path, tiny_tile: Path, tmp_path: Path
+    tiny_run: Path, tiny_tile: Path, tmp_path: Path, again: tuple[str, ...]
 ):
     out = tmp_path / "demo"
     shutil.copytree(tiny_tile, out / "tile")
     _run_copy(tiny_run, out / "run", tile=out / "tile", relative="../tile")
     summary = (out / "run" / "summary.json").read_bytes()
     ckpts = _listing(out / "run" / "ckpts")
-    res = _run("demo", "--out", out, "--resume", "--preset", "tiny")
+    res = _run("demo", "--out", out, *again, "--preset", "tiny")
     assert res.returncode == 0, res.stderr
+    assert ("continuing the run in" in res.stdout) == (not again)
     s1 = json.loads(summary)["stage1"]
     assert f"nothing trained (it took {s1['wall_s']:.0f} s when it ran)" in res.stdout
     assert "Stage 1 steps" not in res.stdout

@@ -23,7 +23,8 @@ class Demo:
     seed: int = 0
     """Random seed of the synthetic city."""
     resume: bool = False
-    """Continue an interrupted demo run from its latest checkpoint (a finished one is not trained again)."""
+    """Continue an interrupted demo run from its latest checkpoint (a finished one is not trained again).
+    Running the demo again on an OUT that holds its run does this too."""
     overwrite: bool = False
     """Start the demo run in OUT/run again: its contents are deleted first (the tile is kept)."""
     preset: PresetName = "demo"
@@ -57,6 +58,7 @@ class Demo:
 
         from skyfall.eval.report import DSM_SUMMARY_PROTOCOL, embedding_label, heldout_protocol
         from skyfall.export.run import export_run
+        from skyfall.storage.run_dir import RunDir
         from skyfall.synth import write_synthetic_tile
         from skyfall.train.stage1 import train_stage1
 
@@ -70,9 +72,14 @@ class Demo:
             t = time.perf_counter()
             write_synthetic_tile(tile_dir, preset="default", seed=self.seed)
             ran.append(f"tile synthesis {_minutes(time.perf_counter() - t)}")
-        step_before = _latest_step(run) if self.resume else 0
+        # Running the demo again continues (or just reports) its run rather than refusing the folder;
+        # --resume's checks still refuse other settings, naming the option.
+        resume = self.resume or (not self.overwrite and RunDir(run).config_path.is_file())
+        if resume and not self.resume:
+            print(f"[demo] continuing the run in {run} (--overwrite to start it again)")
+        step_before = _latest_step(run) if resume else 0
         t = time.perf_counter()
-        summary = train_stage1(self.stage1, tile_dir, run, resume=self.resume, overwrite=self.overwrite)
+        summary = train_stage1(self.stage1, tile_dir, run, resume=resume, overwrite=self.overwrite)
         stage1_s = time.perf_counter() - t
         s = summary["stage1"]
         step_after = _latest_step(run)
