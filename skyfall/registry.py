@@ -66,6 +66,11 @@ REFINERS.register(
     "sdedit", "skyfall.priors.refine:build_sdedit", "SDEdit on FLUX.1-dev (the paper's ablation)"
 )
 REFINERS.register(
+    "top2ground",
+    "skyfall.priors.refine:build_top2ground",
+    "FlowEdit on FLUX.1-Depth-dev conditioned on rendered geometry and FLUX.1 Redux tokens of the satellite crop",
+)
+REFINERS.register(
     "identity", "skyfall.priors.refine:build_identity", "returns the render unchanged (no refine)"
 )
 REFINERS.register(

@@ -466,3 +466,12 @@ def test_stage1_evaluation_shows_progress(tiny_tile: Path, tmp_path: Path, tiny_
     err = capsys.readouterr().err
     for bar in ("stage1", "eval held-out views", "DSM (median depth)"):
         assert f"{bar}:" in err, bar
+
+
+def test_resume_accepts_a_config_field_newer_than_the_run():
+    from skyfall.config.resume import config_differences
+
+    saved = {"seed": 0, "flowedit": {"n_max": 10}}
+    given = {"seed": 0, "flowedit": {"n_max": 10}, "top2ground": {"geometry": "height"}}
+    assert config_differences("stage2", saved, given) == []
+    assert config_differences("stage2", saved, {**given, "seed": 1}) == ["seed"]

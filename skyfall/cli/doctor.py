@@ -20,6 +20,28 @@ _MODELS: list[tuple[str, str, tuple[str, ...], str]] = [
         "Stage 2 cannot refine renders with FLUX (use --stage2.refiner identity, or 'ideal' on synthetic tiles)",
     ),  # fmt: skip
     (
+        "black-forest-labs/FLUX.1-Depth-dev",
+        "Stage 2 top2ground refiner (geometry-conditioned FLUX)",
+        (
+            "transformer/config.json",
+            "vae/config.json",
+            "scheduler/scheduler_config.json",
+            "text_encoder/config.json",
+            "text_encoder_2/config.json",
+            "tokenizer_2/",
+        ),
+        "the Stage 2 'top2ground' refiner is unavailable (flowedit/sdedit on FLUX.1-dev are not affected; "
+        "--stage2.top2ground.geometry none with --stage2.top2ground.model-id black-forest-labs/FLUX.1-dev "
+        "runs it without geometry)",
+    ),  # fmt: skip
+    (
+        "black-forest-labs/FLUX.1-Redux-dev",
+        "Stage 2 top2ground refiner (satellite semantics, FLUX.1 Redux)",
+        ("image_encoder/config.json", "image_embedder/config.json", "feature_extractor/"),
+        "the Stage 2 'top2ground' refiner is unavailable with semantics on (--stage2.top2ground.no-semantics "
+        "runs it without)",
+    ),  # fmt: skip
+    (
         "Ruicheng/moge-vitl",
         "MoGe v1 depth prior (the reference's)",
         ("model.pt",),

@@ -9,7 +9,7 @@ No torch import anywhere in this package, so that ``skyfall --help`` stays insta
 """
 
 from skyfall.config.presets import TrainingConfig, from_dict, load_config, merge, preset_names, to_dict
-from skyfall.config.priors import DepthModelConfig, FlowEditConfig, FluxConfig, SDEditConfig
+from skyfall.config.priors import DepthModelConfig, FlowEditConfig, FluxConfig, SDEditConfig, Top2GroundConfig
 from skyfall.config.training import (
     CURRICULA,
     AppearanceConfig,
@@ -28,6 +28,7 @@ __all__ = [
     "DepthModelConfig",
     "FlowEditConfig",
     "FluxConfig",
+    "Top2GroundConfig",
     "OptimConfig",
     "PseudoDepthConfig",
     "SDEditConfig",

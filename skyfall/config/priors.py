@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
+FLUX_DEPTH_DEV = "black-forest-labs/FLUX.1-Depth-dev"
+FLUX_REDUX_DEV = "black-forest-labs/FLUX.1-Redux-dev"
 MOGE_V1 = "Ruicheng/moge-vitl"
 MOGE_V2 = "Ruicheng/moge-2-vitl"
 DEPTH_ANYTHING_METRIC_OUTDOOR = "depth-anything/Depth-Anything-V2-Metric-Outdoor-Large-hf"
@@ -101,6 +103,33 @@ class SDEditConfig(FluxConfig):
     """Prompt describing the desired refined image."""
     seed: int = 0
     """Base seed used when refine() gets no per-image seeds (image k of the run gets seed + k)."""
+
+
+@dataclass
+class Top2GroundConfig(FlowEditConfig):
+    """Top2Ground-style refiner (Lee & Benes 2025): FlowEdit from the render on FLUX.1-Depth-dev, conditioned
+    on the render's geometry (a control image) and on the satellite crop of its target (FLUX.1 Redux tokens)."""
+
+    model_id: str = FLUX_DEPTH_DEV
+    """Hugging Face Hub id or local directory of a FLUX control pipeline (diffusers FluxControlPipeline
+    layout: the transformer also takes the control image's latents). With geometry 'none' a plain FLUX
+    pipeline (FLUX.1-dev) works too."""
+    geometry: Literal["depth", "height", "none"] = "height"
+    """Geometry condition: the rendered 'depth' (as disparity, near = bright) or the rendered surface's
+    'height' above the ground (high = bright), each normalised per image to [0, 1] into the control image;
+    'none': a black control image (what a map without variation also gives), or no control input with a
+    plain FLUX model."""
+    semantics: bool = True
+    """Semantic condition: append FLUX.1 Redux tokens of the satellite crop that sees the view's look-at
+    target to the target prompt."""
+    redux_model_id: str = FLUX_REDUX_DEV
+    """Hugging Face Hub id or local directory of FLUX.1 Redux (diffusers FluxPriorReduxPipeline layout);
+    loaded only when semantics is on."""
+    redux_revision: str | None = None
+    """Hub revision of redux_model_id; None = main."""
+    redux_weight: float = 1.0
+    """Scale of the Redux image tokens appended to the target prompt (text tokens unscaled); 0 = no tokens,
+    as semantics off."""
 
 
 @dataclass

@@ -60,10 +60,14 @@ def config_differences(section: str, saved: dict[str, Any], given: dict[str, Any
     """Dotted fields of ``section`` whose values differ and may not change on resume."""
     a, b = flatten(saved), flatten(given)
     safe = SAFE_TO_CHANGE.get(section, frozenset())
+    # A field the saved config lacks is newer than the run: it did not exist when the run started.
     return [
         key
         for key in sorted(set(a) | set(b))
-        if key not in safe and key.rsplit(".", 1)[-1] not in SAFE_LEAVES and not _same(a.get(key), b.get(key))
+        if key in a
+        and key not in safe
+        and key.rsplit(".", 1)[-1] not in SAFE_LEAVES
+        and not _same(a.get(key), b.get(key))
     ]
 
 

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from skyfall.config.priors import DepthModelConfig, FlowEditConfig, SDEditConfig
+from skyfall.config.priors import DepthModelConfig, FlowEditConfig, SDEditConfig, Top2GroundConfig
 from skyfall.gaussians.optim import OptimConfig
 from skyfall.registry import DEPTH_ESTIMATORS, REFINERS
 
@@ -295,14 +295,19 @@ class Stage2Config:
     reference config, in which case no depth is predicted for them)."""
     refiner: RefinerName = "flowedit"
     """Image refiner, by registered name (skyfall.registry.REFINERS): 'flowedit' on FLUX.1-dev (the
-    paper's), 'sdedit' (its ablation), 'ideal' (synthetic tiles only: the ground-truth render of the
-    pose, a measuring instrument, not a method), 'identity' (no refine)."""
+    paper's), 'sdedit' (its ablation), 'top2ground' (FlowEdit on FLUX.1-Depth-dev conditioned on the
+    view's rendered height map and, through FLUX.1 Redux, on the satellite crop around its look-at
+    target), 'ideal' (synthetic tiles only: the ground-truth render of the pose, a measuring
+    instrument, not a method), 'identity' (no refine)."""
     ideal_noise: float = 0.0
     """IdealRefiner only: std of per-sample colour perturbation, mimicking diffusion variance."""
     flowedit: FlowEditConfig = field(default_factory=FlowEditConfig)
     """FlowEdit on FLUX.1-dev: model, memory mode, schedule and prompts (refiner 'flowedit')."""
     sdedit: SDEditConfig = field(default_factory=SDEditConfig)
     """SDEdit on FLUX.1-dev (refiner 'sdedit', the paper's ablation)."""
+    top2ground: Top2GroundConfig = field(default_factory=Top2GroundConfig)
+    """FlowEdit on FLUX.1-Depth-dev conditioned on the render's geometry and the satellite crop's Redux
+    tokens (refiner 'top2ground')."""
     pseudo_weight: float = 0.5
     """Pseudo-camera depth weight in Stage 2 (JAX 0.5, NYC 0)."""
     pseudo_elevation_start: float = 85.0
@@ -324,8 +329,8 @@ class Stage2Config:
         """One ConfigError naming the option (CLI spelling) for a value no run could use; cheap (no
         model is loaded), so that it runs before Stage 1 or any Stage 2 work starts.
 
-        Only the selected refiner's section (--stage2.flowedit / --stage2.sdedit) is checked: the
-        other one is not used, and its device may well name a GPU this machine lacks.
+        Only the selected refiner's section (--stage2.flowedit / --stage2.sdedit / --stage2.top2ground)
+        is checked: the others are not used, and their devices may well name a GPU this machine lacks.
         """
         from skyfall.errors import ConfigError
 
@@ -335,7 +340,7 @@ class Stage2Config:
                 v = getattr(v, part)
             return v
 
-        section = self.refiner if self.refiner in ("flowedit", "sdedit") else None
+        section = self.refiner if self.refiner in ("flowedit", "sdedit", "top2ground") else None
         rules = tuple(
             r
             for r in _STAGE2_RULES
@@ -365,7 +370,8 @@ class Stage2Config:
             self._check_flux(section)
 
     def _check_flux(self, section: str) -> None:
-        """The FLUX refiner's schedule (what FlowEditRefiner / SDEditRefiner refuse) and its device."""
+        """The FLUX refiner's schedule (what FlowEditRefiner / SDEditRefiner / Top2GroundRefiner refuse)
+        and its device."""
         from skyfall.errors import ConfigError
 
         cfg = getattr(self, section)
@@ -375,7 +381,7 @@ class Stage2Config:
                 f"--stage2.render-size must be a multiple of 16 for the {section} refiner (FLUX latents), "
                 f"got {self.render_size}"
             )
-        if section == "flowedit":
+        if section in ("flowedit", "top2ground"):
             if not 0 <= cfg.n_min <= cfg.n_max <= cfg.T_steps:
                 raise ConfigError(
                     f"{flag}.n-min, {flag}.n-max: need 0 <= n-min ({cfg.n_min}) <= n-max ({cfg.n_max}) "
@@ -386,6 +392,8 @@ class Stage2Config:
                     f"{flag}.n-max-end must be -1 or in [n-min, T-steps] = [{cfg.n_min}, {cfg.T_steps}], "
                     f"got {cfg.n_max_end}"
                 )
+            if section == "top2ground" and cfg.geometry not in ("depth", "height", "none"):
+                raise ConfigError(f"{flag}.geometry must be depth, height or none, got {cfg.geometry!r}")
         elif not 0 <= cfg.n_steps <= cfg.T_steps:
             raise ConfigError(
                 f"{flag}.n-steps must be in [0, T-steps] = [0, {cfg.T_steps}], got {cfg.n_steps}"
@@ -483,7 +491,7 @@ _STAGE1_RULES: tuple[tuple[str, str, str], ...] = (
 
 
 # (dotted field, rule, what the rule says) for Stage2Config.check. Fields that may be None (None: a
-# default) are checked only when set; flowedit.* / sdedit.* only for the selected refiner.
+# default) are checked only when set; flowedit.* / sdedit.* / top2ground.* only for the selected refiner.
 _STAGE2_RULES: tuple[tuple[str, str, str], ...] = (
     ("grid_size", "pos", "a positive number of look-at targets per side"),
     ("grid_width", "pos", "a positive width (reference scale)"),
@@ -519,6 +527,14 @@ _STAGE2_RULES: tuple[tuple[str, str, str], ...] = (
     ("sdedit.batch_size", "pos", "at least 1"),
     ("sdedit.max_sequence_length", "pos", "a positive number of tokens"),
     ("sdedit.seed", "nonneg", ">= 0"),
+    ("top2ground.T_steps", "pos", "a positive number of steps"),
+    ("top2ground.n_avg", "pos", "at least 1"),
+    ("top2ground.src_guidance", "nonneg", ">= 0"),
+    ("top2ground.tar_guidance", "nonneg", ">= 0"),
+    ("top2ground.batch_size", "pos", "at least 1"),
+    ("top2ground.max_sequence_length", "pos", "a positive number of tokens"),
+    ("top2ground.seed", "nonneg", ">= 0"),
+    ("top2ground.redux_weight", "nonneg", ">= 0 (0: no Redux tokens)"),
 )
 
 

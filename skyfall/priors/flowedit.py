@@ -10,7 +10,11 @@ vae_scale_factor / 2``, right only for diffusers <= 0.31). Here the ids come fro
 Conventions (as in FlowEdit's ``FlowEdit_utils.py:FlowEditFLUX``): rectified flow ``z_t = (1 - t) x0 + t eps``; the transformer
 predicts ``v ~ eps - x0``; an Euler step from t_i to t_{i+1} < t_i is ``z <- z + (t_{i+1} - t_i) v``.
 Cost per image: ``2 n_avg (n_max - n_min) + n_min`` transformer rows, run as
-``n_avg (n_max - n_min) + n_min`` calls because the source and target rows share one batch.
+``n_avg (n_max - n_min) + n_min`` calls because the source and target rows share one batch (twice as
+many ODE-phase calls when the two prompt embeddings differ in length, e.g. with image tokens).
+
+FLUX control models (FLUX.1-Depth-dev; diffusers' ``FluxControlPipeline``) take the packed latents of a
+control image concatenated channel-wise to the packed noisy latents; ``control=`` passes them.
 """
 
 from __future__ import annotations
@@ -91,9 +95,10 @@ def shifted_sigmas(T: int, image_seq_len: int, scheduler_config: dict | None = N
     return torch.cat([torch.from_numpy(s).to(torch.float32), torch.zeros(1)])
 
 
-def num_transformer_calls(n_max: int, n_min: int, n_avg: int = 1) -> int:
-    """Transformer calls of one :func:`flowedit_latents` run (source and target share a call)."""
-    return n_avg * max(n_max - n_min, 0) + min(n_min, n_max)
+def num_transformer_calls(n_max: int, n_min: int, n_avg: int = 1, shared: bool = True) -> int:
+    """Transformer calls of one :func:`flowedit_latents` run; ``shared``: source and target share a call
+    (their prompt embeddings have the same length)."""
+    return (1 if shared else 2) * n_avg * max(n_max - n_min, 0) + min(n_min, n_max)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -109,25 +114,41 @@ def _noise(generators: Sequence[torch.Generator], shape: tuple[int, ...], device
 
 
 class _Velocity:
-    """Calls the transformer on fp32 state, casting inputs to its compute dtype and outputs back to fp32."""
+    """Calls the transformer on fp32 state, casting inputs to its compute dtype and outputs back to fp32.
 
-    def __init__(self, transformer: torch.nn.Module, h: int, w: int, L: int, dtype: torch.dtype, device):  # noqa: ANN001
+    ``control`` (packed control-image latents, one row per state row) is concatenated channel-wise to
+    the state, as ``FluxControlPipeline`` feeds a control transformer.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, h: int, w: int, dtype: torch.dtype, device):  # noqa: ANN001
         self.transformer = transformer
         self.dtype = dtype
+        self.device = device
         self.img_ids = image_ids(h, w, device)
-        self.txt_ids = torch.zeros(L, 3, device=device)
+        self.txt_ids: dict[int, Tensor] = {}
         self.guided = bool(getattr(transformer.config, "guidance_embeds", False))
 
-    def __call__(self, z: Tensor, sigma: float, embeds: Tensor, pooled: Tensor, guidance: Tensor) -> Tensor:
-        n = z.shape[0]
+    def __call__(
+        self,
+        z: Tensor,
+        sigma: float,
+        embeds: Tensor,
+        pooled: Tensor,
+        guidance: Tensor,
+        control: Tensor | None = None,
+    ) -> Tensor:
+        n, L = z.shape[0], embeds.shape[1]
+        if L not in self.txt_ids:
+            self.txt_ids[L] = torch.zeros(L, 3, device=self.device)
+        x = z if control is None else torch.cat([z, control], dim=2)
         out = self.transformer(
-            hidden_states=z.to(self.dtype),
+            hidden_states=x.to(self.dtype),
             timestep=torch.full((n,), sigma, device=z.device, dtype=self.dtype),
             # FLUX.1-dev is guidance-distilled: the scale enters as an embedding, no CFG pass (schnell: None)
             guidance=guidance if self.guided else None,
             pooled_projections=pooled,
             encoder_hidden_states=embeds,
-            txt_ids=self.txt_ids,
+            txt_ids=self.txt_ids[L],
             img_ids=self.img_ids,
             return_dict=False,
         )[0]
@@ -150,6 +171,7 @@ def flowedit_latents(
     tar_guidance: float = 5.5,
     scheduler_config: dict | None = None,
     dtype: torch.dtype | None = None,
+    control: Tensor | None = None,
 ) -> Tensor:
     """Edit normalised latents from the source prompt towards the target prompt.
 
@@ -162,9 +184,9 @@ def flowedit_latents(
     Args:
         transformer: a ``FluxTransformer2DModel`` (or the same call signature and ``config``).
         x_src: [B, 16, h, w] normalised VAE latents (h, w even) on the compute device.
-        src: source prompt embedding (batch 1, broadcast to B).
-        tar: target prompt embedding; its length must equal the source's (both are padded to the
-            same max_sequence_length) because the two velocities run as one batch.
+        src: source prompt embedding (batch 1, broadcast to B; or B, one per image).
+        tar: target prompt embedding (batch 1 or B). When its length equals the source's (both padded
+            to the same max_sequence_length) the two velocities run as one batch, else as two calls.
         generators: B CPU generators, one per image (its seed alone determines its noise).
         T_steps: length of the full schedule.
         n_max: edit strength (0 <= n_min <= n_max <= T_steps).
@@ -174,6 +196,9 @@ def flowedit_latents(
         tar_guidance: distilled guidance of the target velocity.
         scheduler_config: the pipeline's scheduler config (shift parameters); None = FLUX.1-dev's.
         dtype: transformer compute dtype; None = the transformer's parameter dtype.
+        control: [B, 16, h, w] normalised VAE latents of each image's control image, for a FLUX control
+            transformer (twice the packed channels): every call, source and target rows alike, gets them
+            concatenated to its input. None = a plain FLUX transformer.
 
     Returns:
         [B, 16, h, w] edited latents (fp32).
@@ -184,21 +209,32 @@ def flowedit_latents(
         )
     if len(generators) != x_src.shape[0]:
         raise ValueError(f"{len(generators)} generators for {x_src.shape[0]} images")
-    if src.embeds.shape != tar.embeds.shape:
-        raise ValueError("source and target prompt embeddings must have the same length to share a batch")
     b, _, h, w = x_src.shape
+    for what, p in (("source", src), ("target", tar)):
+        if p.embeds.shape[0] not in (1, b) or p.pooled.shape[0] not in (1, b):
+            raise ValueError(f"{what} prompt embedding: batch {p.embeds.shape[0]} for {b} images")
+    if src.embeds.shape[2] != tar.embeds.shape[2]:
+        raise ValueError("source and target prompt embeddings must have the same width")
+    if control is not None and control.shape != x_src.shape:
+        raise ValueError(f"control latents {tuple(control.shape)} for image latents {tuple(x_src.shape)}")
     device = x_src.device
     dtype = dtype or next(transformer.parameters()).dtype
     x0 = pack_latents(x_src.float())
     sigmas = shifted_sigmas(T_steps, x0.shape[1], scheduler_config).tolist()
-    velocity = _Velocity(transformer, h, w, src.embeds.shape[1], dtype, device)
+    velocity = _Velocity(transformer, h, w, dtype, device)
+    cond = None if control is None else pack_latents(control.to(device, torch.float32))
 
-    # rows [src_0 .. src_{B-1}, tar_0 .. tar_{B-1}]: both velocities in one transformer call
     s_, t_ = src.to(device, dtype), tar.to(device, dtype)
-    pair_embeds = torch.cat([s_.embeds.expand(b, -1, -1), t_.embeds.expand(b, -1, -1)])
-    pair_pooled = torch.cat([s_.pooled.expand(b, -1), t_.pooled.expand(b, -1)])
-    pair_guidance = torch.tensor([src_guidance] * b + [tar_guidance] * b, device=device)
+    src_embeds, src_pooled = s_.embeds.expand(b, -1, -1), s_.pooled.expand(b, -1)
+    tar_embeds, tar_pooled = t_.embeds.expand(b, -1, -1), t_.pooled.expand(b, -1)
+    src_guidance_b = torch.full((b,), src_guidance, device=device)
     tar_guidance_b = torch.full((b,), tar_guidance, device=device)
+    shared = src_embeds.shape[1] == tar_embeds.shape[1]
+    if shared:  # rows [src_0 .. src_{B-1}, tar_0 .. tar_{B-1}]: both velocities in one transformer call
+        pair_embeds = torch.cat([src_embeds, tar_embeds])
+        pair_pooled = torch.cat([src_pooled, tar_pooled])
+        pair_guidance = torch.tensor([src_guidance] * b + [tar_guidance] * b, device=device)
+        pair_cond = None if cond is None else torch.cat([cond, cond])
 
     z_edit = x0.clone()
     x_tar = None
@@ -209,13 +245,20 @@ def flowedit_latents(
             for _ in range(n_avg):
                 z_src = (1.0 - s_i) * x0 + s_i * _noise(generators, x0.shape[1:], device)
                 z_tar = z_edit + z_src - x0  # the source's noise offset applied to the edit
-                v = velocity(torch.cat([z_src, z_tar]), s_i, pair_embeds, pair_pooled, pair_guidance)
-                v_delta += (v[b:] - v[:b]) / n_avg
+                if shared:
+                    v = velocity(
+                        torch.cat([z_src, z_tar]), s_i, pair_embeds, pair_pooled, pair_guidance, pair_cond
+                    )
+                    v_src, v_tar = v[:b], v[b:]
+                else:
+                    v_src = velocity(z_src, s_i, src_embeds, src_pooled, src_guidance_b, cond)
+                    v_tar = velocity(z_tar, s_i, tar_embeds, tar_pooled, tar_guidance_b, cond)
+                v_delta += (v_tar - v_src) / n_avg
             z_edit = z_edit + (s_next - s_i) * v_delta
         else:  # tail: plain Euler sampling with the target prompt from the re-noised edit
             if x_tar is None:
                 x_src_t = (1.0 - s_i) * x0 + s_i * _noise(generators, x0.shape[1:], device)
                 x_tar = z_edit + x_src_t - x0
-            v = velocity(x_tar, s_i, t_.embeds.expand(b, -1, -1), t_.pooled.expand(b, -1), tar_guidance_b)
+            v = velocity(x_tar, s_i, tar_embeds, tar_pooled, tar_guidance_b, cond)
             x_tar = x_tar + (s_next - s_i) * v
     return unpack_latents(x_tar if x_tar is not None else z_edit, h, w)

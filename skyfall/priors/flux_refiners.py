@@ -25,6 +25,7 @@ from skyfall.config.priors import FlowEditConfig, SDEditConfig
 from skyfall.errors import ConfigError
 from skyfall.priors.flowedit import flowedit_latents
 from skyfall.priors.flux import FluxModel
+from skyfall.priors.refine import RefineGuidance
 
 
 class _FluxRefiner:
@@ -44,7 +45,14 @@ class _FluxRefiner:
         raise NotImplementedError
 
     @torch.no_grad()
-    def refine(self, images: Tensor, *, seeds: Sequence[int] | None = None, cameras=None) -> Tensor:  # noqa: ANN001
+    def refine(
+        self,
+        images: Tensor,
+        *,
+        seeds: Sequence[int] | None = None,
+        cameras=None,  # noqa: ANN001
+        guidance: RefineGuidance | None = None,
+    ) -> Tensor:
         """Refine images [B, 3, H, W] in [0, 1] (H, W multiples of 16) -> [B, 3, H, W] in [0, 1].
 
         Args:
@@ -52,6 +60,7 @@ class _FluxRefiner:
             seeds: one seed per image; None = consecutive seeds from ``cfg.seed`` on, continuing across
                 calls.
             cameras: unused (pose-free refiner).
+            guidance: unused (unconditioned refiner).
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")

@@ -4,10 +4,16 @@
 One seed per image: Stage 2 draws several samples of the same view with different seeds
 ("multi-sample diffusion"), and a fixed seed must reproduce its sample.
 
+A conditioned refiner also reads a :class:`RefineGuidance` (rendered depth or height, the satellite
+crop of the view's target). It declares what it reads in a ``wants`` attribute (a frozenset, subset of
+``{"depth", "height", "satellite"}``; absent = nothing), so the caller computes only that; the others
+accept ``guidance=`` and ignore it.
+
 Implementations, registered by name in ``skyfall.registry.REFINERS``: ``IdentityRefiner`` (tests),
 the diffusion refiners ``FlowEditRefiner`` / ``SDEditRefiner`` on FLUX.1-dev
-(``skyfall.priors.flux_refiners``; built with options by ``make_refiner``) and the synthetic tile's
-``IdealRefiner`` (a measuring instrument, ``skyfall.synth.oracles``). Stage 2 builds the one its
+(``skyfall.priors.flux_refiners``; built with options by ``make_refiner``), the conditioned
+``Top2GroundRefiner`` on FLUX.1-Depth-dev + Redux (``skyfall.priors.top2ground``) and the synthetic
+tile's ``IdealRefiner`` (a measuring instrument, ``skyfall.synth.oracles``). Stage 2 builds the one its
 config names with ``REFINERS.build(name, stage2_config, tile_dir)``.
 """
 
@@ -15,23 +21,51 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
 
+@dataclass
+class RefineGuidance:
+    """What a conditioned refiner may use besides the render, per image of the batch."""
+
+    depth: Tensor | None = None
+    """[B, H, W] rendered expected depth (metres along the view ray; 0 where nothing was rendered)."""
+    height: Tensor | None = None
+    """[B, H, W] height of the rendered surface above the ground (metres; 0 where nothing)."""
+    satellite: Tensor | None = None
+    """[B, 3, h, w] in [0, 1]: the satellite crop that sees the view's look-at target."""
+
+
 @runtime_checkable
 class ImageRefiner(Protocol):
-    """Refine rendered images; ``cameras`` is only used by pose-aware refiners (the ideal one)."""
+    """Refine rendered images; ``cameras`` is only used by pose-aware refiners (the ideal one),
+    ``guidance`` only by conditioned ones (those with a ``wants`` attribute)."""
 
-    def refine(self, images: Tensor, *, seeds: Sequence[int] | None = None, cameras=None) -> Tensor: ...
+    def refine(
+        self,
+        images: Tensor,
+        *,
+        seeds: Sequence[int] | None = None,
+        cameras=None,  # noqa: ANN001
+        guidance: RefineGuidance | None = None,
+    ) -> Tensor: ...
 
 
 class IdentityRefiner:
     """Returns its input unchanged (tests and the 'no refine' ablation)."""
 
-    def refine(self, images: Tensor, *, seeds: Sequence[int] | None = None, cameras=None) -> Tensor:
+    def refine(
+        self,
+        images: Tensor,
+        *,
+        seeds: Sequence[int] | None = None,
+        cameras=None,  # noqa: ANN001
+        guidance: RefineGuidance | None = None,
+    ) -> Tensor:
         return images.clone()
 
 
@@ -39,11 +73,13 @@ def make_refiner(name: str, *, tile_dir: str | Path | None = None, **options: An
     """Build a registered refiner (``skyfall.registry.REFINERS``) by name, with options.
 
     Args:
-        name: 'flowedit' (the paper's), 'sdedit' (its ablation), 'identity', 'ideal' (synthetic tiles;
-            needs ``tile_dir``) or any other registered name.
+        name: 'flowedit' (the paper's), 'sdedit' (its ablation), 'top2ground' (geometry + satellite
+            conditioned), 'identity', 'ideal' (synthetic tiles; needs ``tile_dir``) or any other
+            registered name.
         tile_dir: the tile folder (pose-aware oracles).
-        **options: for refiners with an options section in ``Stage2Config`` (``flowedit``, ``sdedit``):
-            ``config=`` a :class:`skyfall.config.priors.FlowEditConfig` / ``SDEditConfig``, ``model=``
+        **options: for refiners with an options section in ``Stage2Config`` (``flowedit``, ``sdedit``,
+            ``top2ground``): ``config=`` a :class:`skyfall.config.priors.FlowEditConfig` /
+            ``SDEditConfig`` / ``Top2GroundConfig``, ``model=``
             an already loaded :class:`skyfall.priors.flux.FluxModel` (kept across Stage 2 episodes),
             and/or any config field as a keyword (``n_max_end=-1``, ``memory_mode="cpu-offload"``,
             ``local_files_only=True``, ...), which overrides the config's value.
@@ -93,6 +129,14 @@ def build_sdedit(config: Any, tile_dir: Any = None, *, model: Any = None) -> Ima
     from skyfall.priors.flux_refiners import SDEditRefiner
 
     return SDEditRefiner(config.sdedit, model=model)
+
+
+def build_top2ground(config: Any, tile_dir: Any = None, *, model: Any = None) -> ImageRefiner:
+    """Registry factory of ``top2ground`` (options from ``config.top2ground``; ``model``: a loaded FLUX
+    control model holding its prompts)."""
+    from skyfall.priors.top2ground import Top2GroundRefiner
+
+    return Top2GroundRefiner(config.top2ground, model=model)
 
 
 def build_identity(config: Any = None, tile_dir: Any = None) -> ImageRefiner:

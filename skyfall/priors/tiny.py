@@ -2,7 +2,9 @@
 
 They keep the structural facts the code depends on (FLUX: 16 latent channels, VAE scale factor 8,
 64-wide packed tokens, guidance embedding, CLIP pooled + T5 sequence conditioning, the FLUX.1-dev
-scheduler config; Depth Anything: a DINOv2 backbone with a metric head) and shrink only the widths,
+scheduler config; FLUX.1-Depth-dev: a transformer taking 128 channels, the packed control latents
+after the noisy ones; FLUX.1 Redux: SigLIP patch tokens projected to the T5 width; Depth Anything: a
+DINOv2 backbone with a metric head) and shrink only the widths,
 so tests and ``scripts/bench_flowedit.py --tiny`` run the same code paths as real weights in
 milliseconds on a CPU. Nothing is downloaded: the tokenizers are built from in-memory vocabularies
 (transformers >= 5).
@@ -10,6 +12,7 @@ milliseconds on a CPU. Nothing is downloaded: the tokenizers are built from in-m
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 
@@ -39,6 +42,10 @@ FLUX_DEV_TRANSFORMER = dict(
     guidance_embeds=True,
     axes_dims_rope=(16, 56, 56),
 )
+
+# Where FLUX.1-Depth-dev's transformer config differs from FLUX.1-dev's: the packed control latents
+# (64 channels) are concatenated to the packed noisy latents (64); the output stays a 64-wide velocity.
+FLUX_DEPTH_DEV_CHANNELS = dict(in_channels=128, out_channels=64)
 
 # FLUX.1-dev VAE config (public model config).
 FLUX_DEV_VAE = dict(
@@ -83,11 +90,13 @@ def _t5_tokenizer():  # noqa: ANN202
     return T5TokenizerFast(vocab=pieces, extra_ids=n_sentinels, model_max_length=512)
 
 
-def tiny_flux_components(seed: int = 0, guidance_embeds: bool = True) -> dict:
+def tiny_flux_components(seed: int = 0, guidance_embeds: bool = True, control: bool = False) -> dict:
     """Keyword arguments for ``diffusers.FluxPipeline`` with tiny random modules (eval mode, no grad).
 
     Widths: transformer 1 double + 1 single block, 2 heads of 16; VAE channels (8, 8, 16, 16);
     CLIP 2 layers x 32; T5 2 layers x 32. The real VAE shift/scale and scheduler config are kept.
+    ``control``: the transformer of a FLUX control model (FLUX.1-Depth-dev: 128 input channels, 64
+    output), with the same text encoders and VAE as the plain one of that seed.
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -113,11 +122,12 @@ def tiny_flux_components(seed: int = 0, guidance_embeds: bool = True) -> dict:
         )  # fmt: skip
         vae_cfg = dict(FLUX_DEV_VAE, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
         vae = AutoencoderKL(**vae_cfg)
+        channels = FLUX_DEPTH_DEV_CHANNELS if control else {}
         transformer = FluxTransformer2DModel(
             **dict(
                 FLUX_DEV_TRANSFORMER, num_layers=1, num_single_layers=1, attention_head_dim=16,
                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8),
+                guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8), **channels,
             )
         )  # fmt: skip
     scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
@@ -136,6 +146,59 @@ def save_tiny_flux(path: str | Path, seed: int = 0, guidance_embeds: bool = True
 
     path = Path(path)
     FluxPipeline(**tiny_flux_components(seed, guidance_embeds)).save_pretrained(path)
+    return path
+
+
+def save_tiny_flux_control(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny FLUX control pipeline folder (the layout of ``black-forest-labs/FLUX.1-Depth-dev``)."""
+    from diffusers import FluxControlPipeline
+
+    parts = tiny_flux_components(seed, control=True)
+    del parts["image_encoder"], parts["feature_extractor"]  # not components of FluxControlPipeline
+    path = Path(path)
+    FluxControlPipeline(**parts).save_pretrained(path)
+    return path
+
+
+def tiny_redux_components(seed: int = 0, txt_dim: int = 32) -> dict:
+    """Keyword arguments for ``diffusers.FluxPriorReduxPipeline`` with tiny random modules.
+
+    SigLIP vision tower 2 layers x 16 on 32x32 images in 8x8 patches (16 tokens; the real one: 729 tokens
+    of 1152 from 384x384 in 14x14 patches), its image processor (real normalisation and resampling) and
+    a ``ReduxImageEncoder`` from the SigLIP width to ``txt_dim`` (the tiny T5 width, as the real one maps
+    to T5-XXL's 4096).
+    """
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        siglip = SiglipVisionModel(
+            SiglipVisionConfig(
+                hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                image_size=32, patch_size=8,
+            )
+        )  # fmt: skip
+        embedder = ReduxImageEncoder(redux_dim=16, txt_in_features=txt_dim)
+    for m in (siglip, embedder):
+        m.eval().requires_grad_(False)
+    processor = SiglipImageProcessor(
+        size={"height": 32, "width": 32}, resample=3, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    return dict(image_encoder=siglip, feature_extractor=processor, image_embedder=embedder)
+
+
+def save_tiny_redux(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny FLUX.1 Redux folder (the layout of ``black-forest-labs/FLUX.1-Redux-dev``) to ``path``."""
+    from diffusers import FluxPriorReduxPipeline
+
+    path = Path(path)
+    FluxPriorReduxPipeline(**tiny_redux_components(seed)).save_pretrained(path)
+    # without torchvision transformers builds (and records) the PIL-backend class; name the class the real
+    # repo names, so loading resolves the processor the same way for both
+    index = json.loads((path / "model_index.json").read_text())
+    index["feature_extractor"] = ["transformers", "SiglipImageProcessor"]
+    (path / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return path
 
 

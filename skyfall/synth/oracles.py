@@ -18,6 +18,7 @@ from torch import Tensor
 from skyfall.data.cameras import Cameras
 from skyfall.errors import ConfigError
 from skyfall.priors.depth import DepthPrediction
+from skyfall.priors.refine import RefineGuidance
 from skyfall.synth.city import SyntheticCity
 
 _ALTERNATIVES = {
@@ -68,8 +69,14 @@ class IdealRefiner:
         self.supersample = supersample
 
     def refine(
-        self, images: Tensor, *, seeds: Sequence[int] | None = None, cameras: Cameras | None = None
+        self,
+        images: Tensor,
+        *,
+        seeds: Sequence[int] | None = None,
+        cameras: Cameras | None = None,
+        guidance: RefineGuidance | None = None,
     ) -> Tensor:
+        """The ground-truth render of each camera (``images`` gives only the device; ``guidance`` is unused)."""
         if cameras is None:
             raise ValueError("IdealRefiner needs the camera of every image")
         out = self.city.render(cameras, date=None, supersample=self.supersample)

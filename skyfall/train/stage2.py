@@ -30,11 +30,12 @@ from skyfall.config.presets import from_dict, to_dict
 from skyfall.config.resume import check_resume
 from skyfall.config.training import Stage1Config, Stage2Config, parse_curriculum
 from skyfall.data.cameras import Cameras, intrinsics_from_fov, look_at
+from skyfall.data.guidance import best_satellite_view, ground_level, height_map, satellite_crop
 from skyfall.data.orbits import orbit_eye
 from skyfall.errors import ConfigError, SkyfallError
 from skyfall.eval.heldout import gt_orbit_psnr, read_image
 from skyfall.priors.depth import DepthEstimator
-from skyfall.priors.refine import ImageRefiner
+from skyfall.priors.refine import ImageRefiner, RefineGuidance
 from skyfall.registry import REFINERS
 from skyfall.scene import parse_embedding
 from skyfall.storage.atomic import atomic_write
@@ -87,29 +88,35 @@ def resolve_scale(cfg: Stage2Config, points: Tensor) -> float:
     return value
 
 
+def idu_targets(cfg: Stage2Config, scale: float) -> Tensor:
+    """[G*G, 3] look-at targets on z = 0 at ``-W/2 + k W/(G+1)``, k = 1..G in x (outer) and y (as the
+    reference)."""
+    g, width = cfg.grid_size, cfg.grid_width * scale
+    ticks = [-width / 2 + k * width / (g + 1) for k in range(1, g + 1)]
+    return torch.tensor([[x, y, 0.0] for x in ticks for y in ticks], dtype=torch.float64)
+
+
 def idu_cameras(ep: Episode, cfg: Stage2Config, scale: float) -> tuple[Cameras, list[int]]:
     """Orbit cameras of an episode and, per camera, its view index (samples repeat each view).
 
-    Targets on z = 0 at ``-W/2 + k W/(G+1)``, k = 1..G in x and y (as the reference); N_v azimuths
-    ``2 pi i / N_v`` around each; every pose repeated ``samples_per_view`` times.
+    Around each target of `idu_targets`, N_v azimuths ``2 pi i / N_v`` (view index = target index *
+    N_v + azimuth index); every pose repeated ``samples_per_view`` times.
     """
-    g, width = cfg.grid_size, cfg.grid_width * scale
-    ticks = [-width / 2 + k * width / (g + 1) for k in range(1, g + 1)]
+    az = torch.tensor([2 * math.pi * i / cfg.n_azimuths for i in range(cfg.n_azimuths)], dtype=torch.float64)
     c2ws = []
-    for x in ticks:
-        for y in ticks:
-            target = torch.tensor([x, y, 0.0], dtype=torch.float64)
-            az = torch.tensor(
-                [2 * math.pi * i / cfg.n_azimuths for i in range(cfg.n_azimuths)], dtype=torch.float64
-            )
-            eye = orbit_eye(target, ep.radius, ep.elevation, az)
-            c2ws.append(look_at(eye, target.expand_as(eye)))
+    for target in idu_targets(cfg, scale):
+        eye = orbit_eye(target, ep.radius, ep.elevation, az)
+        c2ws.append(look_at(eye, target.expand_as(eye)))
     views = torch.cat(c2ws)
     reps = cfg.samples_per_view
     c2w = views.repeat_interleave(reps, dim=0)
     view_index = [i for i in range(len(views)) for _ in range(reps)]
     k = intrinsics_from_fov(ep.fov, cfg.render_size, cfg.render_size)
     return Cameras(c2w, k, cfg.render_size, cfg.render_size), view_index
+
+
+SATELLITE_CROP_PX = 384
+"""Side of the satellite crop a refiner gets (SigLIP's input size in FLUX.1 Redux)."""
 
 
 def sample_seed(run_seed: int, episode: int, index: int) -> int:
@@ -312,13 +319,59 @@ class IterativeDatasetUpdate:
         rdir = ed / "refine"
         rdir.mkdir(parents=True, exist_ok=True)
         refiner = self.refiner()
+        wants = frozenset(getattr(refiner, "wants", ()))
         todo = [i for i in range(len(cams)) if not (rdir / f"{i:05d}.png").exists()]
         device = self.trainer.device
         for i in tqdm(todo, desc=f"{ep.name} refine", disable=not self.progress, dynamic_ncols=True):
             render = read_image(ed / "render" / f"{view_index[i]:05d}.png", device)[None]
             seed = sample_seed(self.cfg.seed, ep.index, i)
-            refined = refiner.refine(render, seeds=[seed], cameras=cams[i])
+            if wants:
+                guidance = self.guidance(cams[i], view_index[i], wants)
+                refined = refiner.refine(render, seeds=[seed], cameras=cams[i], guidance=guidance)
+            else:
+                refined = refiner.refine(render, seeds=[seed], cameras=cams[i])
             _write_png_atomic(rdir / f"{i:05d}.png", _to_uint8(refined[0]))
+
+    @torch.no_grad()
+    def guidance(self, camera: Cameras, view: int, wants: frozenset[str]) -> RefineGuidance:
+        """What a conditioned refiner asks for (``refiner.wants``) about one orbit view.
+
+        depth: the scene's expected z-depth at this pose (0 where alpha < 0.5); height: that surface's
+        height above the tile's ground (`skyfall.data.guidance.height_map`); satellite: the crop of the
+        training view that sees the view's look-at target most steeply, one look-at grid spacing wide
+        (the ground the orbit views around that target show), ``SATELLITE_CROP_PX`` square (black when
+        no training view sees the target). Recomputed from the scene, which does not change during the
+        refinement phase, so a resumed refinement gets the same guidance.
+        """
+        tr = self.trainer
+        g = RefineGuidance()
+        if wants & {"depth", "height"}:
+            scene = tr.scene
+            out = scene.render(
+                camera, scene.novel_embedding(self.cfg.appearance.test_embedding), absgrad=False
+            )
+            depth = torch.where(
+                out.alphas[0, ..., 0] >= 0.5,
+                out.expected_depths[0, ..., 0],
+                torch.zeros_like(out.alphas[0, ..., 0]),
+            )
+            if "depth" in wants:
+                g.depth = depth[None]
+            if "height" in wants:
+                ground = ground_level(tr.tile.points)
+                g.height = height_map(depth, camera, ground)[None].to(depth.device)
+        if "satellite" in wants:
+            targets = idu_targets(self.cfg2, self.scale)
+            target = targets[view // self.cfg2.n_azimuths]
+            n = best_satellite_view(tr.cameras, target, tr.masks.cpu())
+            size = SATELLITE_CROP_PX
+            if n is None:
+                crop = torch.zeros(3, size, size, device=tr.device)
+            else:
+                side = self.cfg2.grid_width * self.scale / (self.cfg2.grid_size + 1)
+                crop = satellite_crop(tr.images[n], tr.cameras[n], target, side, size)
+            g.satellite = crop[None]
+        return g
 
     def _load_refined(self, ep: Episode, cams: Cameras) -> None:
         rdir = self.episode_dir(ep) / "refine"
