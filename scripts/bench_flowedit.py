@@ -1,4 +1,4 @@
-"""Time one FlowEdit refinement and one depth prediction with *random* full-size weights (no download).
+"""Time one FlowEdit (or top2ground) refinement and one depth prediction with *random* full-size weights.
 
 The FLUX.1-dev transformer (11.9 B parameters) is built on the meta device and materialised with
 ``to_empty`` plus a cheap random init, so timings and peak memory are those of the real shapes
@@ -11,8 +11,12 @@ Prints one JSON line per measurement with the keys what, mode, device, size, sec
 
     # GPU (full size, paper settings: T=28, n_min=4, n_max=10 -> 16 transformer rows in 10 calls)
     python scripts/bench_flowedit.py --random-weights
+    # the top2ground refiner: FLUX.1-Depth-dev (128 input channels) + FLUX.1 Redux (SigLIP so400m,
+    # 729 image tokens appended to the target prompt), height-map control
+    python scripts/bench_flowedit.py --random-weights --refiner top2ground --no-depth
     # CPU smoke versions
     python scripts/bench_flowedit.py --random-weights --tiny --size 64
+    python scripts/bench_flowedit.py --random-weights --tiny --size 64 --refiner top2ground --modes gpu
     python scripts/bench_flowedit.py --random-weights --size 64 --layers 1 --seq-len 64 --modes gpu
 """
 
@@ -67,9 +71,14 @@ def build_transformer(args: argparse.Namespace, home: torch.device, dtype: torch
 
     from skyfall.priors.tiny import FLUX_DEV_TRANSFORMER, tiny_flux_components
 
+    control = args.refiner == "top2ground"
     if args.tiny:
-        return tiny_flux_components()["transformer"].to(home, dtype)
+        return tiny_flux_components(control=control)["transformer"].to(home, dtype)
     cfg = dict(FLUX_DEV_TRANSFORMER)
+    if control:
+        from skyfall.priors.tiny import FLUX_DEPTH_DEV_CHANNELS
+
+        cfg.update(FLUX_DEPTH_DEV_CHANNELS)
     if args.layers is not None:
         cfg.update(num_layers=args.layers, num_single_layers=2 * args.layers)
     with init_empty_weights():  # no memory, no init cost: parameters on the meta device
@@ -88,6 +97,33 @@ def build_vae(args: argparse.Namespace, dtype: torch.dtype) -> torch.nn.Module:
         return tiny_flux_components()["vae"].to(dtype)
     torch.manual_seed(0)
     return AutoencoderKL(**FLUX_DEV_VAE).to(dtype).eval().requires_grad_(False)
+
+
+def build_redux(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, memory_mode: str):  # noqa: ANN201
+    """A ``ReduxEncoder`` with FLUX.1-Redux-dev's shapes (SigLIP so400m at 384 px -> 729 tokens of 4096)."""
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    from skyfall.priors.tiny import tiny_redux_components
+    from skyfall.priors.top2ground import ReduxEncoder
+
+    if args.tiny:
+        parts = tiny_redux_components()
+        siglip, processor, embedder = (
+            parts["image_encoder"],
+            parts["feature_extractor"],
+            parts["image_embedder"],
+        )
+    else:
+        torch.manual_seed(0)
+        siglip = SiglipVisionModel(SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                                      num_attention_heads=16, image_size=384, patch_size=14))  # fmt: skip
+        embedder = ReduxImageEncoder(redux_dim=1152, txt_in_features=4096)
+        processor = SiglipImageProcessor(size={"height": 384, "width": 384}, resample=3,
+                                         image_mean=[0.5] * 3, image_std=[0.5] * 3)  # fmt: skip
+    for m in (siglip, embedder):
+        m.to(dtype).eval().requires_grad_(False)
+    return ReduxEncoder(siglip, processor, embedder, device=device, dtype=dtype, memory_mode=memory_mode)
 
 
 def quantise_fp8(transformer: torch.nn.Module) -> str | None:
@@ -114,7 +150,11 @@ def bench_flowedit(args: argparse.Namespace, mode: str, device: torch.device) ->
 
     dtype = torch_dtype(args.dtype if device.type == "cuda" or args.dtype != "float16" else "float32")
     row = dict(
-        what="flowedit", mode=mode, device=str(device), size=args.size, dtype=str(dtype).replace("torch.", "")
+        what=args.refiner,
+        mode=mode,
+        device=str(device),
+        size=args.size,
+        dtype=str(dtype).replace("torch.", ""),
     )
     if mode == "nf4":
         row.update(seconds=None, peak_mem_mb=None, skipped="bitsandbytes quantises at from_pretrained time; "
@@ -146,21 +186,34 @@ def bench_flowedit(args: argparse.Namespace, mode: str, device: torch.device) ->
     model = FluxModel(
         transformer, vae, FLUX_DEV_SCHEDULER, prompts, device=device, dtype=dtype, memory_mode=memory_mode
     )
-    refiner = FlowEditRefiner(cfg, model=model)
     image = torch.rand(1, 3, args.size, args.size, generator=g).to(device)
+    kwargs: dict = {}
+    if args.refiner == "top2ground":
+        from skyfall.config.priors import Top2GroundConfig
+        from skyfall.priors.refine import RefineGuidance
+        from skyfall.priors.top2ground import Top2GroundRefiner
+
+        t2g = Top2GroundConfig(**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__})
+        refiner = Top2GroundRefiner(t2g, model=model, redux=build_redux(args, device, dtype, memory_mode))
+        height = torch.rand(1, args.size, args.size, generator=g).to(device) * 30
+        kwargs["guidance"] = RefineGuidance(height=height, satellite=torch.rand(1, 3, 384, 384, generator=g))
+    else:
+        refiner = FlowEditRefiner(cfg, model=model)
     for _ in range(args.warmup):
-        refiner.refine(image, seeds=[0])
+        refiner.refine(image, seeds=[0], **kwargs)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    out = refiner.refine(image, seeds=[1])
+    out = refiner.refine(image, seeds=[1], **kwargs)
     _sync(device)
     row.update(
         seconds=round(time.perf_counter() - t0, 4),
         peak_mem_mb=round(_peak_mb(device), 1),
         params_m=round(sum(p.numel() for p in transformer.parameters()) / 1e6, 2),
-        transformer_calls=num_transformer_calls(args.n_max, args.n_min),
+        # top2ground's source and target prompts differ in length (the Redux tokens), so each velocity
+        # pair is two calls instead of one batched call
+        transformer_calls=num_transformer_calls(args.n_max, args.n_min) * (2 if args.refiner == "top2ground" else 1),
         T=cfg.T_steps, n_max=args.n_max, n_min=args.n_min, seq_len=args.seq_len,
         build_seconds=round(build_s, 2), finite=bool(torch.isfinite(out).all()),
     )  # fmt: skip
@@ -233,6 +286,7 @@ def main() -> None:
     ap.add_argument("--n-min", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--no-depth", action="store_true")
+    ap.add_argument("--refiner", default="flowedit", choices=["flowedit", "top2ground"])
     args = ap.parse_args()
     if not args.random_weights:
         ap.error("only --random-weights is implemented (real-weight timings: use the refiner directly)")

@@ -25,7 +25,7 @@ from skyfall.config.priors import FlowEditConfig, SDEditConfig
 from skyfall.errors import ConfigError
 from skyfall.priors.flowedit import flowedit_latents
 from skyfall.priors.flux import FluxModel
-from skyfall.priors.refine import RefineGuidance
+from skyfall.priors.guidance import RefineGuidance
 
 
 class _FluxRefiner:

@@ -21,23 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
-
-@dataclass
-class RefineGuidance:
-    """What a conditioned refiner may use besides the render, per image of the batch."""
-
-    depth: Tensor | None = None
-    """[B, H, W] rendered expected depth (metres along the view ray; 0 where nothing was rendered)."""
-    height: Tensor | None = None
-    """[B, H, W] height of the rendered surface above the ground (metres; 0 where nothing)."""
-    satellite: Tensor | None = None
-    """[B, 3, h, w] in [0, 1]: the satellite crop that sees the view's look-at target."""
+from skyfall.priors.guidance import RefineGuidance
 
 
 @runtime_checkable

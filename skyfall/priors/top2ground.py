@@ -59,8 +59,8 @@ from skyfall.errors import ConfigError
 from skyfall.priors.flowedit import PromptEmbedding, flowedit_latents
 from skyfall.priors.flux import FluxModel, _require, torch_dtype
 from skyfall.priors.flux_refiners import FlowEditRefiner
+from skyfall.priors.guidance import RefineGuidance
 from skyfall.priors.hub import load_weights, transformers_dtype_kwargs
-from skyfall.priors.refine import RefineGuidance
 
 _OPTION = "--stage2.top2ground"
 _SHAPES = {"depth": "[B, H, W]", "height": "[B, H, W]", "satellite": "[B, 3, h, w]"}

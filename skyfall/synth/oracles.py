@@ -18,7 +18,7 @@ from torch import Tensor
 from skyfall.data.cameras import Cameras
 from skyfall.errors import ConfigError
 from skyfall.priors.depth import DepthPrediction
-from skyfall.priors.refine import RefineGuidance
+from skyfall.priors.guidance import RefineGuidance
 from skyfall.synth.city import SyntheticCity
 
 _ALTERNATIVES = {
