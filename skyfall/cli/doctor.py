@@ -215,6 +215,13 @@ def report(cache_dir: str | None = None, load_kernels: bool = False) -> list[str
             'huggingface_hub missing or broken: model weights cannot be found -> pip install "skyfall[diffusion]"'
         )
 
+    try:  # optional `skyfall eval` metric: its status line, never an issue
+        from skyfall.eval.dreamsim import weights_status
+
+        lines.append(f"dreamsim     {weights_status()}")
+    except Exception as e:  # noqa: BLE001 - a diagnostic must not crash
+        lines.append(f"dreamsim     status unavailable ({type(e).__name__}: {e})")
+
     # --- verdict ----------------------------------------------------------------------------------
     lines.append("")
     if problems:

@@ -13,12 +13,13 @@ from skyfall.eval.options import EvalOptions
 
 @dataclass
 class Eval:
-    """Evaluate a run: render ground-truth views per altitude band, score PSNR/SSIM/LPIPS, CLIP-FID/CMMD and the DSM.
+    """Evaluate a run: render ground-truth views per altitude band, score PSNR/SSIM/LPIPS/DreamSim, CLIP-FID/CMMD and the DSM.
 
     Renders the held-out satellite views and the ground-truth view sets (TILE/gt/views/<set>: curriculum
     orbits and street level on synthetic tiles) with the latest checkpoint (or --ckpt, repeatable, e.g.
     a Stage 1 and a Stage 2 checkpoint to compare per altitude). Metrics whose weights are not in the
-    local cache (LPIPS AlexNet, CLIP) are reported as unavailable with the reason; nothing is downloaded.
+    local cache (LPIPS AlexNet, DreamSim, CLIP) are reported as unavailable with the reason; nothing is
+    downloaded.
     Writes OUT/eval.json, OUT/summary.csv, OUT/views.csv, OUT/report.html and PNG grids.
     `--dsm-truth FILE.tif` (or `truth_dsm` in the tile's prepare.json) scores the DSM against a
     georeferenced truth in any CRS (exact resampling, crop to the tile, NCC shift within +-5 cells and

@@ -63,6 +63,10 @@ class EvalOptions:
     """torchvision AlexNet state dict (default: TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth)."""
     lpips_lin: Path | None = None
     """lpips v0.1 alex.pth linear heads (default: inside an installed lpips package)."""
+    dreamsim: bool = True
+    """DreamSim (ensemble) when the dreamsim package and its weights are available locally."""
+    dreamsim_cache: Path | None = None
+    """DreamSim weights folder (the package's cache_dir; default: TORCH_HOME/hub/dreamsim)."""
     clip: bool = True
     """CLIP-FID and CMMD when the CLIP weights are available locally."""
     clip_fid_model: str = CLIP_FID_MODEL
@@ -72,4 +76,5 @@ class EvalOptions:
     band_edges: tuple[float, ...] = DEFAULT_BAND_EDGES
     """Altitude band edges in metres for the per-altitude tables (above the last edge: its own band)."""
     embedders: Annotated[dict[str, Any], tyro.conf.Suppress] = field(default_factory=dict)
-    """Preloaded embedders by metric name (tests inject tiny encoders); not a CLI option."""
+    """Preloaded embedders by metric name ("clip_fid", "cmmd": ClipEmbedder; "dreamsim": DreamSimMetric or its
+    embed function); tests inject tiny encoders. Not a CLI option."""

@@ -27,8 +27,8 @@ from PIL import Image, ImageDraw
 from skyfall.dsm import colorize, write_geotiff, write_preview
 from skyfall.storage.atomic import atomic_write_text
 
-SUMMARY_COLS = ("ckpt", "kind", "group", "n_views", "altitude_m", "psnr", "ssim", "lpips", "depth_absrel",
-                "coverage", "clip_fid", "cmmd", "dsm_mae_m", "dsm_rmse_m", "dsm_completeness",
+SUMMARY_COLS = ("ckpt", "kind", "group", "n_views", "altitude_m", "psnr", "ssim", "lpips", "dreamsim",
+                "depth_absrel", "coverage", "clip_fid", "cmmd", "dsm_mae_m", "dsm_rmse_m", "dsm_completeness",
                 "dsm_mae_unregistered_m", "shift_rows", "shift_cols", "dz_m", "protocol")  # fmt: skip
 
 # ----------------------------------------------------------------------------- metric protocols
@@ -72,7 +72,11 @@ def eval_dsm_protocol(source: str, *, geometry_views: int = 0, shift_radius: int
     return f"{what}, {REGISTERED}"
 
 
-VIEW_COLS = ("ckpt", "set", "view", "band", "altitude_m", "psnr", "ssim", "lpips", "depth_absrel", "coverage")
+# Report headings of metrics whose name is not an acronym.
+METRIC_TITLES = {"dreamsim": "DreamSim"}
+
+VIEW_COLS = ("ckpt", "set", "view", "band", "altitude_m", "psnr", "ssim", "lpips", "dreamsim", "depth_absrel",
+             "coverage")  # fmt: skip
 
 
 def _clean(x: object) -> object:
@@ -234,11 +238,12 @@ def write_outputs(out: Path, doc: dict) -> None:
             f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in doc["unavailable"].items()
         )
         parts.append(f"<h2>Unavailable metrics</h2><ul>{items}</ul>")
-    for metric in ("psnr", "ssim", "lpips", "cmmd"):
+    for metric in ("psnr", "ssim", "lpips", "dreamsim", "cmmd"):
         comp = band_comparison(doc, metric)
         if any(r.get(lab) is not None for r in comp for lab in labels):
+            title = METRIC_TITLES.get(metric, metric.upper())
             parts.append(
-                f"<h2>{metric.upper()} per altitude band ({html.escape(eval_image_protocol(doc['embedding']))})</h2>"
+                f"<h2>{title} per altitude band ({html.escape(eval_image_protocol(doc['embedding']))})</h2>"
                 + _table(comp, ("band", "altitude_m", *labels))
             )
     parts.append("<h2>Summary</h2>" + _table(rows, SUMMARY_COLS))
@@ -252,9 +257,9 @@ def write_outputs(out: Path, doc: dict) -> None:
 
 def markdown_table(doc: dict) -> str:
     """A compact Markdown table of the summary (for terminals and notes); each row names its protocol."""
-    cols = ("ckpt", "kind", "group", "altitude_m", "psnr", "ssim", "lpips", "depth_absrel", "coverage", "cmmd",
-            "clip_fid", "dsm_mae_m", "dsm_rmse_m", "dsm_completeness", "dsm_mae_unregistered_m",
-            "protocol")  # fmt: skip
+    cols = ("ckpt", "kind", "group", "altitude_m", "psnr", "ssim", "lpips", "dreamsim", "depth_absrel",
+            "coverage", "cmmd", "clip_fid", "dsm_mae_m", "dsm_rmse_m", "dsm_completeness",
+            "dsm_mae_unregistered_m", "protocol")  # fmt: skip
     rows = summary_rows(doc)
     cols = tuple(c for c in cols if any(_fmt(r.get(c)) for r in rows))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -267,8 +272,8 @@ def protocol_lines(doc: dict) -> list[str]:
     rule = doc["embedding"]
     trained = heldout_protocol(doc.get("train_eval_appearance", "fit-left-half"), rule)
     return [
-        f"psnr/ssim/lpips: {eval_image_protocol(rule)} (satellite views: their valid pixels); the training "
-        f"summary's psnr_test: {trained}",
+        f"psnr/ssim/lpips/dreamsim: {eval_image_protocol(rule)} (satellite views: their valid pixels); the "
+        f"training summary's psnr_test: {trained}",
         f"dsm_mae_m: {REGISTERED}; dsm_mae_unregistered_m: the same DSM unregistered (dsm_nadir's is the "
         f"training summary's dsm_mae_m, '{DSM_SUMMARY_PROTOCOL}')",
     ]

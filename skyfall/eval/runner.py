@@ -22,6 +22,7 @@ from skyfall.data.cameras import Cameras
 from skyfall.errors import ConfigError, SkyfallError, TileFormatError
 from skyfall.eval import distribution as dist
 from skyfall.eval import geometry as geo
+from skyfall.eval.dreamsim import DREAMSIM_MODELS, DreamSimMetric, load_dreamsim
 from skyfall.eval.image_metrics import load_lpips, lpips_distance, psnr, ssim
 from skyfall.eval.options import DEFAULT_BAND_EDGES, EvalOptions  # noqa: F401 (re-exported)
 from skyfall.eval.report import eval_dsm_protocol, eval_image_protocol
@@ -129,17 +130,25 @@ def _satellite_set(tile_dir: Path, resolution: int, max_views: int) -> ViewSet |
 # ----------------------------------------------------------------------------------------- metrics
 
 
-def _view_metrics(pred: torch.Tensor, gt: np.ndarray, mask: np.ndarray | None, lpips_model: Any) -> dict:
+def _view_metrics(
+    pred: torch.Tensor,
+    gt: np.ndarray,
+    mask: np.ndarray | None,
+    lpips_model: Any,
+    dreamsim_model: DreamSimMetric | None = None,
+) -> dict:
     g = torch.from_numpy(gt).double() / 255.0
     p = pred.double().clamp(0, 1)
     m = None
     if mask is not None:
         m = torch.from_numpy(mask)
-        # No-data pixels are black in the reference image: compare them as black for SSIM/LPIPS.
+        # No-data pixels are black in the reference image: compare them as black for SSIM/LPIPS/DreamSim.
         p = p * m[..., None]
     out = {"psnr": psnr(p, g, m), "ssim": ssim(p, g)}
     if lpips_model is not None:
         out["lpips"] = lpips_distance(lpips_model, p, g)
+    if dreamsim_model is not None:
+        out["dreamsim"] = dreamsim_model.image_distance(p, g)
     return out
 
 
@@ -159,7 +168,7 @@ def _mean(rows: list[dict], key: str) -> float:
     return float(np.mean(vals)) if vals else math.nan
 
 
-IMAGE_KEYS = ("psnr", "ssim", "lpips", "depth_absrel", "coverage")
+IMAGE_KEYS = ("psnr", "ssim", "lpips", "dreamsim", "depth_absrel", "coverage")
 
 
 def aggregate(rows: list[dict], by: str) -> dict[str, dict]:
@@ -229,7 +238,8 @@ def _resolve(opts: EvalOptions) -> tuple[dict, Path | None, list[Path]]:
 
 
 def _load_embedders(opts: EvalOptions) -> tuple[dict, dict[str, str]]:
-    embedders: dict[str, Any] = dict(opts.embedders)
+    # DreamSim is a per-view metric, not a patch-distribution embedder: _load_dreamsim takes it.
+    embedders: dict[str, Any] = {k: v for k, v in opts.embedders.items() if k != "dreamsim"}
     unavailable: dict[str, str] = {}
     if not opts.clip:
         unavailable["clip_fid"] = unavailable["cmmd"] = "disabled (--no-clip)"
@@ -243,6 +253,18 @@ def _load_embedders(opts: EvalOptions) -> tuple[dict, dict[str, str]]:
         else:
             embedders[mode] = e
     return embedders, unavailable
+
+
+def _load_dreamsim(opts: EvalOptions) -> DreamSimMetric | str:
+    """The injected DreamSim (a DreamSimMetric or an embed function), the local one, or why there is none."""
+    if not opts.dreamsim:
+        return "disabled (--no-dreamsim)"
+    given = opts.embedders.get("dreamsim")
+    if isinstance(given, DreamSimMetric):
+        return given
+    if given is not None:
+        return DreamSimMetric(given, device=opts.device)
+    return load_dreamsim(opts.dreamsim_cache, opts.device)
 
 
 def evaluate_run(opts: EvalOptions, *, progress: bool = True) -> dict:
@@ -313,6 +335,10 @@ def evaluate_run(opts: EvalOptions, *, progress: bool = True) -> dict:
             lpips_model = m
     else:
         unavailable["lpips"] = "disabled (--no-lpips)"
+    dreamsim_model = _load_dreamsim(opts)
+    if isinstance(dreamsim_model, str):
+        unavailable["dreamsim"] = dreamsim_model
+        dreamsim_model = None
     embedders, un = _load_embedders(opts)
     unavailable.update(un)
     if gt_dsm is None and truth is None:
@@ -334,8 +360,12 @@ def evaluate_run(opts: EvalOptions, *, progress: bool = True) -> dict:
                 embedders,
                 progress,
                 truth,
+                dreamsim_model,
             )
         )
+    models = {k: e.name for k, e in embedders.items()}
+    if dreamsim_model is not None:
+        models["dreamsim"] = dreamsim_model.name
     doc = {
         "run": str(opts.run),
         "data": str(data) if data else None,
@@ -345,7 +375,7 @@ def evaluate_run(opts: EvalOptions, *, progress: bool = True) -> dict:
         "band_edges_m": list(opts.band_edges),
         "ground_z_m": ground_z,
         "unavailable": unavailable,
-        "models": {k: e.name for k, e in embedders.items()},
+        "models": models,
         "protocol": {
             "appearance": f"{eval_image_protocol(embedding_rule)}: every view is rendered with the novel-view "
             "embedding and scored on the whole image (the training summary's psnr_test fits the embedding "
@@ -353,6 +383,8 @@ def evaluate_run(opts: EvalOptions, *, progress: bool = True) -> dict:
             "ssim": "pyiqa ssim: YIQ luma x255 rounded, 11x11 Gaussian sigma 1.5, valid filtering, relu(cs)",
             "psnr": "RGB, data range 1 (masked to valid pixels on satellite views)",
             "lpips": "LPIPS v0.1 AlexNet",
+            "dreamsim": f"{DREAMSIM_MODELS}: 1 - cosine similarity of the embeddings of both images resized "
+            "to 224x224 (bicubic); satellite views: no-data pixels black in both, as for SSIM/LPIPS",
             "patches": "512^2 (or min(H, W)), stride min((H-p)//8, (W-p)//15)",
             "clip_fid": f"Frechet distance of CLIP image embeddings ({opts.clip_fid_model}), clean-fid preprocessing",
             "cmmd": f"biased MMD^2, RBF sigma 10, x1000, L2-normalised CLIP embeddings ({opts.cmmd_model})",
@@ -411,6 +443,7 @@ def _evaluate_ckpt(
     embedders: dict,
     progress: bool,
     truth: tuple | None = None,
+    dreamsim_model: DreamSimMetric | None = None,
 ) -> dict:
     from tqdm import tqdm
 
@@ -439,7 +472,7 @@ def _evaluate_ckpt(
                 "band": SATELLITE_BAND if vs.kind == "satellite" else band_label(alt, opts.band_edges),
             }
             mask = None if vs.masks is None else vs.masks[i]
-            row.update(_view_metrics(pred, vs.images[i], mask, lpips_model))
+            row.update(_view_metrics(pred, vs.images[i], mask, lpips_model, dreamsim_model))
             row.update(_depth_metrics(depth, alpha, vs.depths[i]))
             rows.append(row)
             pred_u8 = dist.as_tensor_image(pred if mask is None else pred * torch.from_numpy(mask)[..., None])
