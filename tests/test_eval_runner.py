@@ -17,7 +17,7 @@ def test_band_labels():
     assert band_label(1.7, edges) == "0-10m"
     assert band_label(10.0, edges) == "10-50m"
     assert band_label(298.9, edges) == "50-350m"
-    assert band_label(7e5, edges) == SATELLITE_BAND
+    assert band_label(350.0, edges) == band_label(7e5, edges) == ">=350m"  # the ladder's top rung
 
 
 def test_load_scene_renders_like_the_trainer(tiny_run: Path, tiny_tile: Path):

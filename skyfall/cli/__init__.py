@@ -50,6 +50,7 @@ COMMANDS: dict[str, Any] = {
     ),
     "eval": ("skyfall.cli.eval", "Eval"),
     "export": ("skyfall.cli.export", "Export"),
+    "export-views": ("skyfall.cli.export_views", "ExportViews"),
     "render": ("skyfall.cli.render", "Render"),
     "view": ("skyfall.cli.view", "View"),
     "path": (

@@ -13,11 +13,12 @@ from skyfall.cli.path import OrbitOptions
 
 @dataclass
 class Render:
-    """Render a video of a run along a camera-path JSON (`--path`, the reference's format) or an orbit.
+    """Render a video of a run along a camera-path JSON (`--path`, the reference's format), an orbit, or a descent.
 
     Writes OUT/<name>.mp4, OUT/<name>_depth.mp4 (Spectral colormap on inverse depth) and PNG frames
     OUT/<name>/NNNN.png. Without `--path`, an orbit is used; its target and radius default to the
-    scene's centre and size.
+    scene's centre and size. `--descent` plays the altitude ladder of `skyfall export-views`: one
+    camera column from 350 m down to street level, looking at a target on open ground.
     """
 
     run: tyro.conf.Positional[Path]
@@ -36,6 +37,10 @@ class Render:
     """Also write the colourised depth video."""
     frames_png: bool = True
     """Also write the frames as PNG files."""
+    descent: bool = False
+    """Render a descent from the ladder's top (350 m) to street level (1.7 m) instead of an orbit; uses
+    --orbit.frames/width/height/fov/fps for the frames (the column: the first street-level camera of
+    `skyfall export-views`' ladder, placed on the rendered DSM)."""
     auto_target: bool = True
     """Orbit only: aim at the scene centre and use 1.5x its horizontal size as radius (ignoring
     --orbit.target/--orbit.radius)."""
@@ -49,6 +54,10 @@ class Render:
 
         if self.num_frames < 0:
             raise ConfigError(f"--num-frames must be >= 0 (0: every frame), got {self.num_frames}")
+        if self.path is not None and self.descent:
+            raise ConfigError("--path and --descent are two different camera paths: choose one")
+        if self.descent and self.orbit.frames < 2:
+            raise ConfigError(f"--descent needs --orbit.frames >= 2, got {self.orbit.frames}")
         if self.path is None:
             o = self.orbit
             for flag, value in (
@@ -93,6 +102,15 @@ class Render:
             emb = scene.novel_embedding(rule, "--embedding")
         if self.path is not None:
             name = self.name or self.path.stem
+        elif self.descent:
+            cams, info = _descent(self.run, scene, self.orbit)
+            fps, name = float(self.orbit.fps), self.name or "descent"
+            print(
+                f"[render] descent {info['top_m']:g} m -> {info['bottom_m']:g} m to target "
+                f"({info['target'][0]:.1f}, {info['target'][1]:.1f}) from azimuth {info['azimuth_deg']:.0f} deg, "
+                f"{info['standoff_m']:.0f} m away",
+                flush=True,
+            )
         else:
             orbit = self.orbit
             if self.auto_target:
@@ -127,3 +145,36 @@ class Render:
             + (f", {res.depth_video}" if res.depth_video else "")
             + f"  {len(cams)} frames {cams.width}x{cams.height} @ {fps:g} fps, {res.seconds_per_frame:.2f} s/frame"
         )
+
+
+def _descent(run: Path, scene, orbit: OrbitOptions):  # noqa: ANN001, ANN202 (Cameras, dict)
+    """The descent cameras of a run: the ladder on its rendered DSM, then its first street-level column."""
+    from skyfall.data.descent import descent_cameras
+    from skyfall.dsm import TileFrame, scene_extent, tile_frame
+    from skyfall.errors import SkyfallError
+    from skyfall.export.dsm import run_tile
+    from skyfall.export.views import ladder_cameras
+
+    tile = run_tile(run, None)
+    frame = tile_frame(tile) if tile is not None else TileFrame(None, None)
+    extent = frame.extent or scene_extent(scene)
+    ladder, hf = ladder_cameras(
+        scene, extent, targets=2, azimuths=4, fov=orbit.fov, size=orbit.width, progress=True
+    )
+    if len({v.altitude_m for v in ladder.views}) < 2:
+        raise SkyfallError(f"{run}: the ladder has no two altitudes to descend between ({ladder.summary()})")
+    if not any(v.band == "ground" for v in ladder.views):
+        # a coarse reconstruction may leave no street-level spot that sees a target: descend as low as it allows
+        print(
+            f"[render] no street-level camera position ({ladder.summary()}); descending to the lowest placed"
+        )
+    frames = max(2, orbit.frames - 2 * (orbit.frames // 10))
+    return descent_cameras(
+        hf,
+        ladder,
+        frames=frames,
+        hold=orbit.frames // 10,
+        fov_deg=orbit.fov,
+        width=orbit.width,
+        height_px=orbit.height,
+    )

@@ -46,9 +46,10 @@ class ViewSet:
 
 
 def band_label(altitude_m: float, edges: tuple[float, ...]) -> str:
-    """Altitude band name, e.g. ``"150-200m"``; above the last edge -> ``"satellite"``."""
+    """Altitude band name of a ground-truth view, e.g. ``"150-200m"``; at or above the last edge
+    ``">=350m"`` (satellite views get ``SATELLITE_BAND`` by their kind, not their altitude)."""
     if altitude_m >= edges[-1]:
-        return SATELLITE_BAND
+        return f">={edges[-1]:g}m"
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         if altitude_m < hi:
             return f"{lo:g}-{hi:g}m"

@@ -1,4 +1,5 @@
-"""Camera rigs of a synthetic tile: far satellite views, curriculum orbits and street-level views."""
+"""Camera rigs of a synthetic tile: far satellite views, curriculum orbits, street-level views and the
+altitude ladder."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import numpy as np
 import torch
 
+from skyfall.data import ladder as ladder_rule
 from skyfall.data.camera_path import orbit_camtoworlds
 from skyfall.data.cameras import Cameras, intrinsics_from_fov, look_at
 from skyfall.synth.layout import Layout
@@ -18,6 +20,8 @@ ORBIT_FOV_DEG = 60.0
 STREET_EYE_M = 1.7
 STREET_PITCH_DEG = 15.0
 STREET_FOV_DEG = 70.0
+# Altitude ladder (skyfall.data.ladder, the rule `skyfall export-views` uses): FoV of its views.
+LADDER_FOV_DEG = 60.0
 
 
 def satellite_cameras(
@@ -95,3 +99,19 @@ def street_cameras(rng: np.random.Generator, layout: Layout, n: int, size_px: in
         c2ws.append(look_at(torch.tensor(eye), torch.tensor(target)))
     k = intrinsics_from_fov(STREET_FOV_DEG, size_px, size_px)
     return Cameras(torch.stack(c2ws), k, size_px, size_px)
+
+
+def ladder_cameras(
+    dsm: np.ndarray, georef: dict, size_m: float, size_px: int, n_targets: int, n_azimuths: int
+) -> ladder_rule.Ladder:
+    """The altitude ladder of ``skyfall.data.ladder`` on the city's exact DSM (``SyntheticCity.dsm``
+    and its georeference): ground heights and building footprints are exact, where `skyfall
+    export-views` reads them from a reconstruction's rendered DSM."""
+    field = ladder_rule.HeightField(
+        dsm, float(georef["x_min"]), float(georef["y_max"]), float(georef["resolution"])
+    )
+    half = size_m / 2
+    return ladder_rule.place_ladder(
+        field, (-half, half, -half, half), n_targets=n_targets, n_azimuths=n_azimuths,
+        fov_deg=LADDER_FOV_DEG, size=size_px,
+    )  # fmt: skip

@@ -10,6 +10,8 @@ Layout written::
         contact_sheet.png            all satellite views, labelled with their date
         gt/dsm.npy, gt/dsm.json      exact top-surface heights on a 0.5 m grid (row 0 = north)
         gt/views/<set>/              curriculum orbits and street views: images/, depth/, camera_path.json
+        gt/views/ladder_<alt>m/      altitude ladder (1.7 m to 350 m, `skyfall export-views`' camera rule),
+                                     same files plus ladder.json (per-view target, azimuth, pitch; skipped)
 """
 
 from __future__ import annotations
@@ -25,16 +27,19 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from skyfall.data import ladder as ladder_rule
 from skyfall.data.camera_path import write_camera_path
 from skyfall.data.cameras import Cameras
 from skyfall.data.tile import transforms_document
 from skyfall.errors import ConfigError
 from skyfall.synth.cameras import (
     CURRICULUM,
+    LADDER_FOV_DEG,
     ORBIT_FOV_DEG,
     STREET_EYE_M,
     STREET_FOV_DEG,
     STREET_PITCH_DEG,
+    ladder_cameras,
     orbit_cameras,
     satellite_cameras,
     street_cameras,
@@ -68,6 +73,11 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 POINT_NOISE_M = 0.3
+# Altitude-ladder GT sets per preset: (N for an N x N target grid, azimuths per target). Kept out of
+# ``Preset`` so that synth.json (which lists the preset's fields) is unchanged by them. The tiny preset
+# writes none: its 32 px views are for tests, whose fixture tile keeps exactly the curriculum and
+# street sets.
+LADDER_VIEWS: dict[str, tuple[int, int] | None] = {"default": (1, 4), "tiny": None}
 _OWNED = ("images", "masks", "gt", "transforms_train.json", "transforms_test.json", "points3D.txt", "synth.json",
           "contact_sheet.png", "rpc")  # fmt: skip
 
@@ -191,6 +201,55 @@ def _write_gt_views(
     write_camera_path(d / "camera_path.json", cams, **path_kw)
 
 
+def write_ladder_sets(
+    out: Path,
+    city: SyntheticCity,
+    dsm: np.ndarray,
+    georef: dict,
+    size_px: int,
+    supersample: int,
+    n_targets: int,
+    n_azimuths: int,
+) -> list[str]:
+    """Write one GT view set per ladder altitude, ``gt/views/ladder_<alt>m/``; returns their names.
+
+    Each holds the files of every GT set (images/, depth/, camera_path.json) plus ``ladder.json``:
+    the altitude, band, camera rule constants and, per view (in file order), its name in
+    `skyfall export-views`' naming, target, azimuth and pitch, and the cameras the rule skipped.
+    An altitude whose every camera was skipped gets no set.
+    """
+    ladder = ladder_cameras(dsm, georef, city.size_m, size_px, n_targets, n_azimuths)
+    names = []
+    for alt in ladder_rule.DEFAULT_ALTITUDES_M:
+        idx = [k for k, v in enumerate(ladder.views) if v.altitude_m == alt]
+        if not idx:
+            continue
+        name = ladder_rule.set_name(alt)
+        _write_gt_views(out, city, name, ladder.cameras[idx], supersample)
+        doc = {
+            "altitude_m": alt,
+            "band": ladder_rule.band_of(alt),
+            "standoff_m": ladder_rule.STANDOFF_M,
+            "fov_deg": LADDER_FOV_DEG,
+            "heights": "the city's exact DSM (gt/dsm.npy)",
+            "views": [
+                {
+                    "file": f"{i:05d}",
+                    "name": ladder.views[k].name,
+                    "target": list(ladder.views[k].target),
+                    "azimuth_deg": ladder.views[k].azimuth_deg,
+                    "requested_azimuth_deg": ladder.views[k].requested_azimuth_deg,
+                    "pitch_deg": ladder.views[k].pitch_deg,
+                }
+                for i, k in enumerate(idx)
+            ],
+            "skipped": [sk for sk in ladder.skipped if sk["altitude_m"] == alt],
+        }
+        (out / "gt" / "views" / name / "ladder.json").write_text(json.dumps(doc, indent=1))
+        names.append(name)
+    return names
+
+
 def write_synthetic_tile(
     out: str | Path, preset: str = "default", seed: int = 0, overwrite: bool = False, style: str = "default"
 ) -> Path:
@@ -289,6 +348,14 @@ def write_synthetic_tile(
         }  # fmt: skip
     )
     timings["ground truth"] = time.perf_counter() - t
+    ladder_sets: list[str] = []
+    if LADDER_VIEWS[preset] is not None:
+        t = time.perf_counter()
+        n_targets, n_az = LADDER_VIEWS[preset]
+        ladder_sets = write_ladder_sets(
+            out, city, dsm, georef, cfg.gt_px, cfg.gt_supersample, n_targets, n_az
+        )
+        timings["altitude ladder"] = time.perf_counter() - t
 
     meta = {
         "generator": {"name": GENERATOR, "version": GENERATOR_VERSION},
@@ -319,6 +386,7 @@ def write_synthetic_tile(
         f"[synth] wrote {out} ({preset}, {style} city, seed {seed}): {cfg.n_sat} satellite views {cfg.sat_px}^2 "
         f"(median GSD {gsd:.2f} m/px, {cfg.sat_supersample}x{cfg.sat_supersample} rays/px), {len(xyz)} points, "
         f"{len(gt_sets)} GT view sets at {cfg.gt_px}^2"
+        + (f" + {len(ladder_sets)} altitude-ladder sets" if ladder_sets else "")
     )
     print("[synth] timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
     return out
