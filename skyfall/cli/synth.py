@@ -14,8 +14,9 @@ class Synth:
     """Write a synthetic city tile (satellite views, masks, cameras, points3D.txt) with ground truth in OUT/gt.
 
     The tile follows the reference tile format, so every command that reads a tile can read it. Ground
-    truth: an exact DSM (0.5 m grid) and canonical-lighting views with depth along the Stage 2 orbits
-    and at street level. With --rpc, OUT/rpc/ also holds satellite views as GeoTIFFs with RPCs fitted to
+    truth: an exact DSM (0.5 m grid) and canonical-lighting views with depth along the Stage 2 orbits,
+    at street level and (default preset) on the altitude ladder of `skyfall export-views`, 1.7 to 350 m
+    (gt/views/ladder_<alt>m). With --rpc, OUT/rpc/ also holds satellite views as GeoTIFFs with RPCs fitted to
     the exact cameras (plus a known per-view bias), anchored in Jacksonville, FL, and the exact DSM as a
     UTM GeoTIFF: input for `skyfall prepare` whose truth is known (OUT/rpc/rpc.json).
     """

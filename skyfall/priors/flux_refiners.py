@@ -15,8 +15,10 @@ autocast). Inputs stay float (the reference quantised renders to 8-bit PNGs and 
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,8 +43,23 @@ class _FluxRefiner:
         """The n_max of the image with this seed."""
         raise NotImplementedError
 
-    def _edit(self, latents: Tensor, generators: list[torch.Generator], n_max: int) -> Tensor:
+    def _edit(
+        self, latents: Tensor, generators: list[torch.Generator], n_max: int, extra: Any = None
+    ) -> Tensor:
+        """Edit one chunk's latents; ``extra`` is `_chunk_inputs`' value for the chunk."""
         raise NotImplementedError
+
+    def _conditions(self, guidance: RefineGuidance | None, images: Tensor) -> Any:
+        """What a conditioned refiner reads from ``guidance`` for the whole batch (checked); None here."""
+        return None
+
+    def _chunk_inputs(self, conditions: Any, chunk: list[int], images: Tensor) -> Any:
+        """The per-chunk part of `_conditions`' value, handed to `_edit`; None here."""
+        return None
+
+    def _on_device(self) -> contextlib.AbstractContextManager:
+        """The modules a refinement needs, held on the compute device."""
+        return self.model.on_device()
 
     @torch.no_grad()
     def refine(
@@ -59,12 +76,13 @@ class _FluxRefiner:
             images: renders to refine (any device/float dtype; the result matches it).
             seeds: one seed per image; None = consecutive seeds from ``cfg.seed`` on, continuing across
                 calls.
-            cameras: unused (pose-free refiner).
-            guidance: unused (unconditioned refiner).
+            cameras: unused (pose-free refiners).
+            guidance: what a conditioned refiner's ``wants`` names (unconditioned ones ignore it).
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
         b = images.shape[0]
+        conditions = self._conditions(guidance, images)
         if seeds is None:
             seeds = list(range(self._next_seed, self._next_seed + b))
             self._next_seed += b
@@ -76,13 +94,14 @@ class _FluxRefiner:
         for k, s in enumerate(seeds):
             groups.setdefault(self.n_max_for(s), []).append(k)
         bs = max(1, self.cfg.batch_size)
-        with self.model.on_device():
+        with self._on_device():
             for n_max, idx in sorted(groups.items()):
                 for start in range(0, len(idx), bs):
                     chunk = idx[start : start + bs]
                     lat = self.model.encode_images(images[chunk])
                     gens = [torch.Generator().manual_seed(seeds[k]) for k in chunk]
-                    edited = self._edit(lat, gens, n_max)
+                    extra = self._chunk_inputs(conditions, chunk, images)
+                    edited = self._edit(lat, gens, n_max, extra)
                     out[chunk] = self.model.decode_latents(edited).to(images.device)
         return out.to(images.dtype)
 
@@ -120,7 +139,9 @@ class FlowEditRefiner(_FluxRefiner):
         # a stream separate from the noise generator's, so the draw does not shift the noise
         return random.Random(f"n_max:{seed}").randint(self.cfg.n_min, self.cfg.n_max_end)
 
-    def _edit(self, latents: Tensor, generators: list[torch.Generator], n_max: int) -> Tensor:
+    def _edit(
+        self, latents: Tensor, generators: list[torch.Generator], n_max: int, extra: Any = None
+    ) -> Tensor:
         c = self.cfg
         return flowedit_latents(
             self.model.transformer, latents, self.model.prompt(c.source_prompt), self.model.prompt(c.target_prompt),
@@ -145,7 +166,9 @@ class SDEditRefiner(_FluxRefiner):
     def n_max_for(self, seed: int) -> int:
         return self.cfg.n_steps
 
-    def _edit(self, latents: Tensor, generators: list[torch.Generator], n_max: int) -> Tensor:
+    def _edit(
+        self, latents: Tensor, generators: list[torch.Generator], n_max: int, extra: Any = None
+    ) -> Tensor:
         c = self.cfg
         tar = self.model.prompt(c.target_prompt)
         # the source prompt is never evaluated when n_max == n_min; the target stands in for it

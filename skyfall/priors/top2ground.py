@@ -48,7 +48,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -238,57 +239,36 @@ class Top2GroundRefiner(FlowEditRefiner):
                 )
         super().__init__(cfg, model=model)
 
-    @torch.no_grad()
-    def refine(
-        self,
-        images: Tensor,
-        *,
-        seeds: Sequence[int] | None = None,
-        cameras=None,  # noqa: ANN001
-        guidance: RefineGuidance | None = None,
-    ) -> Tensor:
-        """Refine images [B, 3, H, W] in [0, 1] (H, W multiples of 16) -> [B, 3, H, W] in [0, 1].
+    def _conditions(
+        self, guidance: RefineGuidance | None, images: Tensor
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """(geometry maps, satellite crops) of the batch: what ``self.wants`` names, checked. Passed as
+        ``refine(..., guidance=...)``: depth or height [B, H, W] at the render's size, satellite
+        [B, 3, h, w] in [0, 1] (any size); other entries are ignored."""
+        return self._guidance(guidance, images.shape[0], images.shape[2], images.shape[3])
 
-        Args:
-            images: renders to refine (any device/float dtype; the result matches it).
-            seeds: one seed per image; None = consecutive seeds from ``cfg.seed`` on, continuing across
-                calls.
-            cameras: unused.
-            guidance: what ``self.wants`` names, one entry per image: depth or height [B, H, W] at the
-                render's size, satellite [B, 3, h, w] in [0, 1] (any size); other entries are ignored.
-        """
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
-        b, h, w = images.shape[0], images.shape[2], images.shape[3]
-        maps, satellite = self._guidance(guidance, b, h, w)
-        if seeds is None:
-            seeds = list(range(self._next_seed, self._next_seed + b))
-            self._next_seed += b
-        seeds = [int(s) for s in seeds]
-        if len(seeds) != b:
-            raise ValueError(f"{len(seeds)} seeds for {b} images")
+    def _chunk_inputs(self, conditions: tuple, chunk: list[int], images: Tensor) -> tuple:
+        maps, satellite = conditions
+        return self._target(satellite, chunk), self._control(maps, chunk, images.shape[2], images.shape[3])
+
+    def _on_device(self) -> contextlib.AbstractContextManager:
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.model.on_device())
+        if self.redux is not None:
+            stack.enter_context(self.redux.on_device())
+        return stack
+
+    def _edit(
+        self, latents: Tensor, generators: list[torch.Generator], n_max: int, extra: Any = None
+    ) -> Tensor:
+        target, control = extra
         c = self.cfg
-        out = torch.empty(images.shape, dtype=torch.float32, device=images.device)
-        groups: dict[int, list[int]] = {}
-        for k, s in enumerate(seeds):
-            groups.setdefault(self.n_max_for(s), []).append(k)
-        bs = max(1, c.batch_size)
-        redux_on = self.redux.on_device() if self.redux is not None else contextlib.nullcontext()
-        with self.model.on_device(), redux_on:
-            for n_max, idx in sorted(groups.items()):
-                for start in range(0, len(idx), bs):
-                    chunk = idx[start : start + bs]
-                    lat = self.model.encode_images(images[chunk])
-                    gens = [torch.Generator().manual_seed(seeds[k]) for k in chunk]
-                    edited = flowedit_latents(
-                        self.model.transformer, lat, self.model.prompt(c.source_prompt),
-                        self._target(satellite, chunk), gens, T_steps=c.T_steps, n_max=n_max, n_min=c.n_min,
-                        n_avg=c.n_avg, src_guidance=c.src_guidance, tar_guidance=c.tar_guidance,
-                        scheduler_config=self.model.scheduler_config, dtype=self.model.dtype,
-                        control=self._control(maps, chunk, h, w),
-                    )  # fmt: skip
-                    out[chunk] = self.model.decode_latents(edited).to(images.device)
-        return out.to(images.dtype)
+        return flowedit_latents(
+            self.model.transformer, latents, self.model.prompt(c.source_prompt), target, generators,
+            T_steps=c.T_steps, n_max=n_max, n_min=c.n_min, n_avg=c.n_avg, src_guidance=c.src_guidance,
+            tar_guidance=c.tar_guidance, scheduler_config=self.model.scheduler_config, dtype=self.model.dtype,
+            control=control,
+        )  # fmt: skip
 
     def _guidance(
         self, guidance: RefineGuidance | None, b: int, h: int, w: int
