@@ -63,8 +63,8 @@ class ExportViews:
     """sparse/points3D.txt: unprojected depth pixels per view (0: an empty points3D.txt)."""
     data: Path | None = None
     """Tile folder, which decides the extent (default: `data` in RUN/config.yml)."""
-    device: str = "cpu"
-    """Torch device for rendering."""
+    device: str = "auto"
+    """Torch device for rendering: auto (a CUDA GPU when there is one), cpu, cuda or cuda:N."""
     overwrite: bool = False
     """Replace an earlier export-views output in --out (only the files it lists)."""
 

@@ -392,7 +392,7 @@ def export_views(
     cross_band_only: bool = False,
     points_per_view: int = 500,
     overwrite: bool = False,
-    device: str = "cpu",
+    device: str = "auto",
     progress: bool = False,
 ) -> ViewsExport:
     """Render RUN's latest checkpoint on the altitude ladder and write the views (module docstring).
@@ -418,6 +418,9 @@ def export_views(
     )  # fmt: skip
     out = Path(out)
     _check_out(out, overwrite)
+    from skyfall.devices import resolve_device
+
+    device = str(resolve_device(device, "--device"))
     loaded = load_run(run, device)
     scene = loaded.scene
     rule = str(loaded.default_embedding if embedding is None else embedding)
