@@ -377,3 +377,12 @@ def test_rank_pairs_refuses_bad_options():
         rank_pairs(HAND, altitudes=[0.0, 1.0, 2.0, 3.0], bands=[50.0, 10.0], cross_band_only=True)
     with pytest.raises(ValueError, match="min_overlap"):
         rank_pairs(HAND, min_overlap=1.5)
+
+
+def test_one_way_pairs_keep_aerial_ground_pairs():
+    # view 0: street level, mostly visible from the aerial view 1, which it barely covers
+    C = torch.tensor([[1.0, 0.85, 0.0], [0.0, 1.0, 0.3], [0.0, 0.4, 1.0]])
+    assert [(i, j) for i, j, *_ in rank_pairs(C, min_overlap=0.1)] == [(1, 2)]
+    one_way = rank_pairs(C, min_overlap=0.1, one_way=True)
+    assert [(i, j) for i, j, *_ in one_way] == [(0, 1), (1, 2)]  # ordered by the stronger direction
+    assert one_way[0][4] == float("inf")  # AM/HM is undefined one way: ranked last among equals

@@ -59,6 +59,10 @@ class ExportViews:
     """pairs.csv: pairs whose co-visibility is below this are left out."""
     cross_band_only: bool = False
     """pairs.csv: only pairs of views from different altitude bands (ground / low / high)."""
+    one_way_pairs: bool = False
+    """pairs.csv: keep a pair when either view sees --min-overlap of the other (default: both ways).
+    Aerial-ground pairs need this: a street view is mostly visible from above, but covers a sliver
+    of the aerial view."""
     points_per_view: int = 500
     """sparse/points3D.txt: unprojected depth pixels per view (0: an empty points3D.txt)."""
     data: Path | None = None
@@ -87,6 +91,7 @@ class ExportViews:
             pairs=self.pairs,
             min_overlap=self.min_overlap,
             cross_band_only=self.cross_band_only,
+            one_way_pairs=self.one_way_pairs,
             points_per_view=self.points_per_view,
             overwrite=self.overwrite,
             device=self.device,

@@ -249,8 +249,13 @@ def rank_pairs(
     min_overlap: float = 0.1,
     max_pairs: int | None = None,
     cross_band_only: bool = False,
+    one_way: bool = False,
 ) -> list[tuple[int, int, float, float, float]]:
     """Training pairs from a covisibility matrix, best first.
+
+    ``one_way`` keeps a pair when *either* direction reaches ``min_overlap`` (the other may be 0: the
+    score is then infinite) and orders by the stronger direction: aerial–ground pairs are like that,
+    a street view is mostly visible from above while it covers a sliver of the aerial view.
 
     Rule: keep the unordered pairs ``i < j`` whose overlap is at least ``min_overlap`` in *both*
     directions and above 0 (so the score is defined), i.e. each view sees enough of the other;
@@ -287,7 +292,10 @@ def rank_pairs(
     n = C.shape[0]
     a = C.detach().to("cpu", torch.float64)
     keep = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
-    keep &= (a >= min_overlap) & (a.T >= min_overlap) & (a > 0) & (a.T > 0)
+    if one_way:
+        keep &= ((a >= min_overlap) | (a.T >= min_overlap)) & ((a > 0) | (a.T > 0))
+    else:
+        keep &= (a >= min_overlap) & (a.T >= min_overlap) & (a > 0) & (a.T > 0)
 
     if altitudes is not None and bands is not None:
         alt = torch.as_tensor(altitudes, dtype=torch.float64).detach().cpu().reshape(-1)
@@ -305,8 +313,9 @@ def rank_pairs(
     ii, jj = torch.nonzero(keep, as_tuple=True)
     if ii.numel() == 0:
         return []
-    score = pair_scores(a)
+    score = torch.nan_to_num(pair_scores(a), nan=math.inf)
     columns = (ii.tolist(), jj.tolist(), a[ii, jj].tolist(), a[jj, ii].tolist(), score[ii, jj].tolist())
     pairs = list(zip(*columns, strict=True))
-    pairs.sort(key=lambda p: (-min(p[2], p[3]), p[4], p[0], p[1]))
+    overlap = max if one_way else min
+    pairs.sort(key=lambda p: (-overlap(p[2], p[3]), p[4], p[0], p[1]))
     return pairs if max_pairs is None else pairs[: int(max_pairs)]

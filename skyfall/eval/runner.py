@@ -493,7 +493,9 @@ def _evaluate_ckpt(
     bar.close()
 
     by_set = aggregate(rows, "set")
-    by_band = aggregate([r for r in rows], "band")
+    # bands from street level up, the satellite band last: the order a per-altitude table reads in
+    by_band = aggregate(rows, "band")
+    by_band = dict(sorted(by_band.items(), key=lambda kv: (kv[0] == SATELLITE_BAND, kv[1]["altitude_m"])))
     for name, agg in by_set.items():
         agg["protocol"] = eval_image_protocol(embedding_rule, satellite=name == "sat_test")
     for name, agg in by_band.items():

@@ -275,6 +275,7 @@ def compute_pairs(
     *,
     min_overlap: float,
     cross_band_only: bool,
+    one_way: bool = False,
 ) -> tuple[np.ndarray, list[tuple]]:
     """Co-visibility matrix [N, N] and ranked pairs ``(i, j, c_ij, c_ji, score)`` from
     ``skyfall.data.covisibility``, bands split at ``skyfall.data.ladder.BAND_EDGES_M``."""
@@ -286,7 +287,7 @@ def compute_pairs(
     )
     ranked = rank_pairs(
         cov, altitudes=altitudes, bands=lad.BAND_EDGES_M, min_overlap=min_overlap,
-        cross_band_only=cross_band_only,
+        cross_band_only=cross_band_only, one_way=one_way,
     )  # fmt: skip
     return cov.detach().cpu().numpy(), list(ranked)
 
@@ -390,6 +391,7 @@ def export_views(
     pairs: bool = True,
     min_overlap: float = 0.1,
     cross_band_only: bool = False,
+    one_way_pairs: bool = False,
     points_per_view: int = 500,
     overwrite: bool = False,
     device: str = "auto",
@@ -497,7 +499,7 @@ def export_views(
     if pairs:
         cov, ranked = compute_pairs(
             depths, valid, cams, [v.altitude_m for v in ladder.views], min_overlap=min_overlap,
-            cross_band_only=cross_band_only,
+            cross_band_only=cross_band_only, one_way=one_way_pairs,
         )  # fmt: skip
         _save_npy(out / "covisibility.npy", cov.astype(np.float32))
         buf = io.StringIO()
@@ -512,7 +514,9 @@ def export_views(
 
     pairs_doc = None
     if n_pairs is not None:
-        pairs_doc = {"n": n_pairs, "min_overlap": min_overlap, "cross_band_only": cross_band_only}
+        pairs_doc = {
+            "n": n_pairs, "min_overlap": min_overlap, "cross_band_only": cross_band_only, "one_way": one_way_pairs,
+        }  # fmt: skip
     doc = {
         "run": str(run),
         "checkpoint": loaded.checkpoint.name,
