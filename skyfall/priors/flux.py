@@ -33,6 +33,22 @@ from skyfall.storage.atomic import atomic_write
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+@contextlib.contextmanager
+def held_on(move, home: torch.device, device: torch.device) -> Iterator[None]:  # noqa: ANN001
+    """``move(device)`` for the ``with`` block, then ``move(home)`` (a no-op when they are the same):
+    'cpu-offload' keeps models in host memory between uses."""
+    if home == device:
+        yield
+        return
+    move(device)
+    try:
+        yield
+    finally:
+        move(home)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """'bfloat16' | 'float16' | 'float32' -> torch dtype (ConfigError otherwise)."""
     if name not in _DTYPES:
@@ -258,19 +274,9 @@ class FluxModel:
                 continue  # bitsandbytes weights stay where they were quantised
             m.to(device)
 
-    @contextlib.contextmanager
-    def on_device(self) -> Iterator[None]:
+    def on_device(self) -> contextlib.AbstractContextManager:
         """Hold the transformer and VAE on the compute device (a no-op in 'gpu' mode)."""
-        if self._home == self.device:
-            yield
-            return
-        self._move(self.device)
-        try:
-            yield
-        finally:
-            self._move(self._home)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+        return held_on(self._move, self._home, self.device)
 
     def release(self) -> None:
         """Free the modules (the model is unusable afterwards)."""

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -58,7 +57,7 @@ from skyfall.config.priors import FLUX_DEPTH_DEV, Top2GroundConfig
 from skyfall.devices import resolve_device
 from skyfall.errors import ConfigError
 from skyfall.priors.flowedit import PromptEmbedding, flowedit_latents
-from skyfall.priors.flux import FluxModel, _require, torch_dtype
+from skyfall.priors.flux import FluxModel, _require, held_on, torch_dtype
 from skyfall.priors.flux_refiners import FlowEditRefiner
 from skyfall.priors.guidance import RefineGuidance
 from skyfall.priors.hub import load_weights, transformers_dtype_kwargs
@@ -158,17 +157,9 @@ class ReduxEncoder:
         self.image_encoder.to(device)
         self.embedder.to(device)
 
-    @contextlib.contextmanager
-    def on_device(self) -> Iterator[None]:
+    def on_device(self) -> contextlib.AbstractContextManager:
         """Hold the modules on the compute device (a no-op in 'gpu' mode)."""
-        if self._home == self.device:
-            yield
-            return
-        self._move(self.device)
-        try:
-            yield
-        finally:
-            self._move(self._home)
+        return held_on(self._move, self._home, self.device)
 
     @torch.no_grad()
     def tokens(self, images: Tensor) -> Tensor:
