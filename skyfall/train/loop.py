@@ -586,7 +586,9 @@ class Trainer:
                     if signum is not None:
                         saved = saved or self.save()
                         raise interrupts.StopRequested(
-                            signum, f"stopped at step {it}; checkpoint {saved} saved (continue with --resume)"
+                            signum,
+                            f"stopped at step {it}; checkpoint {saved} saved (run the command again to "
+                            "continue; train stage1/all need --resume)",
                         )
         finally:
             bar.close()
