@@ -3,7 +3,7 @@
 Layers, lowest first (a module may import its own package and any lower layer):
 
     errors, interrupts, cuda_ext  <  registry, data, storage, kernels, devices  <  gaussians, losses
-    <  render, config  <  scene, priors, prepare  <  dsm  <  synth, eval, export  <  train  <  cli  <  __main__
+    <  render, config  <  scene, priors, prepare  <  dsm  <  synth, eval, export, city  <  train  <  cli  <  __main__
 
 So the core (data .. scene) never sees the shell's config, export and eval sit beside train and
 never import it, and the CLI is the only module that sees everything. Every import counts, also the
@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"render", "config"},
     {"scene", "priors", "prepare"},
     {"dsm"},
-    {"synth", "eval", "export"},
+    {"synth", "eval", "export", "city"},
     {"train"},
     {"cli"},
     {"__main__"},
