@@ -48,7 +48,9 @@ import torch
 
 from skyfall.data import ladder as lad
 from skyfall.data.cameras import Cameras
+from skyfall.data.guidance import world_points
 from skyfall.errors import ConfigError, SkyfallError
+from skyfall.export.upaxis import rotmat_to_quat
 from skyfall.storage.atomic import atomic_write, atomic_write_text
 
 DSM_MARGIN_M = 5.0
@@ -140,26 +142,6 @@ def opencv_intrinsics(k: np.ndarray) -> np.ndarray:
     return out
 
 
-def rotmat_to_qvec(r: np.ndarray) -> np.ndarray:
-    """Unit quaternion (w, x, y, z), w >= 0, of a rotation matrix (COLMAP's order and sign)."""
-    m = np.asarray(r, np.float64)
-    # The symmetric 4x4 whose top eigenvector is the quaternion (COLMAP's rotmat2qvec).
-    k = (
-        np.array(
-            [
-                [m[0, 0] - m[1, 1] - m[2, 2], 0, 0, 0],
-                [m[1, 0] + m[0, 1], m[1, 1] - m[0, 0] - m[2, 2], 0, 0],
-                [m[2, 0] + m[0, 2], m[2, 1] + m[1, 2], m[2, 2] - m[0, 0] - m[1, 1], 0],
-                [m[2, 1] - m[1, 2], m[0, 2] - m[2, 0], m[1, 0] - m[0, 1], m[0, 0] + m[1, 1] + m[2, 2]],
-            ]
-        )
-        / 3.0
-    )
-    vals, vecs = np.linalg.eigh(k)
-    q = vecs[[3, 0, 1, 2], np.argmax(vals)]
-    return -q if q[0] < 0 else q
-
-
 def height_field(scene: Any, extent: tuple[float, float, float, float], resolution: float = 1.0,
                  *, progress: bool = False) -> lad.HeightField:  # fmt: skip
     """The scene's rendered DSM (median depth) over ``extent`` plus a margin, as a ``HeightField``."""
@@ -219,17 +201,6 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
         f.write(buf.getvalue())
 
 
-def unproject(
-    depth: np.ndarray, k: np.ndarray, c2w: np.ndarray, rows: np.ndarray, cols: np.ndarray
-) -> np.ndarray:
-    """World points [P, 3] of pixels (rows, cols) with camera-z ``depth`` (skyfall's K: centres at +0.5)."""
-    z = depth[rows, cols].astype(np.float64)
-    x = (cols + 0.5 - k[0, 2]) / k[0, 0] * z
-    y = (rows + 0.5 - k[1, 2]) / k[1, 1] * z
-    pc = np.stack([x, y, z], -1)
-    return pc @ c2w[:3, :3].T + c2w[:3, 3]
-
-
 def write_colmap_text(
     folder: Path, names: list[str], cameras: Cameras, xyz: np.ndarray, rgb: np.ndarray
 ) -> None:
@@ -250,7 +221,7 @@ def write_colmap_text(
     ]
     w2c = cameras.viewmats.numpy()
     for i, name in enumerate(names):
-        q = rotmat_to_qvec(w2c[i, :3, :3])
+        q = rotmat_to_quat(w2c[i, :3, :3])  # wxyz, w >= 0: COLMAP's order and sign
         t = w2c[i, :3, 3]
         imgs.append(f"{i + 1} " + " ".join(f"{v:.17g}" for v in (*q, *t)) + f" 1 {name}.jpg")
         imgs.append("")
@@ -472,7 +443,7 @@ def export_views(
                 idx = np.flatnonzero(ok)
                 pick = np.sort(rng.choice(idx, size=min(points_per_view, len(idx)), replace=False))
                 rows, cols = pick // wid, pick % wid
-                pts_xyz.append(unproject(depth, k, c2w, rows, cols))
+                pts_xyz.append(world_points(torch.from_numpy(depth), cams[i]).numpy()[rows, cols])
                 pts_rgb.append(rgb[rows, cols])
             records.append(
                 {
