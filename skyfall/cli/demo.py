@@ -129,10 +129,10 @@ def _minutes(seconds: float) -> str:
 
 def _latest_step(run: Path) -> int:
     """Step of the run's newest checkpoint (0 when it has none)."""
-    from skyfall.storage.checkpoints import latest_checkpoint
+    from skyfall.storage.checkpoints import checkpoint_step, latest_checkpoint
 
     ckpt = latest_checkpoint(run / "ckpts")
-    return 0 if ckpt is None else int(ckpt.stem.split("_")[1])
+    return 0 if ckpt is None else checkpoint_step(ckpt)
 
 
 def _run_stage1_config(run: Path) -> dict:

@@ -150,16 +150,11 @@ class Render:
 def _descent(run: Path, scene, orbit: OrbitOptions):  # noqa: ANN001, ANN202 (Cameras, dict)
     """The descent cameras of a run: the ladder on its rendered DSM, then its first street-level column."""
     from skyfall.data.descent import descent_cameras
-    from skyfall.dsm import TileFrame, scene_extent, tile_frame
     from skyfall.errors import SkyfallError
-    from skyfall.export.dsm import run_tile
-    from skyfall.export.views import ladder_cameras
+    from skyfall.export.views import ladder_cameras, run_extent
 
-    tile = run_tile(run, None)
-    frame = tile_frame(tile) if tile is not None else TileFrame(None, None)
-    extent = frame.extent or scene_extent(scene)
     ladder, hf = ladder_cameras(
-        scene, extent, targets=2, azimuths=4, fov=orbit.fov, size=orbit.width, progress=True
+        scene, run_extent(run, scene), targets=2, azimuths=4, fov=orbit.fov, size=orbit.width, progress=True
     )
     if len({v.altitude_m for v in ladder.views}) < 2:
         raise SkyfallError(f"{run}: the ladder has no two altitudes to descend between ({ladder.summary()})")

@@ -154,6 +154,19 @@ def height_field(scene: Any, extent: tuple[float, float, float, float], resoluti
     return lad.HeightField(heights, grid.x_min, grid.y_max, grid.resolution)
 
 
+def run_extent(
+    run: str | Path, scene: Any, data: str | Path | None = None
+) -> tuple[float, float, float, float]:
+    """(x0, x1, y0, y1) the ladder covers: the run's tile (``data`` or its config.yml), else the scene's
+    own extent."""
+    from skyfall.dsm import TileFrame, scene_extent, tile_frame
+    from skyfall.export.dsm import run_tile
+
+    tile = run_tile(run, data)
+    frame = tile_frame(tile) if tile is not None else TileFrame(None, None)
+    return frame.extent or scene_extent(scene)
+
+
 def ladder_cameras(
     scene: Any,
     extent: tuple[float, float, float, float],
@@ -379,8 +392,6 @@ def export_views(
     """
     from tqdm import tqdm
 
-    from skyfall.dsm import TileFrame, scene_extent, tile_frame
-    from skyfall.export.dsm import run_tile
     from skyfall.export.run import load_run
 
     t0 = time.perf_counter()
@@ -398,9 +409,7 @@ def export_views(
     scene = loaded.scene
     rule = str(loaded.default_embedding if embedding is None else embedding)
     emb = scene.novel_embedding(rule, None if embedding is None else "--embedding")
-    tile = run_tile(run, data)
-    frame = tile_frame(tile) if tile is not None else TileFrame(None, None)
-    extent = frame.extent or scene_extent(scene)
+    extent = run_extent(run, scene, data)
     ladder, _ = ladder_cameras(
         scene, extent, altitudes=alts, targets=targets, azimuths=azimuths, fov=fov, size=size,
         standoff=standoff, dsm_resolution=dsm_resolution, progress=progress,

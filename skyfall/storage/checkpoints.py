@@ -164,17 +164,21 @@ def load_checkpoint(
     return st
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The step a checkpoint's file name says (ValueError for a name that is not ``ckpt_<step>.pt``)."""
+    m = CHECKPOINT_RE.fullmatch(Path(path).name)
+    if m is None:
+        raise ValueError(f"{path}: not a checkpoint name (ckpt_<step>.pt)")
+    return int(m.group(1))
+
+
 def checkpoints(directory: str | Path) -> list[Path]:
     """The ``ckpt_<step>.pt`` files of ``directory``, oldest step first."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [
-        (int(m.group(1)), p)
-        for p in directory.iterdir()
-        if (m := CHECKPOINT_RE.fullmatch(p.name)) and p.is_file()
-    ]
-    return [p for _, p in sorted(found)]
+    found = [p for p in directory.iterdir() if CHECKPOINT_RE.fullmatch(p.name) and p.is_file()]
+    return sorted(found, key=checkpoint_step)
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:

@@ -50,6 +50,7 @@ from skyfall.scene import Scene
 from skyfall.storage.checkpoints import (
     capture_rng_state,
     checkpoint_path,
+    checkpoint_step,
     checkpoints,
     latest_checkpoint,
     load_checkpoint,
@@ -375,9 +376,9 @@ class Trainer:
             self.protect(self.step)
             return path
         keep = self.milestones()
-        ckpts = [p for p in checkpoints(self.run_dir.ckpts) if _ckpt_step(p) not in keep]
+        ckpts = [p for p in checkpoints(self.run_dir.ckpts) if checkpoint_step(p) not in keep]
         for old in ckpts[: max(0, len(ckpts) - self.cfg.keep_checkpoints)]:
-            if _ckpt_step(old) > self.prune_floor:
+            if checkpoint_step(old) > self.prune_floor:
                 remove_checkpoint(old)
         return path
 
@@ -625,7 +626,3 @@ class Trainer:
             return
         keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
         path.write_text("".join(ln + "\n" for ln in keep))
-
-
-def _ckpt_step(path: Path) -> int:
-    return int(path.stem.split("_")[1])

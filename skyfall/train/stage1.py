@@ -23,7 +23,7 @@ from skyfall.eval.dsm import dsm_errors, load_gt_dsm, render_dsm
 from skyfall.eval.heldout import heldout_psnr
 from skyfall.gaussians.strategy import GOFStrategy
 from skyfall.priors.depth import DepthEstimator
-from skyfall.storage.checkpoints import latest_checkpoint, load_latest_checkpoint
+from skyfall.storage.checkpoints import checkpoint_step, latest_checkpoint, load_latest_checkpoint
 from skyfall.storage.run_dir import RunDir
 from skyfall.storage.run_lock import run_lock
 from skyfall.train.loop import NonFiniteLossError, Phase, PseudoSchedule, Trainer
@@ -193,16 +193,13 @@ def train_stage1(
 
 def _finished_summary(rd: RunDir, cfg: Stage1Config) -> dict[str, Any] | None:
     """The summary of a run whose Stage 1 already ran to ``cfg.steps`` (nothing to redo), else None."""
-    s1 = rd.read_summary().get("stage1")
+    summary = rd.read_summary()
+    s1 = summary.get("stage1")
     last = latest_checkpoint(rd.ckpts)
-    if not s1 or last is None or s1.get("steps") != cfg.steps or _step_of(last) < cfg.steps:
+    if not s1 or last is None or s1.get("steps") != cfg.steps or checkpoint_step(last) < cfg.steps:
         return None
     print(f"[stage1] {rd.root}: already trained to step {cfg.steps}; nothing to do", flush=True)
-    return rd.read_summary()
-
-
-def _step_of(path: Path) -> int:
-    return int(path.stem.split("_")[1])
+    return summary
 
 
 def _train(trainer: Trainer) -> dict[str, Any]:
