@@ -188,6 +188,8 @@ class IterativeDatasetUpdate:
         self.idu_cams: Cameras | None = None
         self.idu_images: list[Tensor] = []
         self.idu_depths: list[tuple[Tensor, Tensor]] = []
+        self._ground: float | None = None
+        self._crops: dict[int, Tensor] = {}
 
     @property
     def run_dir(self) -> RunDir:
@@ -320,14 +322,17 @@ class IterativeDatasetUpdate:
         rdir.mkdir(parents=True, exist_ok=True)
         refiner = self.refiner()
         wants = frozenset(getattr(refiner, "wants", ()))
+        guided: tuple[int | None, RefineGuidance | None] = (None, None)
         todo = [i for i in range(len(cams)) if not (rdir / f"{i:05d}.png").exists()]
         device = self.trainer.device
         for i in tqdm(todo, desc=f"{ep.name} refine", disable=not self.progress, dynamic_ncols=True):
             render = read_image(ed / "render" / f"{view_index[i]:05d}.png", device)[None]
             seed = sample_seed(self.cfg.seed, ep.index, i)
             if wants:
-                guidance = self.guidance(cams[i], view_index[i], wants)
-                refined = refiner.refine(render, seeds=[seed], cameras=cams[i], guidance=guidance)
+                # the samples of a view are consecutive and share its guidance: one render per view
+                if guided[0] != view_index[i]:
+                    guided = (view_index[i], self.guidance(cams[i], view_index[i], wants))
+                refined = refiner.refine(render, seeds=[seed], cameras=cams[i], guidance=guided[1])
             else:
                 refined = refiner.refine(render, seeds=[seed], cameras=cams[i])
             _write_png_atomic(rdir / f"{i:05d}.png", _to_uint8(refined[0]))
@@ -358,11 +363,23 @@ class IterativeDatasetUpdate:
             if "depth" in wants:
                 g.depth = depth[None]
             if "height" in wants:
-                ground = ground_level(tr.tile.points)
-                g.height = height_map(depth, camera, ground)[None].to(depth.device)
+                g.height = height_map(depth, camera, self._ground_level())[None].to(depth.device)
         if "satellite" in wants:
-            targets = idu_targets(self.cfg2, self.scale)
-            target = targets[view // self.cfg2.n_azimuths]
+            g.satellite = self._satellite_crop(view // self.cfg2.n_azimuths)[None]
+        return g
+
+    def _ground_level(self) -> float:
+        """The tile's ground height (its points do not change: computed once)."""
+        if self._ground is None:
+            self._ground = ground_level(self.trainer.tile.points)
+        return self._ground
+
+    def _satellite_crop(self, target_index: int) -> Tensor:
+        """The satellite crop of one look-at target, shared by its azimuths, samples and episodes (the
+        targets and the training views are fixed for the run: computed once per target)."""
+        if target_index not in self._crops:
+            tr = self.trainer
+            target = idu_targets(self.cfg2, self.scale)[target_index]
             n = best_satellite_view(tr.cameras, target, tr.masks.cpu())
             size = SATELLITE_CROP_PX
             if n is None:
@@ -370,8 +387,8 @@ class IterativeDatasetUpdate:
             else:
                 side = self.cfg2.grid_width * self.scale / (self.cfg2.grid_size + 1)
                 crop = satellite_crop(tr.images[n], tr.cameras[n], target, side, size)
-            g.satellite = crop[None]
-        return g
+            self._crops[target_index] = crop
+        return self._crops[target_index]
 
     def _load_refined(self, ep: Episode, cams: Cameras) -> None:
         rdir = self.episode_dir(ep) / "refine"
