@@ -334,17 +334,11 @@ class Stage2Config:
         """
         from skyfall.errors import ConfigError
 
-        def value(dotted: str) -> object:
-            v: object = self
-            for part in dotted.split("."):
-                v = getattr(v, part)
-            return v
-
         section = self.refiner if self.refiner in ("flowedit", "sdedit", "top2ground") else None
         rules = tuple(
             r
             for r in _STAGE2_RULES
-            if value(r[0]) is not None and (r[0].count(".") == 0 or r[0].split(".")[0] == section)
+            if _dotted(self, r[0]) is not None and (r[0].count(".") == 0 or r[0].split(".")[0] == section)
         )
         bad = _check_values(self, "stage2", rules)
         if bad:
@@ -538,14 +532,18 @@ _STAGE2_RULES: tuple[tuple[str, str, str], ...] = (
 )
 
 
+def _dotted(cfg: object, dotted: str) -> object:
+    """The value of a dotted field (``optim.means_lr_init``) of a nested config."""
+    v = cfg
+    for part in dotted.split("."):
+        v = getattr(v, part)
+    return v
+
+
 def _check_values(cfg: object, prefix: str, rules: tuple[tuple[str, str, str], ...]) -> str | None:
     """The first rule broken, as one line naming the option as the CLI spells it, or None."""
-    import math
-
     for dotted, rule, says in rules:
-        v: object = cfg
-        for part in dotted.split("."):
-            v = getattr(v, part)
+        v = _dotted(cfg, dotted)
         x = float(v)  # type: ignore[arg-type]
         ok = (
             math.isfinite(x)
