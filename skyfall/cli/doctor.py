@@ -4,32 +4,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The files that make a cached FLUX pipeline (FLUX.1-dev, FLUX.1-Depth-dev) usable.
+_FLUX_PIPELINE_FILES = (
+    "transformer/config.json",
+    "vae/config.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder_2/config.json",
+    "tokenizer_2/",
+)
+
 # What each model is for; the files that make a cached copy usable.
 _MODELS: list[tuple[str, str, tuple[str, ...], str]] = [
     (
         "black-forest-labs/FLUX.1-dev",
         "Stage 2 FlowEdit/SDEdit refiner",
-        (
-            "transformer/config.json",
-            "vae/config.json",
-            "scheduler/scheduler_config.json",
-            "text_encoder/config.json",
-            "text_encoder_2/config.json",
-            "tokenizer_2/",
-        ),
+        _FLUX_PIPELINE_FILES,
         "Stage 2 cannot refine renders with FLUX (use --stage2.refiner identity, or 'ideal' on synthetic tiles)",
     ),  # fmt: skip
     (
         "black-forest-labs/FLUX.1-Depth-dev",
         "Stage 2 top2ground refiner (geometry-conditioned FLUX)",
-        (
-            "transformer/config.json",
-            "vae/config.json",
-            "scheduler/scheduler_config.json",
-            "text_encoder/config.json",
-            "text_encoder_2/config.json",
-            "tokenizer_2/",
-        ),
+        _FLUX_PIPELINE_FILES,
         "the Stage 2 'top2ground' refiner is unavailable (flowedit/sdedit on FLUX.1-dev are not affected; "
         "--stage2.top2ground.geometry none with --stage2.top2ground.model-id black-forest-labs/FLUX.1-dev "
         "runs it without geometry)",
