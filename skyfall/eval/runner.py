@@ -206,12 +206,7 @@ def _resolve(opts: EvalOptions) -> tuple[dict, Path | None, list[Path]]:
         )
     from skyfall.devices import resolve_device
 
-    try:
-        resolve_device(opts.device, "--device")
-    except ConfigError as e:
-        if "--device" in str(e):
-            raise
-        raise ConfigError(f"--device {opts.device}: {e}") from None
+    resolve_device(opts.device, "--device")
     from skyfall.storage.run_dir import RunDir
 
     rd = RunDir(run)

@@ -234,12 +234,7 @@ class FluxModel:
         _require("transformers", '"skyfall[diffusion]"', "the FLUX refiner")
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
-        try:
-            device = resolve_device(cfg.device, option)
-        except ConfigError as e:
-            if option in str(e):
-                raise
-            raise ConfigError(f"{option} {cfg.device}: {e}") from None
+        device = resolve_device(cfg.device, option)
         dtype = torch_dtype(cfg.dtype)
         # Text encoders first and alone (T5-XXL ~9 GiB), then freed before the transformer arrives.
         encoder = PromptEncoder(cfg, device, dtype)

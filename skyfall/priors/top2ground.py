@@ -331,14 +331,7 @@ def _check(cfg: Top2GroundConfig) -> None:
 
 
 def _device_dtype(cfg: Top2GroundConfig) -> tuple[torch.device, torch.dtype]:
-    option = f"{_OPTION}.device"
-    try:
-        device = resolve_device(cfg.device, option)
-    except ConfigError as e:
-        if option in str(e):
-            raise
-        raise ConfigError(f"{option} {cfg.device}: {e}") from None
-    return device, torch_dtype(cfg.dtype)
+    return resolve_device(cfg.device, f"{_OPTION}.device"), torch_dtype(cfg.dtype)
 
 
 def _has_control_channels(cfg: Top2GroundConfig, model: FluxModel) -> bool:
