@@ -233,7 +233,7 @@ def entrypoint(argv: list[str] | None = None) -> None:
 
 
 def _os_error_line(e: OSError) -> str:
-    """``cannot write PATH: No space left on device`` from any OSError."""
+    """``PATH: No space left on device`` (``PATH -> PATH2: ...`` for two-path errors) from any OSError."""
     what = e.strerror or str(e) or type(e).__name__
     if e.filename is None:
         return what
