@@ -142,12 +142,15 @@ class FlowEditRefiner(_FluxRefiner):
     def _edit(
         self, latents: Tensor, generators: list[torch.Generator], n_max: int, extra: Any = None
     ) -> Tensor:
+        """FlowEdit from the render; ``extra``, from a conditioned subclass's `_chunk_inputs`, is the
+        chunk's (target prompt embedding, control latents or None) in place of the plain target prompt."""
         c = self.cfg
+        target, control = extra if extra is not None else (self.model.prompt(c.target_prompt), None)
         return flowedit_latents(
-            self.model.transformer, latents, self.model.prompt(c.source_prompt), self.model.prompt(c.target_prompt),
-            generators, T_steps=c.T_steps, n_max=n_max, n_min=c.n_min, n_avg=c.n_avg,
-            src_guidance=c.src_guidance, tar_guidance=c.tar_guidance,
-            scheduler_config=self.model.scheduler_config, dtype=self.model.dtype,
+            self.model.transformer, latents, self.model.prompt(c.source_prompt), target, generators,
+            T_steps=c.T_steps, n_max=n_max, n_min=c.n_min, n_avg=c.n_avg, src_guidance=c.src_guidance,
+            tar_guidance=c.tar_guidance, scheduler_config=self.model.scheduler_config, dtype=self.model.dtype,
+            control=control,
         )  # fmt: skip
 
 

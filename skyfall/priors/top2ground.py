@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -56,7 +55,7 @@ from torch import Tensor
 from skyfall.config.priors import FLUX_DEPTH_DEV, Top2GroundConfig
 from skyfall.devices import resolve_device
 from skyfall.errors import ConfigError
-from skyfall.priors.flowedit import PromptEmbedding, flowedit_latents
+from skyfall.priors.flowedit import PromptEmbedding
 from skyfall.priors.flux import FluxModel, _require, held_on, torch_dtype
 from skyfall.priors.flux_refiners import FlowEditRefiner
 from skyfall.priors.guidance import RefineGuidance
@@ -239,6 +238,8 @@ class Top2GroundRefiner(FlowEditRefiner):
         return self._guidance(guidance, images.shape[0], images.shape[2], images.shape[3])
 
     def _chunk_inputs(self, conditions: tuple, chunk: list[int], images: Tensor) -> tuple:
+        """(target embedding with the chunk's Redux tokens, the chunk's control latents): what
+        FlowEdit's `_edit` uses in place of the plain target prompt."""
         maps, satellite = conditions
         return self._target(satellite, chunk), self._control(maps, chunk, images.shape[2], images.shape[3])
 
@@ -248,18 +249,6 @@ class Top2GroundRefiner(FlowEditRefiner):
         if self.redux is not None:
             stack.enter_context(self.redux.on_device())
         return stack
-
-    def _edit(
-        self, latents: Tensor, generators: list[torch.Generator], n_max: int, extra: Any = None
-    ) -> Tensor:
-        target, control = extra
-        c = self.cfg
-        return flowedit_latents(
-            self.model.transformer, latents, self.model.prompt(c.source_prompt), target, generators,
-            T_steps=c.T_steps, n_max=n_max, n_min=c.n_min, n_avg=c.n_avg, src_guidance=c.src_guidance,
-            tar_guidance=c.tar_guidance, scheduler_config=self.model.scheduler_config, dtype=self.model.dtype,
-            control=control,
-        )  # fmt: skip
 
     def _guidance(
         self, guidance: RefineGuidance | None, b: int, h: int, w: int
