@@ -3,10 +3,10 @@
 Layers, lowest first (a module may import its own package and any lower layer):
 
     errors, interrupts, cuda_ext  <  registry, data, storage, kernels, devices  <  gaussians, losses
-    <  render, config  <  scene, priors, prepare  <  dsm  <  synth, eval, export, city  <  train  <  cli  <  __main__
+    <  render, config  <  scene, priors, prepare  <  dsm  <  synth, eval, export  <  train  <  city  <  cli  <  __main__
 
 So the core (data .. scene) never sees the shell's config, export and eval sit beside train and
-never import it, and the CLI is the only module that sees everything. Every import counts, also the
+never import it, city runs many tiles' training and export, and the CLI is the only module that sees everything. Every import counts, also the
 lazy ones inside functions: they run too.
 """
 
@@ -26,8 +26,9 @@ LAYERS: list[set[str]] = [
     {"render", "config"},
     {"scene", "priors", "prepare"},
     {"dsm"},
-    {"synth", "eval", "export", "city"},
+    {"synth", "eval", "export"},
     {"train"},
+    {"city"},
     {"cli"},
     {"__main__"},
 ]
