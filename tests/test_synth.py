@@ -134,7 +134,7 @@ def test_dsm_matches_nadir_depth(city: SyntheticCity) -> None:
 
 
 def test_satellite_cameras_put_tile_centre_at_image_centre(city: SyntheticCity) -> None:
-    cams, off = satellite_cameras(np.random.default_rng(5), 6, 512, city.layout)
+    cams, off = satellite_cameras(np.random.default_rng(5), 6, 512, city.size_m / 2, city.layout.max_height)
     uv, z = cams.project(torch.zeros(1, 3, dtype=torch.float64))
     torch.testing.assert_close(uv[:, 0], torch.full((6, 2), 256.0, dtype=torch.float64), atol=1e-6, rtol=0)
     dist = cams.centers.norm(dim=-1)

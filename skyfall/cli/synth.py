@@ -37,6 +37,14 @@ class Synth:
     """Number of satellite views (sat_00, sat_01, ...) written with RPCs."""
     rpc_bias_px: float = 2.0
     """Largest injected RPC bias in pixels (view 0 none; the others a random direction, length in [b/2, b])."""
+    city: str | None = None
+    """Write a city split into ROWSxCOLS tiles instead (e.g. 2x2): OUT/city.json, OUT/tiles/<cell>/ (each
+    a synthetic tile of the preset, core + margin, with its own ground truth) and OUT/gt/ (the city-wide
+    exact DSM), for `skyfall city train`. An interrupted split continues."""
+    tile_size: float = 256.0
+    """--city: side of each tile's core in metres (the reference's tile is 256 m)."""
+    overlap: float = 32.0
+    """--city: margin of each tile beyond its core, metres (neighbours share twice this)."""
 
     def check(self) -> None:
         """One ConfigError naming the option for a value no tile could use; nothing is written before.
@@ -59,6 +67,13 @@ class Synth:
             )
         if not (math.isfinite(self.rpc_bias_px) and self.rpc_bias_px >= 0):
             raise ConfigError(f"--rpc-bias-px must be a finite number >= 0, got {self.rpc_bias_px}")
+        if self.city is not None:
+            from skyfall.city.synth import check_city_options, parse_grid
+
+            if self.rpc:
+                raise ConfigError("--rpc writes one tile's RPC views; it does not combine with --city")
+            check_city_options(*parse_grid(self.city), self.tile_size, self.overlap)
+            return  # the city writer checks OUT (an interrupted city continues)
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"{self.out} exists and is not a directory")
         if self.out.is_dir() and any(self.out.iterdir()) and not self.overwrite:
@@ -68,6 +83,16 @@ class Synth:
         from skyfall.synth import write_synthetic_tile
 
         self.check()  # before anything is written
+        if self.city is not None:
+            from skyfall.city.synth import parse_grid, write_synthetic_city
+
+            rows, cols = parse_grid(self.city)
+            write_synthetic_city(
+                self.out, rows, cols, tile_size_m=self.tile_size, overlap_m=self.overlap,
+                preset=self.preset, seed=self.seed, style=self.style, overwrite=self.overwrite,
+            )  # fmt: skip
+            print(f"[synth] next: skyfall city train {self.out} --preset demo")
+            return
         if self.rpc:
             # Check the options and the optional dependencies before the slow rendering.
             from skyfall.synth.rpc import check_rpc_options

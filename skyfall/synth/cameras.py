@@ -25,21 +25,21 @@ LADDER_FOV_DEG = 60.0
 
 
 def satellite_cameras(
-    rng: np.random.Generator, n: int, size_px: int, layout: Layout, fill: float = 0.95
+    rng: np.random.Generator, n: int, size_px: int, half_m: float, top_m: float, fill: float = 0.95
 ) -> tuple[Cameras, np.ndarray]:
     """Far perspective cameras that behave like the reference's skew-corrected satellite cameras.
 
     Each camera sits 400-800 km away at 5-30 deg off-nadir (azimuths spread around the compass). Its
     optical axis is aimed at a point kilometres away from the tile, then the principal point is set so
     that the tile centre lands on the image centre: cx, cy end up far outside the image, as for the
-    real JAX cameras. The focal length (~1e6 px) frames the tile and its tallest objects with a
-    ``1 - fill`` margin (GSD ~0.55 m/px at 512 px).
+    real JAX cameras. The focal length (~1e6 px) frames the tile (``half_m`` either side of its
+    origin) and its tallest objects (``top_m``) with a ``1 - fill`` margin (GSD ~0.55 m/px at 512 px
+    for a 256 m tile).
 
     Returns:
         cameras [n] and their off-nadir angles in degrees [n].
     """
-    half = layout.size_m / 2
-    top = layout.max_height
+    half, top = float(half_m), float(top_m)
     corners = torch.tensor(
         [[x, y, z] for x in (-half, half) for y in (-half, half) for z in (0.0, top)], dtype=torch.float64
     )
@@ -79,16 +79,31 @@ def orbit_cameras(elevation_deg: float, radius: float, n_az: int, size_px: int) 
     return Cameras(c2w, intrinsics_from_fov(ORBIT_FOV_DEG, size_px, size_px), size_px, size_px)
 
 
-def street_cameras(rng: np.random.Generator, layout: Layout, n: int, size_px: int) -> Cameras:
-    """Street-level views: eye 1.7 m above the right-hand lane, looking along the road, pitched up 15 deg."""
-    half = layout.size_m / 2
+def street_cameras(
+    rng: np.random.Generator,
+    layout: Layout,
+    n: int,
+    size_px: int,
+    offset: tuple[float, float] = (0.0, 0.0),
+    half_m: float | None = None,
+) -> Cameras:
+    """Street-level views: eye 1.7 m above the right-hand lane, looking along the road, pitched up 15 deg.
+
+    ``offset``, ``half_m``: a window of the layout (``SyntheticCity.window``): its origin in the
+    layout's frame and half its side; the views stand on the roads crossing it, in its frame.
+    """
+    half = layout.size_m / 2 if half_m is None else float(half_m)
+    o = np.array([offset[0], offset[1], 0.0])
+    roads = list(layout.roads)
+    if half_m is not None:  # a window: only the roads that cross it well inside its edges
+        roads = [r for r in roads if abs(r.centre - o[r.axis]) < 0.8 * half] or roads
     c2ws = []
     for i in range(n):
-        road = layout.roads[i % len(layout.roads)]
-        sign = 1.0 if (i // len(layout.roads)) % 2 == 0 else -1.0
+        road = roads[i % len(roads)]
+        sign = 1.0 if (i // len(roads)) % 2 == 0 else -1.0
         along = rng.uniform(-0.6 * half, 0.6 * half)
         # Right-hand lane for the direction of travel (right of +y is +x; right of +x is -y).
-        lateral = road.centre + (1.75 if road.axis == 0 else -1.75) * sign
+        lateral = road.centre - o[road.axis] + (1.75 if road.axis == 0 else -1.75) * sign
         fwd = np.zeros(3)
         fwd[1 - road.axis] = sign
         eye = np.zeros(3)

@@ -7,6 +7,13 @@ Canonical lighting (``render(..., date=None)``, used for every ground-truth obli
 the lighting of date 0, which is always a training date, so a reconstruction rendered with that
 date's appearance can match the ground truth.
 
+Windows. A tile of a larger synthetic city (``skyfall synth CITY --city RxC``) sees the city through a
+*window*: ``offset`` is the tile frame's origin in the city frame (same axes: city point = tile point
++ offset) and ``extent_m`` the side of the square the tile covers around its origin. Every method
+takes and returns tile-frame coordinates (cameras, heights, the DSM grid), so a windowed city renders
+its tile exactly as a one-tile city renders its own, and the neighbouring blocks beyond the window
+are there, as in real imagery.
+
 Transient objects (the cars of the non-default styles) belong to dates: ``render(..., date=d)`` shows
 the cars present on date d; the canonical renders (``date=None``), the DSM and ``height_at`` show the
 static city only, so the ground truth never contains them.
@@ -14,6 +21,7 @@ static city only, so the ground truth never contains them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +49,21 @@ class SyntheticCity:
     dates: list[Lighting]
     seed: int | None = None
     style: str = "default"
+    offset: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    extent_m: float | None = None
+
+    def window(self, centre_xy: tuple[float, float], size_m: float) -> SyntheticCity:
+        """The same city seen as a tile of side ``size_m`` whose origin is ``centre_xy`` (city frame)."""
+        return dataclasses.replace(
+            self, offset=(float(centre_xy[0]), float(centre_xy[1]), 0.0), extent_m=float(size_m)
+        )
+
+    def _to_city(self, cameras: Cameras) -> Cameras:
+        if not any(self.offset):
+            return cameras
+        c2w = cameras.camtoworlds.clone()
+        c2w[:, :3, 3] += torch.tensor(self.offset, dtype=c2w.dtype)
+        return Cameras(c2w, cameras.Ks, cameras.width, cameras.height)
 
     @classmethod
     def generate(cls, seed: int, size_m: float = 256.0, style: str = "default") -> SyntheticCity:
@@ -55,18 +78,25 @@ class SyntheticCity:
 
     @classmethod
     def from_tile(cls, tile_dir: str | Path) -> SyntheticCity:
-        """Rebuild the city of a synthetic tile from its ``synth.json`` (checked against its checksum)."""
+        """Rebuild the city of a synthetic tile from its ``synth.json`` (checked against its checksum);
+        a tile of a larger city (``city`` entry: the city's size, the tile's offset) is its window."""
         path = Path(tile_dir) / "synth.json"
         try:
             meta = json.loads(path.read_text())
             seed, size = int(meta["seed"]), float(meta["size_m"])
             style = str(meta.get("style", "default"))  # tiles written before styles existed: default
+            whole = meta.get("city")
+            if whole is not None:
+                city_size = float(whole["size_m"])
+                ox, oy = (float(v) for v in whole["offset"][:2])
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise TileFormatError(path, None, f"not a synthetic tile description: {e}") from e
         try:
-            city = cls.generate(seed, size, style)
+            city = cls.generate(seed, city_size if whole is not None else size, style)
         except ConfigError as e:
             raise TileFormatError(path, "style", f"{e} (written by another skyfall version?)") from e
+        if whole is not None:
+            city = city.window((ox, oy), size)
         city.dates = [Lighting.from_json(d) for d in meta.get("dates", [])] or city.dates
         want = meta.get("scene_checksum")
         if want is not None and want != city.layout.checksum():
@@ -79,7 +109,8 @@ class SyntheticCity:
 
     @property
     def size_m(self) -> float:
-        return self.layout.size_m
+        """Side of the square this city (or its window) covers."""
+        return self.layout.size_m if self.extent_m is None else self.extent_m
 
     @property
     def canonical(self) -> Lighting:
@@ -118,7 +149,7 @@ class SyntheticCity:
             sub-sample's), ``mask`` [C, H, W] bool (with supersampling: any sub-sample hit).
         """
         light = self.canonical if date is None else self.dates[date]
-        cameras = cameras.to("cpu")
+        cameras = self._to_city(cameras.to("cpu"))
         scene = self.layout.at_date(date)
         prims = self.primitives(date)
         sun = torch.as_tensor(light.sun_dir, dtype=torch.float32)
@@ -168,6 +199,7 @@ class SyntheticCity:
             [...] float64 heights; NaN where no primitive covers the point (outside the tile).
         """
         x, y = (np.asarray(a, np.float64) for a in np.broadcast_arrays(x, y))
+        x, y = x + self.offset[0], y + self.offset[1]
         shape = x.shape
         x, y = x.reshape(-1), y.reshape(-1)
         z = np.full(x.shape, -np.inf)
@@ -194,7 +226,7 @@ class SyntheticCity:
             top = np.where(q >= 0, c[2] + r[2] * np.sqrt(np.clip(q, 0, None)), -np.inf)
             z[idx] = np.maximum(z[idx], top)
         z[~np.isfinite(z)] = np.nan
-        return z.reshape(shape)
+        return z.reshape(shape) - self.offset[2]
 
     def dsm(self, resolution: float = 0.5) -> tuple[np.ndarray, dict]:
         """Exact top-surface height at each cell centre of a grid covering the tile.
@@ -205,10 +237,11 @@ class SyntheticCity:
             ``x = x_min + (j + 0.5) * res``, ``y = y_max - (i + 0.5) * res``).
         """
         lay = self.layout
-        half = lay.size_m / 2
-        n = int(round(lay.size_m / resolution))
-        xs = -half + (np.arange(n) + 0.5) * resolution
-        ys = half - (np.arange(n) + 0.5) * resolution
+        half = self.size_m / 2
+        n = int(round(self.size_m / resolution))
+        # cell centres in the city frame; the grid and the heights are returned in the tile frame
+        xs = -half + (np.arange(n) + 0.5) * resolution + self.offset[0]
+        ys = half - (np.arange(n) + 0.5) * resolution + self.offset[1]
         z = np.zeros((n, n), dtype=np.float64)
         wlo, whi = world_aabb(lay.box_lo, lay.box_hi, lay.box_yaw)
         for lo, hi, yaw, alo, ahi in zip(lay.box_lo, lay.box_hi, lay.box_yaw, wlo, whi, strict=True):
@@ -240,4 +273,4 @@ class SyntheticCity:
             "height": n,
             "crs": "local ENU metres",
         }
-        return z.astype(np.float32), georef
+        return (z - self.offset[2]).astype(np.float32), georef

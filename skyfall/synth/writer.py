@@ -251,7 +251,14 @@ def write_ladder_sets(
 
 
 def write_synthetic_tile(
-    out: str | Path, preset: str = "default", seed: int = 0, overwrite: bool = False, style: str = "default"
+    out: str | Path,
+    preset: str = "default",
+    seed: int = 0,
+    overwrite: bool = False,
+    style: str = "default",
+    *,
+    city_size_m: float | None = None,
+    window: tuple[float, float, float] | None = None,
 ) -> Path:
     """Generate the synthetic city of ``seed`` and write it as a tile folder with ground truth.
 
@@ -261,6 +268,10 @@ def write_synthetic_tile(
         seed: city seed (layout, dates, cameras, point noise).
         overwrite: replace the tile files of a non-empty ``out``.
         style: city style (``skyfall.synth.layout.STYLES``): default, downtown, suburb or mixed.
+        city_size_m: side of the generated city (default: the preset's tile size).
+        window: ``(x, y, side)``: write only the square tile of ``side`` metres centred on city
+            point (x, y), in a frame with its origin there (``SyntheticCity.window``); synth.json
+            records it so that oracles rebuild the same view. Default: the whole city, centred.
 
     Returns:
         The tile directory.
@@ -280,10 +291,12 @@ def write_synthetic_tile(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    city = SyntheticCity.generate(seed, cfg.size_m, style)
+    city = SyntheticCity.generate(seed, cfg.size_m if city_size_m is None else city_size_m, style)
+    if window is not None:
+        city = city.window(window[:2], window[2])
     n_dates = min(cfg.n_dates, len(city.dates))
     rng = np.random.default_rng([seed, 2])
-    sat, off_nadir = satellite_cameras(rng, cfg.n_sat, cfg.sat_px, city.layout)
+    sat, off_nadir = satellite_cameras(rng, cfg.n_sat, cfg.sat_px, city.size_m / 2, city.layout.max_height)
     names = [f"sat_{i:02d}" for i in range(cfg.n_sat)]
     date_of = [i % n_dates for i in range(cfg.n_sat)]
     test = test_indices(cfg.n_sat)
@@ -336,7 +349,10 @@ def write_synthetic_tile(
         gt_sets.append(
             {"name": name, "kind": "orbit", "elevation_deg": el, "radius": rad, "fov_deg": ORBIT_FOV_DEG}
         )
-    street = street_cameras(np.random.default_rng([seed, 3]), city.layout, cfg.n_street, cfg.gt_px)
+    street = street_cameras(
+        np.random.default_rng([seed, 3]), city.layout, cfg.n_street, cfg.gt_px,
+        offset=city.offset[:2], half_m=None if window is None else city.size_m / 2,
+    )  # fmt: skip
     _write_gt_views(out, city, "street", street, cfg.gt_supersample)
     gt_sets.append(
         {
@@ -360,10 +376,10 @@ def write_synthetic_tile(
     meta = {
         "generator": {"name": GENERATOR, "version": GENERATOR_VERSION},
         "preset": preset,
-        "preset_params": asdict(cfg),
+        "preset_params": asdict(cfg) if window is None else {**asdict(cfg), "size_m": city.size_m},
         "style": style,
         "seed": seed,
-        "size_m": cfg.size_m,
+        "size_m": city.size_m,
         "scene_checksum": city.layout.checksum(),
         "canonical_date": 0,
         "dates": [d.to_json() for d in city.dates[:n_dates]],
@@ -377,6 +393,8 @@ def write_synthetic_tile(
         "point_noise_m": POINT_NOISE_M,
         "gt_views": gt_sets,
     }
+    if window is not None:
+        meta["city"] = {"size_m": city.layout.size_m, "offset": list(city.offset)}
     (out / "synth.json").write_text(json.dumps(meta, indent=1))
     timings["total"] = time.perf_counter() - t0
     gsd = float(
