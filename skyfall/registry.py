@@ -27,14 +27,23 @@ class Registry:
     def __init__(self, kind: str):
         self.kind = kind
         self._entries: dict[str, tuple[str, str]] = {}
+        self._per_tile: set[str] = set()
 
-    def register(self, name: str, target: str, description: str) -> None:
-        """Register ``target`` (``"package.module:factory"``) under ``name``."""
+    def register(self, name: str, target: str, description: str, *, per_tile: bool = False) -> None:
+        """Register ``target`` (``"package.module:factory"``) under ``name``. ``per_tile``: the
+        backend is built for one tile (an oracle of that tile), so a service shared by many tiles
+        builds one per tile; the others are built once and serve every tile."""
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is registered twice")
         if ":" not in target:
             raise ValueError(f"{self.kind} {name!r}: target must be 'module:factory', got {target!r}")
         self._entries[name] = (target, description)
+        if per_tile:
+            self._per_tile.add(name)
+
+    def per_tile(self, name: str) -> bool:
+        """Whether backend ``name`` is built per tile (see ``register``)."""
+        return name in self._per_tile
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -77,6 +86,7 @@ REFINERS.register(
     "ideal",
     "skyfall.synth.oracles:build_ideal_refiner",
     "synthetic tiles only: the ground-truth render of each pose (a measuring instrument, not a method)",
+    per_tile=True,
 )
 
 DEPTH_ESTIMATORS = Registry("depth estimator")
@@ -90,5 +100,6 @@ DEPTH_ESTIMATORS.register(
     "ground-truth",
     "skyfall.synth.oracles:build_ground_truth_depth",
     "synthetic tiles only: the exact depth of each pose (a measuring instrument)",
+    per_tile=True,
 )
 DEPTH_ESTIMATORS.register("tiny", "skyfall.priors.depth:build_tiny", "random tiny network (tests only)")

@@ -6,6 +6,8 @@ Layout::
     CITY/tiles/<cell>/       one tile per cell, in the reference tile format; its frame has the
                              city's ENU axes and its origin at ``cell.origin`` of the city frame
     CITY/runs/<cell>/        one run folder per cell (Stage 1, then Stage 2, as `skyfall train all`)
+    CITY/tasks/<cell>/       `skyfall city train`'s record of each cell's task: its log, its starts
+                             (a retried task adds one) and, once every stage is done, done.json
     CITY/export/             `skyfall city export`: the merged scene, per-tile chunks, the DSM mosaic
     CITY/gt/                 synthetic cities only: the exact city-wide DSM (``dsm.npy``, ``dsm.json``)
 
@@ -43,6 +45,9 @@ class CityFolder:
 
     def run(self, cell: CityCell | str) -> Path:
         return self.root / "runs" / _name(cell)
+
+    def task(self, cell: CityCell | str) -> Path:
+        return self.root / "tasks" / _name(cell)
 
     @property
     def export_dir(self) -> Path:

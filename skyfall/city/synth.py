@@ -39,11 +39,15 @@ def parse_grid(text: str, option: str = "--city") -> tuple[int, int]:
 def check_city_options(n_rows: int, n_cols: int, tile_size_m: float, overlap_m: float) -> None:
     """ConfigError naming the option for a grid no city run could use."""
     if n_rows * n_cols > 64:
-        raise ConfigError(f"--city {n_rows}x{n_cols}: at most 64 synthetic tiles (the city is generated whole)")
+        raise ConfigError(
+            f"--city {n_rows}x{n_cols}: at most 64 synthetic tiles (the city is generated whole)"
+        )
     if not (np.isfinite(tile_size_m) and 16 <= tile_size_m <= 1024):
         raise ConfigError(f"--tile-size must be 16..1024 m, got {tile_size_m:g}")
     if not (np.isfinite(overlap_m) and 0 <= overlap_m < tile_size_m / 2):
-        raise ConfigError(f"--overlap must be >= 0 and below half the tile size ({tile_size_m / 2:g} m), got {overlap_m:g}")
+        raise ConfigError(
+            f"--overlap must be >= 0 and below half the tile size ({tile_size_m / 2:g} m), got {overlap_m:g}"
+        )
 
 
 def write_synthetic_city(

@@ -74,6 +74,7 @@ _PACKAGES: list[tuple[str, str, str]] = [
         "no nf4 transformer weights (refiner option quantization='nf4')",
         "pip install bitsandbytes",
     ),
+    ("ray", "no city training (`skyfall city train`)", 'pip install "skyfall[city]"'),
 ]
 
 

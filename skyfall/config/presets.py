@@ -22,7 +22,8 @@ from skyfall.config.training import Stage1Config, Stage2Config
 from skyfall.errors import ConfigError
 
 DEFAULT_PRESET = "paper-jax"
-_IGNORED_KEYS = ("description", "data", "data_relative", "stage")
+# A run's config.yml and a city's city_train.yml also hold these; they are not training settings.
+_IGNORED_KEYS = ("description", "data", "data_relative", "stage", "city")
 
 
 @dataclass
