@@ -242,8 +242,9 @@ class TileFrame:
 
 
 def tile_frame(tile: str | Path) -> TileFrame:
-    """Read a tile's frame: ``prepare.json`` (``enu_origin``, ``aoi.size_m``, ``truth_dsm``), else the
-    synthetic ``synth.json`` (``size_m``, centred on the origin) or ``gt/dsm.json`` grid."""
+    """Read a tile's frame: ``prepare.json`` (``enu_origin``: lon, lat, alt and, for a city's tile,
+    ``offset``; ``aoi.size_m``; ``truth_dsm``), else the synthetic ``synth.json`` (``size_m``, centred
+    on the origin) or ``gt/dsm.json`` grid."""
     tile = Path(tile)
     prep = tile / "prepare.json"
     if prep.is_file():
@@ -257,9 +258,19 @@ def tile_frame(tile: str | Path) -> TileFrame:
                 prep, "enu_origin", "missing: need {lon, lat, alt} (written by skyfall prepare)"
             )
         try:
-            enu = ENUFrame(float(o["lon"]), float(o["lat"]), float(o["alt"]))
+            lon, lat, alt = float(o["lon"]), float(o["lat"]), float(o["alt"])
         except (KeyError, TypeError, ValueError) as e:
             raise TileFormatError(prep, "enu_origin", f"need numbers lon, lat, alt: {e}") from e
+        # A city's tile: the city's tangent plane translated to the cell origin (prepare's SharedFrame).
+        offset = o.get("offset")
+        if offset is not None:
+            ok = isinstance(offset, list) and len(offset) == 3
+            ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in offset)
+            if not (ok and all(math.isfinite(v) for v in offset)):
+                raise TileFormatError(
+                    prep, "enu_origin.offset", f"need three finite numbers (east, north, up), got {offset!r}"
+                )
+        enu = ENUFrame(lon, lat, alt, offset=offset)
         if not (-180 <= enu.lon0 <= 180 and -90 < enu.lat0 < 90):
             raise TileFormatError(prep, "enu_origin", f"lon/lat out of range: {enu.lon0}, {enu.lat0}")
         extent = None

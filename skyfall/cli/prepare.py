@@ -4,9 +4,65 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import tyro
+
+
+@dataclass
+class PrepareOptions:
+    """How each tile is prepared (`skyfall prepare`, and every cell of `skyfall city prepare`)."""
+
+    alt_range: str | None = None
+    """Scene heights 'min,max' in metres above the WGS84 ellipsoid (default: estimated from points
+    triangulated on a coarse preview, 1st..99th percentile +- --alt-margin)."""
+    alt_margin: float = 10.0
+    """Metres added on both sides of the estimated height range."""
+    downsample: int = 1
+    """Integer box-downsampling factor of the written images."""
+    stretch: str = "2,98"
+    """Percentiles 'low,high' of valid pixels mapped to 1 and 255."""
+    match: bool = True
+    """Match features between all pairs of images (initial points, bundle adjustment)."""
+    adjust: bool = True
+    """Joint bundle adjustment of the RPCs from the tracks."""
+    adjust_model: str = "offset"
+    """RPC correction per image: 'offset' (image shift) or 'affine' (shift + 2x2 linear term)."""
+    gauge: str = "view0"
+    """'view0': image 0's RPC is kept and the others move; 'mean': all move, smallest corrections."""
+    match_cell: int = 8
+    """One keypoint per CELL x CELL pixels of each written image (matching time grows with
+    (image side / CELL)² x the number of image pairs)."""
+    track_merge_px: float = 0.0
+    """Observations of one image closer than this (px) become one track node (0: no merging)."""
+    test_views: str = "auto"
+    """Held-out views for transforms_test.json: 'auto' (one in eight, at least one from 4 views,
+    none below 4; with `prepare --dfc`, the dataset's test.txt when it has one), 'none', or indices
+    like '2,5'."""
+
+    def config(self, **kwargs: Any) -> Any:
+        """The ``PrepareConfig`` of these options (ConfigError naming the option on bad input);
+        ``kwargs`` set the fields these options do not hold (AOI, ...)."""
+        from skyfall.errors import ConfigError
+        from skyfall.prepare.matching import MatchConfig
+        from skyfall.prepare.pipeline import PrepareConfig, parse_range
+
+        if self.match_cell < 2:
+            raise ConfigError(f"--match-cell must be >= 2, got {self.match_cell}.")
+        return PrepareConfig(
+            alt_range=parse_range(self.alt_range, "--alt-range") if self.alt_range is not None else None,
+            downsample=self.downsample,
+            stretch=parse_range(self.stretch, "--stretch"),
+            match=self.match,
+            adjust=self.adjust,
+            adjust_model=self.adjust_model,
+            gauge=self.gauge,
+            track_merge_px=self.track_merge_px,
+            test_views=self.test_views,
+            alt_margin=self.alt_margin,
+            matcher=MatchConfig(cell=self.match_cell),
+            **kwargs,
+        )
 
 
 @dataclass
@@ -32,11 +88,6 @@ class Prepare:
     """Area of interest from a GeoJSON file (bounding square), instead of --aoi."""
     max_aoi: float = 1000.0
     """Side cap (metres) of the default AOI."""
-    alt_range: str | None = None
-    """Scene heights 'min,max' in metres above the WGS84 ellipsoid (default: estimated from points
-    triangulated on a coarse preview, 1st..99th percentile +- --alt-margin)."""
-    alt_margin: float = 10.0
-    """Metres added on both sides of the estimated height range."""
     rpc: list[Path] = field(default_factory=list)
     """Explicit RPC files, one per image (default: embedded tags, then sidecars next to the image)."""
     dfc: Path | None = None
@@ -45,52 +96,19 @@ class Prepare:
     ROOT/truth/AOI_DSM.tif) as the truth DSM recorded in prepare.json. Needs --aoi-name."""
     aoi_name: str | None = None
     """Area name in the --dfc layout, e.g. JAX_068."""
-    downsample: int = 1
-    """Integer box-downsampling factor of the written images."""
-    stretch: str = "2,98"
-    """Percentiles 'low,high' of valid pixels mapped to 1 and 255."""
-    match: bool = True
-    """Match features between all pairs of images (initial points, bundle adjustment)."""
-    adjust: bool = True
-    """Joint bundle adjustment of the RPCs from the tracks."""
-    adjust_model: str = "offset"
-    """RPC correction per image: 'offset' (image shift) or 'affine' (shift + 2x2 linear term)."""
-    gauge: str = "view0"
-    """'view0': image 0's RPC is kept and the others move; 'mean': all move, smallest corrections."""
-    match_cell: int = 8
-    """One keypoint per CELL x CELL pixels of each written image (matching time grows with
-    (image side / CELL)² x the number of image pairs)."""
-    track_merge_px: float = 0.0
-    """Observations of one image closer than this (px) become one track node (0: no merging)."""
-    test_views: str = "auto"
-    """Held-out views for transforms_test.json: 'auto' (one in eight, at least one from 4 views,
-    none below 4; with --dfc, the dataset's test.txt when it has one), 'none', or indices like '2,5'."""
     overwrite: bool = False
     """Write into a non-empty OUT."""
+    tile: Annotated[PrepareOptions, tyro.conf.OmitArgPrefixes] = field(default_factory=PrepareOptions)
+    """How the tile is prepared."""
 
     def main(self) -> None:
         from skyfall.errors import ConfigError
-        from skyfall.prepare.matching import MatchConfig
-        from skyfall.prepare.pipeline import PrepareConfig, parse_aoi, parse_range, prepare_tile
+        from skyfall.prepare.pipeline import parse_aoi, prepare_tile
 
-        if self.match_cell < 2:
-            raise ConfigError(f"--match-cell must be >= 2, got {self.match_cell}.")
-
-        cfg = PrepareConfig(
+        cfg = self.tile.config(
             aoi=parse_aoi(self.aoi) if self.aoi is not None else None,
             geojson=self.geojson,
-            alt_range=parse_range(self.alt_range, "--alt-range") if self.alt_range is not None else None,
-            downsample=self.downsample,
-            stretch=parse_range(self.stretch, "--stretch"),
-            match=self.match,
-            adjust=self.adjust,
-            adjust_model=self.adjust_model,
-            gauge=self.gauge,
-            track_merge_px=self.track_merge_px,
-            test_views=self.test_views,
             max_aoi=self.max_aoi,
-            alt_margin=self.alt_margin,
-            matcher=MatchConfig(cell=self.match_cell),
         )
         images, rpcs, extra = list(self.images), self.rpc or None, None
         if self.dfc is not None or self.aoi_name is not None:

@@ -7,9 +7,11 @@ Steps (each documented where it is implemented):
    square of a GeoJSON geometry, or by default the largest square inside every view's footprint
    (:func:`default_aoi`, at most ``max_aoi`` metres). Heights from ``--alt-range`` (ellipsoidal
    metres, like the RPC), else estimated from points triangulated on a coarse preview of the AOI
-   (:func:`_estimate_alt_range`).
+   (:func:`estimate_alt_range`).
 3. ENU frame at the AOI centre with its origin ``origin_below`` metres under the lowest AOI height,
-   as SatelliteSfM does (its ENU origin altitude is ``min(alt_range) − 20 m``).
+   as SatelliteSfM does (its ENU origin altitude is ``min(alt_range) − 20 m``). A tile of a city
+   (``PrepareConfig.shared_frame``) is instead prepared in the city's tangent plane translated to
+   the cell's origin, its AOI the square of ``size_m`` centred there (:class:`SharedFrame`).
 4. Crop: every view is cut to one common size around its image of the AOI box (AOI x altitude
    range), optionally box-downsampled; pixels outside the source image are no-data.
 5. Pinhole per view fitted to the RPC over a grid of AOI x altitude points
@@ -50,6 +52,29 @@ from skyfall.prepare.raster import SatelliteImage, read_satellite_image
 
 class AOIError(SkyfallError):
     """The area of interest is invalid or not seen by an image."""
+
+
+@dataclass(frozen=True)
+class SharedFrame:
+    """A tile prepared in a frame shared with other tiles (a city's, ``skyfall city prepare``).
+
+    The tile's frame is the ENU tangent plane at (``lon``, ``lat``, ``h``) translated by ``offset``
+    (the tile origin in that plane, metres): tile point p is shared-frame point p + offset, exactly,
+    because both frames have the same axes. The AOI is the ``size_m`` square centred on the tile
+    origin, axis-aligned in the shared frame. ``prepare.json`` records the frame as ``enu_origin``
+    ``{lon, lat, alt, offset}``.
+    """
+
+    lon: float
+    lat: float
+    h: float
+    offset: tuple[float, float, float]
+    size_m: float
+    label: str = ""
+    """What the tile is (e.g. 'city cell r000c001'), for prepare.json's ``aoi.chosen_by``."""
+
+    def enu(self) -> ENUFrame:
+        return ENUFrame(self.lon, self.lat, self.h, offset=self.offset)
 
 
 @dataclass
@@ -98,6 +123,9 @@ class PrepareConfig:
     """Grid spacing (metres) of the plane fallback."""
     matcher: MatchConfig = field(default_factory=MatchConfig)
     """Matcher settings."""
+    shared_frame: SharedFrame | None = None
+    """Prepare in a frame shared with other tiles (a city's) instead of one at the AOI centre; the
+    AOI is then the frame's square (``aoi`` and ``geojson`` must be None)."""
 
 
 @dataclass
@@ -177,7 +205,7 @@ def aoi_from_geojson(path: str | Path) -> tuple[float, float, float]:
 
 
 def prepare_tile(
-    images: list[str | Path],
+    images: list[str | Path | SatelliteImage],
     out: str | Path,
     cfg: PrepareConfig,
     *,
@@ -188,7 +216,9 @@ def prepare_tile(
     """Build a tile from satellite images with RPCs (module docstring).
 
     Args:
-        images: the views (>= 1; >= 2 for matching); view 0 is the adjustment's gauge.
+        images: the views (>= 1; >= 2 for matching); view 0 is the adjustment's gauge. Views
+            already read (``SatelliteImage``) are used as they are, so that many tiles of one city
+            read each image once.
         out: tile folder to write.
         cfg: options.
         rpc_files: explicit RPC files, one per image (else embedded tags / sidecars).
@@ -228,12 +258,29 @@ def prepare_tile(
         raise ConfigError(f"{out} is not empty; pass --overwrite to replace its tile files.")
     if cfg.aoi is not None and cfg.geojson is not None:
         raise ConfigError("give either --aoi or --geojson, not both.")
+    if cfg.shared_frame is not None and (cfg.aoi is not None or cfg.geojson is not None):
+        raise ConfigError("a tile in a shared frame takes its AOI from the frame: give no --aoi/--geojson.")
     test_idx, test_rule = parse_test_views(cfg.test_views, len(images))
 
     sats = [
-        read_satellite_image(p, None if rpc_files is None else rpc_files[i]) for i, p in enumerate(images)
+        p
+        if isinstance(p, SatelliteImage)
+        else read_satellite_image(p, None if rpc_files is None else rpc_files[i])
+        for i, p in enumerate(images)
     ]
-    if cfg.geojson is not None:
+    sf = cfg.shared_frame
+    if sf is not None:
+        frame = sf.enu()
+        size = float(sf.size_m)
+        _check_aoi(sf.lon, sf.lat, size, "shared frame")
+        c_lon, c_lat, _ = frame.to_geodetic(np.zeros(3))
+        lon, lat = float(c_lon), float(c_lat)
+        ox, oy, oz = frame.offset  # type: ignore[misc]
+        aoi_how = (
+            f"{size:g} m square centred on ({ox:.3f}, {oy:.3f}, {oz:.3f}) m of the shared ENU frame at "
+            f"{sf.lon:.6f}, {sf.lat:.6f}, {sf.h:.3f} m" + (f" ({sf.label})" if sf.label else "")
+        )
+    elif cfg.geojson is not None:
         lon, lat, size = aoi_from_geojson(cfg.geojson)
         aoi_how = f"bounding square of {cfg.geojson}"
     elif cfg.aoi is not None:
@@ -246,10 +293,13 @@ def prepare_tile(
         alt_min, alt_max = cfg.alt_range
         alt_how = "--alt-range"
     else:
-        alt_min, alt_max, alt_how = _estimate_alt_range(sats, (lon, lat, size), cfg)
-    frame = ENUFrame(lon, lat, alt_min - cfg.origin_below)
-    z_lo, z_hi = cfg.origin_below, alt_max - frame.h0
+        alt_min, alt_max, alt_how = estimate_alt_range(sats, (lon, lat, size), cfg)
     half = 0.5 * size
+    if sf is None:
+        frame = ENUFrame(lon, lat, alt_min - cfg.origin_below)
+        z_lo, z_hi = cfg.origin_below, alt_max - frame.h0
+    else:
+        z_lo, z_hi = tile_z_range(frame, half, (alt_min, alt_max))
     views, width, height = _build_views(sats, frame, half, (z_lo, z_hi), cfg.downsample, cfg)
     train_idx = [i for i in range(len(views)) if i not in test_idx]
 
@@ -354,11 +404,37 @@ def prepare_tile(
         "test_views": {"indices": test_idx, "names": [views[i].name for i in test_idx], "rule": test_rule},
         "bundle_adjustment": adjustment,
         "points3D": {"count": int(len(points)), "method": method},
-        "config": _jsonable(asdict(cfg)),
+        "config": _config_dict(cfg),
         **(extra or {}),
     }
     _write_tile(out, views, width, height, points, colors, errors, summary, test_idx)  # type: ignore[arg-type]
     return summary
+
+
+def tile_z_range(frame: ENUFrame, half: float, alt_range: tuple[float, float]) -> tuple[float, float]:
+    """ENU z range of the heights ``alt_range`` (ellipsoidal) over the square [-half, half]² of ``frame``.
+
+    In a shared tangent plane a tile away from the tangent point sees the ellipsoid drop away
+    (d² / 2R below the plane at distance d: 2 m at 5 km), so one height maps to a z that varies over
+    the tile. z falls with d, so the lowest z is at a corner and the highest at the square's point
+    nearest the tangent point; both are sampled (with the edge midpoints and the centre).
+    """
+    g = np.array([-half, 0.0, half])
+    xy = np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    if frame.offset is not None:
+        xy = np.r_[xy, [np.clip(-np.asarray(frame.offset[:2]), -half, half)]]
+    lon, lat, _ = frame.to_geodetic(np.c_[xy, np.zeros(len(xy))])
+    lo = frame.from_geodetic(lon, lat, np.full(len(xy), alt_range[0]))[:, 2]
+    hi = frame.from_geodetic(lon, lat, np.full(len(xy), alt_range[1]))[:, 2]
+    return float(lo.min()), float(hi.max())
+
+
+def _config_dict(cfg: PrepareConfig) -> dict[str, Any]:
+    """``cfg`` for prepare.json; without ``shared_frame`` when unset, so single tiles' files are unchanged."""
+    d = _jsonable(asdict(cfg))
+    if cfg.shared_frame is None:
+        d.pop("shared_frame")
+    return d
 
 
 def parse_test_views(spec: str, n_views: int) -> tuple[list[int], str]:
@@ -440,7 +516,7 @@ def default_aoi(
     return float(lon[0]), float(lat[0]), float(size), how
 
 
-def _estimate_alt_range(
+def estimate_alt_range(
     sats: list[SatelliteImage], aoi: tuple[float, float, float], cfg: PrepareConfig
 ) -> tuple[float, float, str]:
     """Altitude range from heights triangulated on a coarse preview (1st..99th percentile ± ``alt_margin``).
@@ -562,18 +638,28 @@ def _to_file(img: SatelliteImage, frame: ENUFrame, xyz: np.ndarray) -> np.ndarra
     return np.stack(img.rpc_to_file(col, row), axis=-1)
 
 
+def aoi_in_image(
+    img: SatelliteImage, frame: ENUFrame, half: float, z: tuple[float, float]
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """How much of the AOI box ([-half, half]² x ``z`` of ``frame``) an image sees: (fraction of the
+    box's image bounding box inside the image, its min and max file pixel (u, v))."""
+    uv = _to_file(img, frame, _aoi_box(half, z))
+    lo, hi = uv.min(0), uv.max(0)
+    inter = np.clip(np.minimum(hi, [img.width, img.height]) - np.maximum(lo, 0), 0, None)
+    return float(inter.prod() / max((hi - lo).prod(), 1e-9)), lo, hi
+
+
 def _plan_crops(
     sats: list[SatelliteImage], frame: ENUFrame, half: float, z: tuple[float, float], r: int
 ) -> list[_View]:
     views, names = [], set()
     for img in sats:
-        uv = _to_file(img, frame, _aoi_box(half, z))
-        lo, hi = uv.min(0), uv.max(0)
-        inter = np.clip(np.minimum(hi, [img.width, img.height]) - np.maximum(lo, 0), 0, None)
-        inside = float(inter.prod() / max((hi - lo).prod(), 1e-9))
+        inside, lo, hi = aoi_in_image(img, frame, half, z)
         if inside <= 0:
+            # The AOI centre, not the frame's tangent point: they differ for a tile in a shared frame.
+            c_lon, c_lat, _ = frame.to_geodetic(np.zeros(3))
             raise AOIError(
-                f"{img.path}: the area of interest (lon {frame.lon0:.6f}, lat {frame.lat0:.6f}, "
+                f"{img.path}: the area of interest (lon {float(c_lon):.6f}, lat {float(c_lat):.6f}, "
                 f"{2 * half:g} m) is outside the image footprint (it projects to columns "
                 f"{lo[0]:.0f}..{hi[0]:.0f}, rows {lo[1]:.0f}..{hi[1]:.0f} of a {img.width}x{img.height} image)."
             )
