@@ -58,6 +58,14 @@ COMMANDS: dict[str, Any] = {
         {"orbit": ("skyfall.cli.path", "PathOrbit")},
     ),
     "prepare": ("skyfall.cli.prepare", "Prepare"),
+    "city": (
+        "Many tiles of one city on Ray: `skyfall city prepare|train|export CITY ...`.",
+        {
+            "prepare": ("skyfall.cli.city_prepare", "CityPrepare"),
+            "train": ("skyfall.cli.city_train", "CityTrain"),
+            "export": ("skyfall.cli.city_export", "CityExportCommand"),
+        },
+    ),
 }
 
 
@@ -115,9 +123,9 @@ def preset_options(argv: list[str]) -> tuple[str | None, Path | None]:
 def resume_config(argv: list[str]) -> Path | None:
     """The run's config.yml that a resuming command takes its defaults from, or None.
 
-    ``train stage1|all --resume`` and ``demo --resume`` read OUT/config.yml (demo: OUT/run/), and
-    ``train stage2`` reads RUN/config.yml once it holds a stage2 section, unless ``--preset`` or
-    ``--config`` is given.
+    ``train stage1|all --resume`` and ``demo --resume`` read OUT/config.yml (demo: OUT/run/),
+    ``train stage2`` reads RUN/config.yml once it holds a stage2 section, and ``city train CITY``
+    reads CITY/city_train.yml, unless ``--preset`` or ``--config`` is given.
     """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--out", type=Path)
@@ -130,6 +138,10 @@ def resume_config(argv: list[str]) -> Path | None:
         path = known.out / "config.yml"
     elif known.resume and words[:1] == ["demo"]:
         path = (known.out or Path("outputs/demo")) / "run" / "config.yml"
+    elif words == ["city", "train"]:
+        # the city folder is the first positional after the command; its settings file, if any
+        city = next((Path(w) for w in argv[2:] if not w.startswith("-") and Path(w).is_dir()), None)
+        path = None if city is None else city / "city_train.yml"
     elif words == ["train", "stage2"] and known.run is not None:
         path = known.run / "config.yml"
         try:
