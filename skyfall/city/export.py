@@ -94,7 +94,7 @@ import numpy as np
 
 from skyfall.city.folders import CityFolder
 from skyfall.city.manifest import Bounds, CityCell, CityManifest
-from skyfall.city.merge import in_core, mosaic_dsm, ownership_mask, seam_mask
+from skyfall.city.merge import in_core, mosaic_dsm, mosaic_grid, ownership_mask, seam_mask
 from skyfall.dsm import DsmGrid
 from skyfall.errors import ConfigError, SkyfallError, TileFormatError
 from skyfall.export.bake import Splats
@@ -598,14 +598,6 @@ def _georeference(manifest: CityManifest) -> tuple[float, float, float] | None:
     return None
 
 
-def city_grid(bounds: Bounds, resolution: float) -> DsmGrid:
-    """The local city grid: north-up from the city's north-west corner (as ``merge.mosaic_dsm``)."""
-    bx0, bx1, by0, by1 = bounds
-    cols = max(1, math.ceil((bx1 - bx0) / resolution - 1e-9))
-    rows = max(1, math.ceil((by1 - by0) / resolution - 1e-9))
-    return DsmGrid(float(bx0), float(by1), float(resolution), cols, rows)
-
-
 def core_window(grid: DsmGrid, cell: CityCell, bounds: Bounds) -> tuple[int, int, int, int] | None:
     """Rows [r0, r1) and columns [c0, c1) of a local city grid whose cell centres ``cell`` owns."""
     x = grid.x_min + (np.arange(grid.width) + 0.5) * grid.resolution
@@ -638,7 +630,7 @@ class _DsmMosaic:
         if georef is None:
             self.frame = None
             self.crs: str | None = None
-            self.grid = city_grid(self.bounds, self.res)
+            self.grid = mosaic_grid(self.bounds, self.res)
             self.parts: list[tuple[CityCell, np.ndarray, tuple[float, float, float]]] = []
         else:
             from skyfall.dsm import enu_footprint, utm_grid

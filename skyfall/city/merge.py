@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from skyfall.city.manifest import Bounds, CityCell, cells_bounds
+from skyfall.dsm import DsmGrid
 
 Array = Any  # np.ndarray or torch.Tensor
 
@@ -114,6 +115,16 @@ def merge_splats(
     return merged, counts
 
 
+def mosaic_grid(bounds: Bounds, resolution: float) -> DsmGrid:
+    """The city's mosaic grid: north-up from the north-west corner of ``bounds`` (x0, x1, y0, y1),
+    ``resolution`` metres per cell, as many cells as cover the bounds."""
+    bx0, bx1, by0, by1 = bounds
+    res = float(resolution)
+    cols = max(1, math.ceil((bx1 - bx0) / res - 1e-9))
+    rows = max(1, math.ceil((by1 - by0) / res - 1e-9))
+    return DsmGrid(float(bx0), float(by1), res, cols, rows)
+
+
 def mosaic_dsm(
     parts: Sequence[tuple[CityCell, np.ndarray, tuple[float, float, float]]],
     resolution: float,
@@ -134,10 +145,8 @@ def mosaic_dsm(
     if not parts:
         raise ValueError("mosaic_dsm needs at least one part")
     bounds = cells_bounds([p[0] for p in parts]) if city_bounds is None else city_bounds
-    bx0, bx1, by0, by1 = bounds
-    res = float(resolution)
-    cols = max(1, math.ceil((bx1 - bx0) / res - 1e-9))
-    rows = max(1, math.ceil((by1 - by0) / res - 1e-9))
+    g = mosaic_grid(bounds, resolution)
+    bx0, by1, res, cols, rows = g.x_min, g.y_max, g.resolution, g.width, g.height
     x = bx0 + (np.arange(cols) + 0.5) * res
     y = by1 - (np.arange(rows) + 0.5) * res
     xx, yy = np.meshgrid(x, y, indexing="xy")

@@ -117,8 +117,8 @@ def bbox_extent(bbox: BBox, option: str = "--bbox") -> tuple[float, float, float
     if max(half_x, half_y) * 2 > MAX_CITY_M:
         raise ConfigError(
             f"{option}: the box is {2 * half_x / 1000:.1f} x {2 * half_y / 1000:.1f} km; at most "
-            f"{MAX_CITY_M / 1000:g} km a side (one ENU tangent plane holds a city to decimetres only "
-            "within ~10 km of its centre): split the city into several boxes."
+            f"{MAX_CITY_M / 1000:g} km a side (10 km from the city's one tangent point the ground lies 8 m "
+            "below its plane and the vertical tilts 0.09 deg): split the city into several boxes."
         )
     return lon_c, lat_c, half_x, half_y
 
