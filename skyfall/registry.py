@@ -80,6 +80,11 @@ REFINERS.register(
     "FlowEdit on FLUX.1-Depth-dev conditioned on rendered geometry and FLUX.1 Redux tokens of the satellite crop",
 )
 REFINERS.register(
+    "difix",
+    "skyfall.priors.refine:build_difix",
+    "Difix3D's single-step fixer on SD-Turbo (the fast mode: one UNet step per image)",
+)
+REFINERS.register(
     "identity", "skyfall.priors.refine:build_identity", "returns the render unchanged (no refine)"
 )
 REFINERS.register(

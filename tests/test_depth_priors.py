@@ -173,7 +173,7 @@ def test_registered_names_are_the_config_choices():
     assert typing.get_args(EstimatorName) == DEPTH_ESTIMATORS.names
     assert set(DEPTH_ESTIMATORS.names) == {"moge", "depth-anything", "ground-truth", "tiny"}
     assert typing.get_args(RefinerName) == REFINERS.names
-    assert set(REFINERS.names) == {"flowedit", "sdedit", "top2ground", "identity", "ideal"}
+    assert set(REFINERS.names) == {"flowedit", "sdedit", "top2ground", "difix", "identity", "ideal"}
     for registry in (DEPTH_ESTIMATORS, REFINERS):
         for name in registry.names:
             assert callable(registry.factory(name)), name  # every entry points at an importable factory

@@ -38,6 +38,20 @@ _MODELS: list[tuple[str, str, tuple[str, ...], str]] = [
         "runs it without)",
     ),  # fmt: skip
     (
+        "nvidia/difix",
+        "Stage 2 difix refiner (Difix3D single-step fixer, the fast mode)",
+        (
+            "unet/config.json",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.safetensors",
+            "scheduler/scheduler_config.json",
+            "text_encoder/config.json",
+            "tokenizer/",
+        ),
+        "the Stage 2 'difix' refiner (single-step fast mode) is unavailable (flowedit/sdedit/top2ground on "
+        "FLUX are not affected)",
+    ),  # fmt: skip
+    (
         "Ruicheng/moge-vitl",
         "MoGe v1 depth prior (the reference's)",
         ("model.pt",),

@@ -15,6 +15,7 @@ FLUX_REDUX_DEV = "black-forest-labs/FLUX.1-Redux-dev"
 MOGE_V1 = "Ruicheng/moge-vitl"
 MOGE_V2 = "Ruicheng/moge-2-vitl"
 DEPTH_ANYTHING_METRIC_OUTDOOR = "depth-anything/Depth-Anything-V2-Metric-Outdoor-Large-hf"
+DIFIX = "nvidia/difix"
 
 # The prompts of the Skyfall-GS FlowEdit fork at HEAD 9489c5b ("Update prompt"), which match the paper
 # and the paper; the older, longer ones at the fork's pinned submodule commit are not used.
@@ -130,6 +131,46 @@ class Top2GroundConfig(FlowEditConfig):
     redux_weight: float = 1.0
     """Scale of the Redux image tokens appended to the target prompt (text tokens unscaled); 0 = no tokens,
     as semantics off."""
+
+
+@dataclass
+class DifixConfig:
+    """Difix3D (Wu et al., CVPR 2025), NVIDIA's single-step fixer: an SD-Turbo UNet that cleans a render's
+    latent in one step from timestep 199, decoded by a VAE with skip connections from its encoder. The
+    fast mode: one UNet call per image instead of FlowEdit's 10-16 FLUX calls. The reference's flags
+    (--idu_difix3d_*, unused by its run scripts) are the defaults; steps 1 and guidance 0 are fixed."""
+
+    model_id: str = DIFIX
+    """Hugging Face Hub id or local directory of a Difix snapshot (the nvidia/difix layout: scheduler/,
+    tokenizer/, text_encoder/, unet/, vae/ with the skip convolutions; --idu_difix3d_model)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit); None = main."""
+    local_files_only: bool = False
+    """Never contact the Hub: use the local Hugging Face cache or the local directory only."""
+    cache_dir: str | None = None
+    """Hugging Face cache folder; None = the default (honours HF_HOME / HF_HUB_CACHE)."""
+    device: str = "cuda"
+    """Device the UNet and VAE compute on ('cuda', 'cuda:1', 'cpu')."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Compute dtype; 'auto' = bfloat16 on a GPU, float32 on the CPU. With float16 the VAE stays in
+    float32 (its config asks for it: force_upcast), as diffusers' Stable Diffusion pipelines do."""
+    memory_mode: Literal["gpu", "cpu-offload"] = "gpu"
+    """'gpu': the UNet and VAE stay on the device. 'cpu-offload': they live in CPU memory and move to the
+    device only for the duration of a refine() call, so 3DGS training gets the GPU back."""
+    timestep: int = 199
+    """The single denoising step's timestep: the render's latent is read as noised to this level and
+    mapped to a clean latent in one step (--idu_difix3d_timesteps [199]; Difix was trained at 199)."""
+    prompt: str = "remove degradation"
+    """Text prompt, encoded once at load (--idu_difix3d_prompt; the prompt Difix was trained with)."""
+    use_reference: bool = False
+    """Condition on a reference view (--idu_difix3d_use_reference). Not supported: it needs nvidia/difix_ref's
+    multi-view UNet and a clean reference image per render, which Stage 2 does not have."""
+    batch_size: int = 1
+    """Images per UNet call."""
+    seed: int = 0
+    """Base seed used when refine() gets no per-image seeds (image k of the run gets seed + k). A seed draws
+    only the VAE posterior sample (as the reference pipeline does) and the step's noise (std ~1e-10), so the
+    samples of one view differ only through the posterior's spread."""
 
 
 @dataclass

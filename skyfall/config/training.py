@@ -14,7 +14,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from skyfall.config.priors import DepthModelConfig, FlowEditConfig, SDEditConfig, Top2GroundConfig
+from skyfall.config.priors import (
+    DepthModelConfig,
+    DifixConfig,
+    FlowEditConfig,
+    SDEditConfig,
+    Top2GroundConfig,
+)
 from skyfall.gaussians.optim import OptimConfig
 from skyfall.registry import DEPTH_ESTIMATORS, REFINERS
 
@@ -297,8 +303,8 @@ class Stage2Config:
     """Image refiner, by registered name (skyfall.registry.REFINERS): 'flowedit' on FLUX.1-dev (the
     paper's), 'sdedit' (its ablation), 'top2ground' (FlowEdit on FLUX.1-Depth-dev conditioned on the
     view's rendered height map and, through FLUX.1 Redux, on the satellite crop around its look-at
-    target), 'ideal' (synthetic tiles only: the ground-truth render of the pose, a measuring
-    instrument, not a method), 'identity' (no refine)."""
+    target), 'difix' (Difix3D's single-step fixer, the fast mode), 'ideal' (synthetic tiles only: the
+    ground-truth render of the pose, a measuring instrument, not a method), 'identity' (no refine)."""
     ideal_noise: float = 0.0
     """IdealRefiner only: std of per-sample colour perturbation, mimicking diffusion variance."""
     flowedit: FlowEditConfig = field(default_factory=FlowEditConfig)
@@ -308,6 +314,8 @@ class Stage2Config:
     top2ground: Top2GroundConfig = field(default_factory=Top2GroundConfig)
     """FlowEdit on FLUX.1-Depth-dev conditioned on the render's geometry and the satellite crop's Redux
     tokens (refiner 'top2ground')."""
+    difix: DifixConfig = field(default_factory=DifixConfig)
+    """Difix3D single-step fixer on SD-Turbo: model, device, timestep and prompt (refiner 'difix')."""
     pseudo_weight: float = 0.5
     """Pseudo-camera depth weight in Stage 2 (JAX 0.5, NYC 0)."""
     pseudo_elevation_start: float = 85.0
@@ -329,12 +337,13 @@ class Stage2Config:
         """One ConfigError naming the option (CLI spelling) for a value no run could use; cheap (no
         model is loaded), so that it runs before Stage 1 or any Stage 2 work starts.
 
-        Only the selected refiner's section (--stage2.flowedit / --stage2.sdedit / --stage2.top2ground)
-        is checked: the others are not used, and their devices may well name a GPU this machine lacks.
+        Only the selected refiner's section (--stage2.flowedit / --stage2.sdedit / --stage2.top2ground /
+        --stage2.difix) is checked: the others are not used, and their devices may well name a GPU this
+        machine lacks.
         """
         from skyfall.errors import ConfigError
 
-        section = self.refiner if self.refiner in ("flowedit", "sdedit", "top2ground") else None
+        section = self.refiner if self.refiner in ("flowedit", "sdedit", "top2ground", "difix") else None
         rules = tuple(
             r
             for r in _STAGE2_RULES
@@ -360,8 +369,41 @@ class Stage2Config:
                 raise ConfigError(f"--stage2.{name.replace('_', '-')} must be in (0, 90] degrees, got {v}")
         if self.fov is not None and not 0 < self.fov < 180:
             raise ConfigError(f"--stage2.fov must be in (0, 180) degrees (or None), got {self.fov}")
-        if section is not None:
+        if section == "difix":
+            self._check_difix()
+        elif section is not None:
             self._check_flux(section)
+
+    def _check_difix(self) -> None:
+        """What DifixRefiner refuses, and its device."""
+        from skyfall.errors import ConfigError
+
+        cfg = self.difix
+        if cfg.use_reference:
+            raise ConfigError(
+                "--stage2.difix.use-reference is not supported: it needs nvidia/difix_ref's multi-view UNet and "
+                "a clean reference image per render (the reference's default is off too)"
+            )
+        if not 0 <= cfg.timestep < 1000:
+            raise ConfigError(
+                f"--stage2.difix.timestep must be in [0, 999] (the SD-Turbo schedule's training steps), "
+                f"got {cfg.timestep}"
+            )
+        if self.render_size < 8:
+            raise ConfigError(
+                f"--stage2.render-size must be at least 8 for the difix refiner, got {self.render_size}"
+            )
+        from skyfall.devices import resolve_device  # torch: imported only when a run starts
+
+        try:
+            resolve_device(cfg.device, "--stage2.difix.device")
+        except ConfigError as e:
+            if "no CUDA GPU" not in str(e):
+                raise
+            raise ConfigError(
+                f"{e}; without a GPU: --stage2.difix.device cpu (slow at 1024 px), or --preset demo (the ideal "
+                "refiner)"
+            ) from None
 
     def _check_flux(self, section: str) -> None:
         """The FLUX refiner's schedule (what FlowEditRefiner / SDEditRefiner / Top2GroundRefiner refuse)
@@ -485,7 +527,8 @@ _STAGE1_RULES: tuple[tuple[str, str, str], ...] = (
 
 
 # (dotted field, rule, what the rule says) for Stage2Config.check. Fields that may be None (None: a
-# default) are checked only when set; flowedit.* / sdedit.* / top2ground.* only for the selected refiner.
+# default) are checked only when set; flowedit.* / sdedit.* / top2ground.* / difix.* only for the selected
+# refiner.
 _STAGE2_RULES: tuple[tuple[str, str, str], ...] = (
     ("grid_size", "pos", "a positive number of look-at targets per side"),
     ("grid_width", "pos", "a positive width (reference scale)"),
@@ -529,6 +572,8 @@ _STAGE2_RULES: tuple[tuple[str, str, str], ...] = (
     ("top2ground.max_sequence_length", "pos", "a positive number of tokens"),
     ("top2ground.seed", "nonneg", ">= 0"),
     ("top2ground.redux_weight", "nonneg", ">= 0 (0: no Redux tokens)"),
+    ("difix.batch_size", "pos", "at least 1"),
+    ("difix.seed", "nonneg", ">= 0"),
 )
 
 

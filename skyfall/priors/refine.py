@@ -12,7 +12,8 @@ accept ``guidance=`` and ignore it.
 Implementations, registered by name in ``skyfall.registry.REFINERS``: ``IdentityRefiner`` (tests),
 the diffusion refiners ``FlowEditRefiner`` / ``SDEditRefiner`` on FLUX.1-dev
 (``skyfall.priors.flux_refiners``; built with options by ``make_refiner``), the conditioned
-``Top2GroundRefiner`` on FLUX.1-Depth-dev + Redux (``skyfall.priors.top2ground``) and the synthetic
+``Top2GroundRefiner`` on FLUX.1-Depth-dev + Redux (``skyfall.priors.top2ground``), the single-step
+``DifixRefiner`` (Difix3D on SD-Turbo, the fast mode; ``skyfall.priors.difix``) and the synthetic
 tile's ``IdealRefiner`` (a measuring instrument, ``skyfall.synth.oracles``). Stage 2 builds the one its
 config names with ``REFINERS.build(name, stage2_config, tile_dir)``.
 """
@@ -63,19 +64,20 @@ def make_refiner(name: str, *, tile_dir: str | Path | None = None, **options: An
 
     Args:
         name: 'flowedit' (the paper's), 'sdedit' (its ablation), 'top2ground' (geometry + satellite
-            conditioned), 'identity', 'ideal' (synthetic tiles; needs ``tile_dir``) or any other
-            registered name.
+            conditioned), 'difix' (single-step, the fast mode), 'identity', 'ideal' (synthetic tiles;
+            needs ``tile_dir``) or any other registered name.
         tile_dir: the tile folder (pose-aware oracles).
         **options: for refiners with an options section in ``Stage2Config`` (``flowedit``, ``sdedit``,
-            ``top2ground``): ``config=`` a :class:`skyfall.config.priors.FlowEditConfig` /
-            ``SDEditConfig`` / ``Top2GroundConfig``, ``model=``
-            an already loaded :class:`skyfall.priors.flux.FluxModel` (kept across Stage 2 episodes),
+            ``top2ground``, ``difix``): ``config=`` a :class:`skyfall.config.priors.FlowEditConfig` /
+            ``SDEditConfig`` / ``Top2GroundConfig`` / ``DifixConfig``, ``model=``
+            an already loaded :class:`skyfall.priors.flux.FluxModel` (kept across Stage 2 episodes;
+            :class:`skyfall.priors.difix.DifixModel` for ``difix``),
             and/or any config field as a keyword (``n_max_end=-1``, ``memory_mode="cpu-offload"``,
             ``local_files_only=True``, ...), which overrides the config's value.
 
     Raises:
         ConfigError: unknown name or option. WeightsNotFoundError / MissingDependencyError: the FLUX
-        weights or the diffusion packages are missing.
+        (or Difix) weights or the diffusion packages are missing.
     """
     from skyfall.config.training import Stage2Config
     from skyfall.errors import ConfigError
@@ -126,6 +128,14 @@ def build_top2ground(config: Any, tile_dir: Any = None, *, model: Any = None) ->
     from skyfall.priors.top2ground import Top2GroundRefiner
 
     return Top2GroundRefiner(config.top2ground, model=model)
+
+
+def build_difix(config: Any, tile_dir: Any = None, *, model: Any = None) -> ImageRefiner:
+    """Registry factory of ``difix`` (options from ``config.difix``; ``model``: a loaded
+    :class:`skyfall.priors.difix.DifixModel`)."""
+    from skyfall.priors.difix import DifixRefiner
+
+    return DifixRefiner(config.difix, model=model)
 
 
 def build_identity(config: Any = None, tile_dir: Any = None) -> ImageRefiner:

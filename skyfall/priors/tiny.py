@@ -3,8 +3,9 @@
 They keep the structural facts the code depends on (FLUX: 16 latent channels, VAE scale factor 8,
 64-wide packed tokens, guidance embedding, CLIP pooled + T5 sequence conditioning, the FLUX.1-dev
 scheduler config; FLUX.1-Depth-dev: a transformer taking 128 channels, the packed control latents
-after the noisy ones; FLUX.1 Redux: SigLIP patch tokens projected to the T5 width; Depth Anything: a
-DINOv2 backbone with a metric head) and shrink only the widths,
+after the noisy ones; FLUX.1 Redux: SigLIP patch tokens projected to the T5 width; Difix3D: the
+4-level skip-connection VAE with its LoRA stored as nvidia/difix stores it, an SD-2-shaped UNet, the
+SD-Turbo schedule; Depth Anything: a DINOv2 backbone with a metric head) and shrink only the widths,
 so tests and ``scripts/bench_flowedit.py --tiny`` run the same code paths as real weights in
 milliseconds on a CPU. Nothing is downloaded: the tokenizers are built from in-memory vocabularies
 (transformers >= 5).
@@ -198,6 +199,144 @@ def save_tiny_redux(path: str | Path, seed: int = 0) -> Path:
     # repo names, so loading resolves the processor the same way for both
     index = json.loads((path / "model_index.json").read_text())
     index["feature_extractor"] = ["transformers", "SiglipImageProcessor"]
+    (path / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+# Difix3D (nvidia/difix): its VAE config (SD's VAE plus Difix's keys gamma, ignore_skip, lora_rank), as the
+# Hub repo ships it; the DDPMScheduler fields of stabilityai/sd-turbo's scheduler config, which Difix's
+# model.py loads into a DDPMScheduler (the Hub repo's own scheduler/scheduler_config.json was not readable
+# here).
+DIFIX_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=768,
+    scaling_factor=0.18215,
+    force_upcast=True,
+)
+DIFIX_VAE_EXTRAS = dict(gamma=1.0, ignore_skip=False, lora_rank=4)
+DIFIX_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    clip_sample=False,
+    steps_offset=1,
+    timestep_spacing="trailing",
+)
+# Difix's VAE LoRA (adapter "vae_skip"): decoder modules whose names end with one of these (src/model.py).
+DIFIX_VAE_LORA_TARGETS = (
+    "conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out",
+    "skip_conv_1", "skip_conv_2", "skip_conv_3", "skip_conv_4",
+    "to_k", "to_q", "to_v", "to_out.0",
+)  # fmt: skip
+
+
+def tiny_difix_components(seed: int = 0) -> dict:
+    """Tiny random Difix parts (eval mode, no grad): ``unet``, ``vae`` (skip convolutions attached, plain
+    weights), ``text_encoder``, ``tokenizer``, ``scheduler``.
+
+    Widths: VAE channels (8, 8, 16, 16) with the real block structure (4 levels, so 4 skips) and scaling
+    factor; an SD-2-shaped UNet (linear attention projections, cross-attention) with channels (8, 16)
+    and cross-attention width 32; CLIP 2 layers x 32. The scheduler config is the real one.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from skyfall.priors.difix import add_skip_convs
+
+    tok = _clip_tokenizer()
+    with torch.random.fork_rng():  # building from configs draws from the global RNG; leave it untouched
+        torch.manual_seed(seed)
+        clip = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_attention_heads=2,
+                num_hidden_layers=2, max_position_embeddings=77, projection_dim=32, hidden_act="gelu",
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            )
+        )  # fmt: skip
+        vae = AutoencoderKL(
+            **dict(DIFIX_VAE, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
+        )
+        add_skip_convs(vae)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+            attention_head_dim=(2, 4), norm_num_groups=4, use_linear_projection=True,
+        )  # fmt: skip
+    for m in (clip, vae, unet):
+        m.eval().requires_grad_(False)
+    return dict(
+        unet=unet, vae=vae, text_encoder=clip, tokenizer=tok, scheduler=DDPMScheduler(**DIFIX_SCHEDULER)
+    )
+
+
+def difix_vae_peft_state(vae, rank: int = 4, adapter: str = "vae_skip", seed: int = 0) -> dict:  # noqa: ANN001
+    """The state dict of a Difix VAE as nvidia/difix stores it: every LoRA target of the decoder in peft's
+    layout (``<m>.base_layer.weight`` / ``.bias``, ``<m>.lora_A.<adapter>.weight``,
+    ``<m>.lora_B.<adapter>.weight``; A with the base's kernel, B 1x1), with random non-zero A and B so
+    that merging them matters."""
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: v.detach().clone() for k, v in vae.state_dict().items()}
+    for name, mod in vae.named_modules():
+        if "decoder" not in name or not any(name.endswith(t) for t in DIFIX_VAE_LORA_TARGETS):
+            continue
+        if isinstance(mod, nn.Conv2d):
+            a_shape = (rank, mod.in_channels // mod.groups, *mod.kernel_size)
+            b_shape = (mod.out_channels, rank, 1, 1)
+        elif isinstance(mod, nn.Linear):
+            a_shape, b_shape = (rank, mod.in_features), (mod.out_features, rank)
+        else:
+            continue
+        for p in ("weight", "bias"):
+            if f"{name}.{p}" in state:
+                state[f"{name}.base_layer.{p}"] = state.pop(f"{name}.{p}")
+        state[f"{name}.lora_A.{adapter}.weight"] = 0.1 * torch.randn(a_shape, generator=gen)
+        state[f"{name}.lora_B.{adapter}.weight"] = 0.1 * torch.randn(b_shape, generator=gen)
+    return state
+
+
+def save_tiny_difix(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Difix snapshot in the layout of ``nvidia/difix`` to ``path``: ``model_index.json``,
+    ``scheduler/``, ``tokenizer/``, ``text_encoder/``, ``unet/`` (``save_pretrained``) and ``vae/config.json``
+    (with Difix's gamma / ignore_skip / lora_rank) + ``vae/diffusion_pytorch_model.safetensors`` (skip
+    convolutions, LoRA in peft's layout). The real repo's ``vae/autoencoder_kl.py`` (remote code) is not
+    written: skyfall never runs it."""
+    import diffusers
+    from safetensors.torch import save_file
+
+    parts = tiny_difix_components(seed)
+    path = Path(path)
+    for name in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        parts[name].save_pretrained(path / name)
+    vae = parts["vae"]
+    (path / "vae").mkdir(parents=True, exist_ok=True)
+    vae.save_config(path / "vae")
+    config = json.loads((path / "vae" / "config.json").read_text())
+    config.update(DIFIX_VAE_EXTRAS)
+    (path / "vae" / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    state = difix_vae_peft_state(vae, rank=DIFIX_VAE_EXTRAS["lora_rank"], seed=seed)
+    weights = path / "vae" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(weights), metadata={"format": "pt"})
+    index = {
+        "_class_name": "DifixPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["autoencoder_kl", "AutoencoderKL"],
+    }
     (path / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return path
 

@@ -24,7 +24,8 @@ from skyfall.synth.city import SyntheticCity
 _ALTERNATIVES = {
     "the 'ground-truth' depth estimator": "--stage1.pseudo.estimator moge|depth-anything (a learned prior; "
     "`skyfall doctor` says which weights are cached) or --stage1.pseudo.no-enabled",
-    "the 'ideal' refiner": "--stage2.refiner flowedit|sdedit (FLUX.1-dev weights; see `skyfall doctor`) or identity",
+    "the 'ideal' refiner": "--stage2.refiner flowedit|sdedit (FLUX.1-dev weights) or difix (nvidia/difix, one step; "
+    "see `skyfall doctor`) or identity",
 }
 
 
