@@ -7,7 +7,8 @@ random tensors of the real shapes (T5 [1, 512, 4096], CLIP pooled [1, 768]): the
 once per run, not per image, so they are not part of a refinement.
 
 Prints one JSON line per measurement with the keys what, mode, device, size, seconds, peak_mem_mb
-(CUDA: max allocated by torch; CPU: the process's peak RSS so far), plus details.
+(CUDA: max allocated by torch; CPU: the process's peak RSS so far), plus details (resident_mb:
+CUDA memory allocated between refinements, i.e. what a loaded refiner keeps on the GPU).
 
     # GPU (full size, paper settings: T=28, n_min=4, n_max=10 -> 16 transformer rows in 10 calls)
     python scripts/bench_flowedit.py --random-weights
@@ -202,6 +203,9 @@ def bench_flowedit(args: argparse.Namespace, mode: str, device: torch.device) ->
     for _ in range(args.warmup):
         refiner.refine(image, seeds=[0], **kwargs)
     _sync(device)
+    # What stays on the device between refinements (weights, cached prompt embeddings): the part of
+    # the refiner that shares the GPU with 3DGS training when the refiner is kept loaded.
+    resident = round(torch.cuda.memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -210,6 +214,7 @@ def bench_flowedit(args: argparse.Namespace, mode: str, device: torch.device) ->
     row.update(
         seconds=round(time.perf_counter() - t0, 4),
         peak_mem_mb=round(_peak_mb(device), 1),
+        resident_mb=resident,
         params_m=round(sum(p.numel() for p in transformer.parameters()) / 1e6, 2),
         # top2ground's source and target prompts differ in length (the Redux tokens), so each velocity
         # pair is two calls instead of one batched call
@@ -221,25 +226,32 @@ def bench_flowedit(args: argparse.Namespace, mode: str, device: torch.device) ->
     return row
 
 
-def bench_depth(args: argparse.Namespace, device: torch.device) -> list[dict]:
+def build_depth_net(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
+    """The depth network (on the CPU, float32) and its label: Depth Anything V2 Large with random
+    weights, or the tiny stand-in with ``args.tiny``. Separate from `bench_depth` so that
+    ``scripts/bench_tile.py`` can train with the same network as its pseudo-depth prior."""
     from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
 
-    from skyfall.priors.depth_backends import DepthAnythingDepth
     from skyfall.priors.tiny import tiny_depth_anything
 
-    rows = []
     if args.tiny:
-        net, label = tiny_depth_anything(), "depth-anything-tiny"
-    else:
-        # Depth Anything V2 Large (ViT-L/14 backbone, 335 M parameters: the same backbone size as MoGe v1 ViT-L)
-        backbone = Dinov2Config(image_size=518, patch_size=14, hidden_size=1024, num_hidden_layers=24,
-                                num_attention_heads=16, intermediate_size=4096, out_indices=[5, 12, 18, 24],
-                                reshape_hidden_states=False, apply_layernorm=True)  # fmt: skip
-        cfg = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=1024, patch_size=14,
-                                  neck_hidden_sizes=[256, 512, 1024, 1024], fusion_hidden_size=256,
-                                  depth_estimation_type="metric", max_depth=80)  # fmt: skip
-        torch.manual_seed(0)
-        net, label = DepthAnythingForDepthEstimation(cfg), "depth-anything-large"
+        return tiny_depth_anything(), "depth-anything-tiny"
+    # Depth Anything V2 Large (ViT-L/14 backbone, 335 M parameters: the same backbone size as MoGe v1 ViT-L)
+    backbone = Dinov2Config(image_size=518, patch_size=14, hidden_size=1024, num_hidden_layers=24,
+                            num_attention_heads=16, intermediate_size=4096, out_indices=[5, 12, 18, 24],
+                            reshape_hidden_states=False, apply_layernorm=True)  # fmt: skip
+    cfg = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=1024, patch_size=14,
+                              neck_hidden_sizes=[256, 512, 1024, 1024], fusion_hidden_size=256,
+                              depth_estimation_type="metric", max_depth=80)  # fmt: skip
+    torch.manual_seed(0)
+    return DepthAnythingForDepthEstimation(cfg), "depth-anything-large"
+
+
+def bench_depth(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    from skyfall.priors.depth_backends import DepthAnythingDepth
+
+    rows = []
+    net, label = build_depth_net(args)
     dtype = args.dtype if device.type == "cuda" else "float32"
     _reset(device)
     est = DepthAnythingDepth.from_module(net, device=str(device), dtype=dtype)
@@ -266,7 +278,9 @@ def bench_depth(args: argparse.Namespace, device: torch.device) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; ``build_parser().parse_args([...])`` also gives other scripts (bench_tile.py)
+    a complete argument namespace for `bench_flowedit` and `bench_depth`."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--random-weights", action="store_true", help="random weights (the only mode; no download)"
@@ -287,6 +301,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--no-depth", action="store_true")
     ap.add_argument("--refiner", default="flowedit", choices=["flowedit", "top2ground"])
+    return ap
+
+
+def main() -> None:
+    ap = build_parser()
     args = ap.parse_args()
     if not args.random_weights:
         ap.error("only --random-weights is implemented (real-weight timings: use the refiner directly)")
