@@ -98,8 +98,25 @@ def test_render_output_layout_multi_camera():
 
 # --------------------------------------------------------------------------------------------------
 # GPU parity: gsplat 1.5.3 CUDA vs our torch backend on the same device and inputs (float32).
-# Tolerances: both composite in float32 (ours accumulates T in float64), so images agree to ~1e-5
-# and gradients to ~1e-4 relative; radii may differ by float rounding at the ceil() boundary.
+# Tolerances, from float32 error analysis rather than from one run:
+# * rounding: a pixel composites K Gaussians, each step rounding at float32 eps (1.19e-7), so the two
+#   backends' images differ by ~K eps in bulk: K ~ 85 composited terms gives IMAGE_BULK = 1e-5 (our
+#   float32 render differs from the same render in float64 by 1.7e-6 at most on this scene);
+# * thresholds: both skip a Gaussian whose alpha is below 1/255 and stop once transmittance T falls
+#   below 1e-4. A Gaussian whose alpha rounds to either side of 1/255 in the two backends changes a
+#   pixel by at most alpha T |c - c_behind| <= 1/255, and the early stop by at most 1e-4: rare
+#   flips, each bounded by IMAGE_FLIP. (On an H200 one element of 33,579 differed by 2.28e-4.)
+# Gradients agree to ~1e-4 relative; radii may differ by float rounding at the ceil() boundary.
+IMAGE_BULK = 1e-5
+IMAGE_FLIP = 1.0 / 255.0 + 1e-4
+
+
+def _assert_image_close(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Every element within one threshold flip, and 99.9 % within float32 rounding."""
+    d = (a - b).abs().flatten().double()
+    assert d.max() <= IMAGE_FLIP, f"max |diff| {d.max():.3g} > one alpha-threshold flip {IMAGE_FLIP:.3g}"
+    q = torch.quantile(d, 0.999) if d.numel() <= 16_000_000 else d.sort().values[int(0.999 * d.numel())]
+    assert q <= IMAGE_BULK, f"99.9th percentile |diff| {q:.3g} > float32 rounding bound {IMAGE_BULK:.3g}"
 
 
 def _run(backend: str, params, vm, K, W, H, **kw):
@@ -128,8 +145,8 @@ def test_gsplat_vs_torch_parity(mode: str, n_cam: int):
     og, gg = _run("gsplat", params, cams.viewmats, cams.Ks, W, H, **kw)
     ot, gt = _run("torch", params, cams.viewmats, cams.Ks, W, H, **kw)
     assert og.backend == "gsplat" and ot.backend == "torch"
-    torch.testing.assert_close(ot.colors, og.colors, atol=2e-4, rtol=0)
-    torch.testing.assert_close(ot.alphas, og.alphas, atol=2e-4, rtol=0)
+    _assert_image_close(ot.colors, og.colors)
+    _assert_image_close(ot.alphas, og.alphas)
     torch.testing.assert_close(ot.depths, og.depths, atol=2e-3, rtol=0)
     torch.testing.assert_close(ot.expected_depths, og.expected_depths, atol=5e-3, rtol=1e-3)
     torch.testing.assert_close(ot.means2d, og.means2d, atol=1e-3, rtol=0)
@@ -167,7 +184,7 @@ def test_gsplat_satellite_camera_precision():
     og, _ = _run("gsplat", params, cams.viewmats, cams.Ks, W, H)
     ot, _ = _run("torch", params, cams.viewmats, cams.Ks, W, H)
     torch.testing.assert_close(og.means2d[0, 0].double(), uv[0, 0], atol=2e-3, rtol=0)
-    torch.testing.assert_close(ot.colors, og.colors, atol=2e-4, rtol=0)
+    _assert_image_close(ot.colors, og.colors)
 
 
 def test_bench_script_smoke():
@@ -188,3 +205,26 @@ def test_bench_script_smoke():
     for r in rows:
         assert r["backend"] == "torch" and r["device"] == "cpu" and r["threads"] == 1
         assert r["forward_s"] > 0 and r["backward_s"] > 0 and r["peak_mem_mb"] >= 0
+
+
+def test_image_tolerances_hold_float32_against_float64():
+    """The bulk bound is float32 rounding: our float32 render against the same render in float64."""
+    W, H = 123, 91
+    params, _, K = scene(3000, W, H, seed=5)
+    c2w = look_at(
+        torch.tensor([[0.0, 0.0, 0.0]]), torch.tensor([[0.0, 0.0, 4.0]]), up=torch.tensor([0.0, -1.0, 0.0])
+    )
+    cams = Cameras(c2w, K.expand(1, 3, 3), W, H)
+    bg = torch.tensor([0.1, 0.2, 0.3])
+    kw = dict(sh_degree=1, rasterize_mode="antialiased", backend="torch")
+    o32 = render(*params, cams.viewmats.float(), cams.Ks.float(), W, H, backgrounds=bg, **kw)
+    p64 = [p.double() for p in params]
+    o64 = render(*p64, cams.viewmats.double(), cams.Ks.double(), W, H, backgrounds=bg.double(), **kw)
+    _assert_image_close(o32.colors.double(), o64.colors)
+    _assert_image_close(o32.alphas.double(), o64.alphas)
+    # and the bound is tight enough to see a real difference: one Gaussian's colour changed
+    p2 = [p.clone() for p in params]
+    p2[4][0] += 0.5
+    o2 = render(*p2, cams.viewmats.float(), cams.Ks.float(), W, H, backgrounds=bg, **kw)
+    with pytest.raises(AssertionError):
+        _assert_image_close(o2.colors, o32.colors)
