@@ -40,23 +40,10 @@ def _run(cmd: list[str], log: Path) -> float:
 
 
 def _render_ply(ply: Path, cam) -> np.ndarray:  # noqa: ANN001
-    import torch
-
+    from skyfall.export.bake import render_splats
     from skyfall.export.formats import read_ply
-    from skyfall.render import render
 
-    s = read_ply(ply)
-    t = {
-        k: torch.from_numpy(np.ascontiguousarray(getattr(s, k))).float()
-        for k in ("means", "quats", "scales", "opacities", "sh")
-    }
-    degree = int(round(t["sh"].shape[1] ** 0.5)) - 1
-    with torch.no_grad():
-        out = render(
-            t["means"], t["quats"], t["scales"], t["opacities"], t["sh"],
-            cam.viewmats, cam.Ks, cam.width, cam.height, sh_degree=degree, absgrad=False,
-        )  # fmt: skip
-    return (out.colors[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    return render_splats(read_ply(ply), cam)[0]
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 
@@ -30,8 +29,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from skyfall.data.camera_path import read_camera_path
+    from skyfall.export.bake import render_splats
     from skyfall.export.formats import read_ply
-    from skyfall.render import render
 
     gt_dir = next(p for p in sorted((args.tile / "gt" / "views").iterdir()) if "e45" in p.name)
     cams = read_camera_path(gt_dir / "camera_path.json")
@@ -40,17 +39,7 @@ def main() -> None:
     tiles, labels = [gt], ["ground truth"]
     for i, ply in enumerate(args.ply):
         s = read_ply(ply)
-        t = {
-            k: torch.from_numpy(np.ascontiguousarray(getattr(s, k))).float()
-            for k in ("means", "quats", "scales", "opacities", "sh")
-        }
-        degree = int(round(t["sh"].shape[1] ** 0.5)) - 1
-        with torch.no_grad():
-            out = render(
-                t["means"], t["quats"], t["scales"], t["opacities"], t["sh"],
-                cam.viewmats, cam.Ks, cam.width, cam.height, sh_degree=degree, absgrad=False,
-            )  # fmt: skip
-        img = (out.colors[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+        img = render_splats(s, cam)[0]
         mse = np.mean((img.astype(np.float64) - gt) ** 2)
         name = args.labels[i] if args.labels and i < len(args.labels) else ply.parent.parent.name
         tiles.append(img)

@@ -156,3 +156,21 @@ def sanitize(splats: Splats) -> tuple[Splats, int]:
         ok &= np.isfinite(splats.filter_3d)
     dropped = int(n - ok.sum())
     return (splats if dropped == 0 else splats.subset(ok)), dropped
+
+
+@torch.no_grad()
+def render_splats(splats: Splats, cameras) -> np.ndarray:  # noqa: ANN001
+    """What a viewer shows: baked splats (as read back from a file) alpha-blended from ``cameras``
+    (a ``Cameras``) with the rasteriser of ``skyfall.render``; uint8 images [C, H, W, 3]."""
+    from skyfall.render import render
+
+    t = {
+        k: torch.from_numpy(np.ascontiguousarray(getattr(splats, k))).float()
+        for k in ("means", "quats", "scales", "opacities", "sh")
+    }
+    out = render(
+        t["means"], t["quats"], t["scales"], t["opacities"], t["sh"],
+        cameras.viewmats.float(), cameras.Ks.float(), cameras.width, cameras.height,
+        sh_degree=splats.sh_degree, absgrad=False,
+    )  # fmt: skip
+    return (out.colors.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
