@@ -19,6 +19,19 @@ CUDA memory allocated between refinements, i.e. what a loaded refiner keeps on t
     python scripts/bench_flowedit.py --random-weights --tiny --size 64
     python scripts/bench_flowedit.py --random-weights --tiny --size 64 --refiner top2ground --modes gpu
     python scripts/bench_flowedit.py --random-weights --size 64 --layers 1 --seq-len 64 --modes gpu
+
+Speed options (FluxConfig's; each row also reports seconds_per_image). ``--compare`` first refines the
+same images with every option off and unquantised weights, then reports the options' max/mean absolute
+difference and PSNR against that baseline (and, with --cache, how many calls skipped the blocks):
+
+    # float8 matmuls + regional compile + the fastest attention, 4 images per call (warm up twice:
+    # the first calls compile each batch shape)
+    python scripts/bench_flowedit.py --random-weights --modes fp8-dynamic --batch-size 4 --compile blocks \
+        --attention _native_cudnn --warmup 2 --compare --no-depth
+    # First Block Cache: speed and difference from the uncached output. With random weights the
+    # difference says nothing about image quality: measure it on the real model and a real render
+    python scripts/bench_flowedit.py --model-id black-forest-labs/FLUX.1-dev --image RUN/idu/ep00_.../render/00000.png \
+        --modes gpu --cache first-block --cache-threshold 0.05 --compare --no-depth
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import resource
 import time
@@ -127,25 +141,93 @@ def build_redux(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     return ReduxEncoder(siglip, processor, embedder, device=device, dtype=dtype, memory_mode=memory_mode)
 
 
-def quantise_fp8(transformer: torch.nn.Module) -> str | None:
-    """In-place torchao float8 weight-only quantisation; returns a skip reason or None."""
+def quantise_fp8(transformer: torch.nn.Module, dynamic: bool = False) -> str | None:
+    """In-place torchao float8 quantisation (weight-only, or ``dynamic``: float8 weights and activations,
+    float8 matmuls); returns a skip reason or None."""
+    from skyfall.errors import ConfigError
+    from skyfall.priors.flux import check_float8_matmuls, float8_dynamic_config
+
+    if dynamic:
+        try:
+            check_float8_matmuls(next(transformer.parameters()).device, "--modes")
+        except ConfigError as e:
+            return str(e)
     try:
         from torchao.quantization import quantize_
     except ImportError:
         return "torchao not installed (pip install torchao)"
     try:
-        from torchao.quantization import Float8WeightOnlyConfig
+        if dynamic:
+            quantize_(transformer, float8_dynamic_config())
+        else:
+            from torchao.quantization import Float8WeightOnlyConfig
 
-        quantize_(transformer, Float8WeightOnlyConfig())
+            quantize_(transformer, Float8WeightOnlyConfig())
     except Exception as e:  # noqa: BLE001 - report, do not abort the other modes
         return f"torchao float8 failed here: {type(e).__name__}: {e}"
     return None
 
 
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """PSNR (dB) of images in [0, 1]; None when identical (JSON has no infinity)."""
+    mse = float(((a.float() - b.float()) ** 2).mean())
+    return None if mse == 0 else round(10 * math.log10(1.0 / mse), 2)
+
+
+def _count_cache_decisions(transformer: torch.nn.Module) -> list[bool] | None:
+    """First Block Cache's decisions per transformer call (True: the remaining blocks ran), or None when
+    the transformer has no First Block Cache. Wraps the head hook's decision method, which runs outside
+    the compiled graphs."""
+    hooks = getattr(transformer.transformer_blocks[0], "_diffusers_hook", None)
+    hook = None if hooks is None else hooks.hooks.get("fbc_leader_block_hook")
+    if hook is None:
+        return None
+    decide, log = hook._should_compute_remaining_blocks, []
+
+    def logged(residual: torch.Tensor) -> bool:
+        log.append(decide(residual))
+        return log[-1]
+
+    hook._should_compute_remaining_blocks = logged
+    return log
+
+
+def _speed_config(args: argparse.Namespace):  # noqa: ANN202
+    """The FluxConfig speed options of the command line."""
+    from skyfall.config.priors import FluxConfig
+
+    return FluxConfig(compile=args.compile, attention=args.attention, cache=args.cache,
+                      cache_threshold=args.cache_threshold)  # fmt: skip
+
+
+def _load_real(args: argparse.Namespace, device: torch.device, memory_mode: str):  # noqa: ANN202
+    """The real FLUX model of --model-id, every speed option off (they are applied after the baseline)."""
+    from skyfall.config.priors import FlowEditConfig, Top2GroundConfig
+    from skyfall.priors.flux import FluxModel
+
+    kind = Top2GroundConfig if args.refiner == "top2ground" else FlowEditConfig
+    cfg = kind(model_id=args.model_id, device=str(device), dtype=args.dtype, memory_mode=memory_mode,
+               local_files_only=True)  # fmt: skip
+    return FluxModel.load(cfg, [cfg.source_prompt, cfg.target_prompt], option="--device")
+
+
+def _images(args: argparse.Namespace, device: torch.device, g: torch.Generator) -> torch.Tensor:
+    """--batch-size images: --image (a render) repeated, or random noise images."""
+    if args.image:
+        from skyfall.eval.heldout import read_image
+
+        img = read_image(args.image)
+        if img.shape[-1] != args.size or img.shape[-2] != args.size:
+            img = torch.nn.functional.interpolate(img[None], size=(args.size, args.size), mode="bilinear",
+                                                  antialias=True)[0]  # fmt: skip
+        return img[None].expand(args.batch_size, -1, -1, -1).contiguous().to(device)
+    return torch.rand(args.batch_size, 3, args.size, args.size, generator=g).to(device)
+
+
 def bench_flowedit(args: argparse.Namespace, mode: str, device: torch.device) -> dict:
     from skyfall.config.priors import FlowEditConfig
     from skyfall.priors.flowedit import PromptEmbedding, num_transformer_calls
-    from skyfall.priors.flux import FluxModel, torch_dtype
+    from skyfall.priors.flux import FluxModel, apply_speed_options, torch_dtype
     from skyfall.priors.flux_refiners import FlowEditRefiner
     from skyfall.priors.tiny import FLUX_DEV_SCHEDULER
 
@@ -156,38 +238,53 @@ def bench_flowedit(args: argparse.Namespace, mode: str, device: torch.device) ->
         device=str(device),
         size=args.size,
         dtype=str(dtype).replace("torch.", ""),
+        batch_size=args.batch_size,
+        compile=args.compile,
+        attention=args.attention,
+        cache=args.cache,
+        cache_threshold=args.cache_threshold if args.cache != "none" else None,
     )
-    if mode == "nf4":
+    parts = set(mode.split("+"))  # e.g. fp8-dynamic+cpu-offload: a quantisation in a memory mode
+    if "nf4" in parts:
         row.update(seconds=None, peak_mem_mb=None, skipped="bitsandbytes quantises at from_pretrained time; "
                    "random in-memory weights cannot be nf4-quantised this way (measure with real weights)")  # fmt: skip
         return row
-    memory_mode = "cpu-offload" if mode == "cpu-offload" else "gpu"
+    if "fp8-dynamic" in parts:  # the gate first: nothing to build where float8 matmuls cannot run
+        from skyfall.errors import ConfigError
+        from skyfall.priors.flux import check_float8_matmuls
+
+        try:
+            check_float8_matmuls(device, "--modes")
+        except ConfigError as e:
+            row.update(seconds=None, peak_mem_mb=None, skipped=str(e))
+            return row
+    memory_mode = "cpu-offload" if "cpu-offload" in parts else "gpu"
     _reset(device)
     home = torch.device("cpu") if memory_mode == "cpu-offload" else device
     t0 = time.perf_counter()
-    transformer = build_transformer(args, home, dtype)
-    if mode == "fp8":
-        reason = quantise_fp8(transformer.to(device))
-        if reason:
-            row.update(seconds=None, peak_mem_mb=None, skipped=reason)
-            return row
-    vae = build_vae(args, dtype)
-    build_s = time.perf_counter() - t0
-    c = transformer.config
     cfg = FlowEditConfig(device=str(device), dtype=args.dtype, memory_mode=memory_mode, n_max=args.n_max,
-                         n_max_end=-1, n_min=args.n_min, batch_size=1)  # fmt: skip
+                         n_max_end=-1, n_min=args.n_min, batch_size=args.batch_size)  # fmt: skip
     g = torch.Generator().manual_seed(0)
-    prompts = {
-        p: PromptEmbedding(
-            torch.randn(1, args.seq_len, c.joint_attention_dim, generator=g),
-            torch.randn(1, c.pooled_projection_dim, generator=g),
-        )  # fmt: skip
-        for p in (cfg.source_prompt, cfg.target_prompt)
-    }
-    model = FluxModel(
-        transformer, vae, FLUX_DEV_SCHEDULER, prompts, device=device, dtype=dtype, memory_mode=memory_mode
-    )
-    image = torch.rand(1, 3, args.size, args.size, generator=g).to(device)
+    if args.model_id:
+        model = _load_real(args, device, memory_mode)
+        transformer = model.transformer
+    else:
+        transformer = build_transformer(args, home, dtype)
+        vae = build_vae(args, dtype)
+        c = transformer.config
+        prompts = {
+            p: PromptEmbedding(
+                torch.randn(1, args.seq_len, c.joint_attention_dim, generator=g),
+                torch.randn(1, c.pooled_projection_dim, generator=g),
+            )  # fmt: skip
+            for p in (cfg.source_prompt, cfg.target_prompt)
+        }
+        model = FluxModel(
+            transformer, vae, FLUX_DEV_SCHEDULER, prompts, device=device, dtype=dtype, memory_mode=memory_mode
+        )
+    build_s = time.perf_counter() - t0
+    images = _images(args, device, g)
+    seeds = list(range(1, args.batch_size + 1))
     kwargs: dict = {}
     if args.refiner == "top2ground":
         from skyfall.config.priors import Top2GroundConfig
@@ -196,23 +293,38 @@ def bench_flowedit(args: argparse.Namespace, mode: str, device: torch.device) ->
 
         t2g = Top2GroundConfig(**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__})
         refiner = Top2GroundRefiner(t2g, model=model, redux=build_redux(args, device, dtype, memory_mode))
-        height = torch.rand(1, args.size, args.size, generator=g).to(device) * 30
-        kwargs["guidance"] = RefineGuidance(height=height, satellite=torch.rand(1, 3, 384, 384, generator=g))
+        height = torch.rand(args.batch_size, args.size, args.size, generator=g).to(device) * 30
+        sat = torch.rand(args.batch_size, 3, 384, 384, generator=g)
+        kwargs["guidance"] = RefineGuidance(height=height, satellite=sat)
     else:
         refiner = FlowEditRefiner(cfg, model=model)
+    baseline = refiner.refine(images, seeds=seeds, **kwargs).cpu() if args.compare else None
+    # quantisation and the speed options after the baseline: it is the unquantised, option-free output
+    if parts & {"fp8", "fp8-dynamic"}:
+        with model.on_device():
+            reason = quantise_fp8(transformer, dynamic="fp8-dynamic" in parts)
+        if reason:
+            row.update(seconds=None, peak_mem_mb=None, skipped=reason)
+            return row
+    apply_speed_options(transformer, _speed_config(args), device=device, dtype=dtype, option="--device")
+    decisions = _count_cache_decisions(transformer)
     for _ in range(args.warmup):
-        refiner.refine(image, seeds=[0], **kwargs)
+        refiner.refine(images, seeds=seeds, **kwargs)
     _sync(device)
     # What stays on the device between refinements (weights, cached prompt embeddings): the part of
     # the refiner that shares the GPU with 3DGS training when the refiner is kept loaded.
     resident = round(torch.cuda.memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if decisions is not None:
+        decisions.clear()
     t0 = time.perf_counter()
-    out = refiner.refine(image, seeds=[1], **kwargs)
+    out = refiner.refine(images, seeds=seeds, **kwargs)
     _sync(device)
+    seconds = time.perf_counter() - t0
     row.update(
-        seconds=round(time.perf_counter() - t0, 4),
+        seconds=round(seconds, 4),
+        seconds_per_image=round(seconds / args.batch_size, 4),
         peak_mem_mb=round(_peak_mb(device), 1),
         resident_mb=resident,
         params_m=round(sum(p.numel() for p in transformer.parameters()) / 1e6, 2),
@@ -222,7 +334,14 @@ def bench_flowedit(args: argparse.Namespace, mode: str, device: torch.device) ->
         T=cfg.T_steps, n_max=args.n_max, n_min=args.n_min, seq_len=args.seq_len,
         build_seconds=round(build_s, 2), finite=bool(torch.isfinite(out).all()),
     )  # fmt: skip
-    del refiner, model, transformer, vae
+    if decisions is not None:  # calls of the timed refinement, and how many ran the first block only
+        row.update(cache_calls=len(decisions), cache_skipped=decisions.count(False))
+    if baseline is not None:
+        diff = (out.cpu().float() - baseline.float()).abs()
+        row.update(max_abs_diff_vs_baseline=round(float(diff.max()), 6),
+                   mean_abs_diff_vs_baseline=round(float(diff.mean()), 6),
+                   psnr_vs_baseline_db=_psnr(out.cpu(), baseline))  # fmt: skip
+    del refiner, model, transformer
     return row
 
 
@@ -292,7 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--seq-len", type=int, default=512, help="T5 prompt tokens (512 for FLUX.1-dev)")
     ap.add_argument(
-        "--modes", default="gpu,cpu-offload,fp8,nf4", help="comma list of gpu, cpu-offload, fp8, nf4"
+        "--modes",
+        default="gpu,cpu-offload,fp8,nf4",
+        help="comma list of gpu, cpu-offload, fp8, fp8-dynamic (float8 matmuls, compute capability >= 8.9), "
+        "nf4; a quantisation joins cpu-offload with '+' (fp8-dynamic+cpu-offload: the low-memory mode)",
     )
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--device", default=None, help="default: cuda if available else cpu")
@@ -301,15 +423,41 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--no-depth", action="store_true")
     ap.add_argument("--refiner", default="flowedit", choices=["flowedit", "top2ground"])
+    ap.add_argument("--batch-size", type=int, default=1, help="images per refine() call (one seed each)")
+    ap.add_argument("--compile", default="none", choices=["none", "blocks"], help="regional torch.compile")
+    ap.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend (CPU smoke: aot_eager)"
+    )
+    ap.add_argument("--attention", default="default", help="diffusers attention backend name, or default")
+    ap.add_argument(
+        "--cache", default="none", choices=["none", "first-block"], help="block cache across steps"
+    )
+    ap.add_argument("--cache-threshold", type=float, default=0.05, help="First Block Cache threshold")
+    ap.add_argument(
+        "--compare", action="store_true",
+        help="refine the same images with every option off first; report the difference and PSNR",
+    )  # fmt: skip
+    ap.add_argument(
+        "--model-id", default=None,
+        help="real FLUX weights (Hub id in the local cache, or a folder) instead of --random-weights",
+    )  # fmt: skip
+    ap.add_argument("--image", default=None, help="input image (a render; resized to --size); default noise")
     return ap
 
 
 def main() -> None:
     ap = build_parser()
     args = ap.parse_args()
-    if not args.random_weights:
-        ap.error("only --random-weights is implemented (real-weight timings: use the refiner directly)")
+    if not args.random_weights and not args.model_id:
+        ap.error("give --random-weights, or --model-id for real weights")
+    if args.random_weights and args.model_id:
+        ap.error("--random-weights and --model-id exclude each other")
+    if args.batch_size < 1:
+        ap.error("--batch-size must be at least 1")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    import skyfall.priors.flux as flux
+
+    flux.COMPILE_BACKEND = args.compile_backend
     from diffusers.utils import logging as dlog
 
     dlog.set_verbosity_error()  # the ".to(dtype) with keep-in-fp32 modules: []" notice is noise here

@@ -196,7 +196,9 @@ def test_trained_city_exports_one_scene_with_seam_figures(trained_city, tmp_path
     assert r.returncode == 0, r.stdout + r.stderr
     doc = json.loads((out / "export" / "chunks.json").read_text())
     assert len(doc["chunks"]) == 4 and doc["embedding"]["name"] == "sat_00"
-    assert len(read_ply(out / "export" / "city.ply")) == doc["count"] == sum(c["count"] for c in doc["chunks"])
+    assert (
+        len(read_ply(out / "export" / "city.ply")) == doc["count"] == sum(c["count"] for c in doc["chunks"])
+    )
     err = json.loads((out / "export" / "dsm_errors.json").read_text())
     assert err["seam"]["count"] > 0 and err["interior"]["count"] > 0
     assert err["all"]["coverage"] > 0.95

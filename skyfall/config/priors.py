@@ -51,16 +51,42 @@ class FluxConfig:
     memory_mode: Literal["gpu", "cpu-offload"] = "gpu"
     """'gpu': all components stay on the device. 'cpu-offload': the transformer lives in CPU memory and
     moves to the device only for the duration of a refine() call, so 3DGS training gets the GPU back."""
-    quantization: Literal["none", "fp8", "nf4"] = "none"
-    """Quantise the transformer weights: 'fp8' (torchao, ~12 GB) or 'nf4' (bitsandbytes, ~7 GB) instead of
-    ~22 GB in bfloat16. Combine with memory_mode='cpu-offload' for the lowest Stage 2 peak VRAM."""
+    quantization: Literal["none", "fp8", "fp8-dynamic", "nf4"] = "none"
+    """Quantise the transformer weights: 'fp8' (torchao, ~12 GB, weight-only: the matmuls still run in
+    bfloat16) or 'nf4' (bitsandbytes, ~7 GB) instead of ~22 GB in bfloat16. 'fp8-dynamic': torchao float8
+    weights and activations (dynamic per-row scales), so the matmuls themselves run in float8 (~12 GB;
+    needs a GPU of compute capability >= 8.9: Ada, Hopper or newer; fastest with compile 'blocks', which
+    fuses the activation quantisation). Combine with memory_mode='cpu-offload' for the lowest Stage 2 peak
+    VRAM."""
     max_sequence_length: int = 512
     """T5 prompt length in tokens (512 for FLUX.1-dev, as the reference)."""
     prompt_cache_dir: str | None = None
     """Folder caching the encoded prompts across runs (so T5-XXL is loaded once ever); None = the default
     (~/.cache/skyfall/prompt_embeds or $SKYFALL_CACHE/prompt_embeds); '' = in-memory only."""
     batch_size: int = 1
-    """Images per transformer call (each image adds a source and a target row to the batch)."""
+    """Images refined together, one transformer call per step for all of them (each image adds a source
+    and a target row); Stage 2 sends this many (view, sample) pairs per refinement. Each image's seed
+    alone draws its noise (and n_max), so a batch gives each image's batch-1 result up to float rounding;
+    activation memory grows with it (set it as memory allows)."""
+    compile: Literal["none", "blocks"] = "none"
+    """'blocks': torch.compile each transformer block once after loading (regional compilation, diffusers'
+    compile_repeated_blocks): the first calls of each new batch shape pay the compile time (tens of
+    seconds to minutes on a GPU); outputs equal the uncompiled ones up to float rounding."""
+    attention: str = "default"
+    """Attention backend of the transformer, by diffusers' name (its AttentionBackendName: 'native',
+    '_native_cudnn', '_native_flash', '_native_efficient', 'flash', '_flash_3', 'xformers', 'sage', ...);
+    'default' keeps diffusers' own (PyTorch SDPA, which picks its kernel itself). Checked at load with one
+    trial call on the device; 'sage*' backends quantise attention, so they change the output."""
+    cache: Literal["none", "first-block"] = "none"
+    """Block caching across denoising steps (diffusers' cache hooks). 'first-block': First Block Cache (a
+    simpler relative of TeaCache): every call runs the first block, and when its residual changed by less
+    than cache_threshold (relative mean absolute change) since the last full call of the same phase, the
+    other blocks are skipped and their cached residual is reused. Changes the output, by an amount to
+    measure on real weights (scripts/bench_flowedit.py --cache first-block --compare) before use; the
+    skip decision is taken for the whole batch, so batched results differ from batch-1 ones too."""
+    cache_threshold: float = 0.05
+    """First Block Cache threshold (diffusers' default 0.05; higher skips more, faster and further from
+    the uncached output)."""
 
 
 @dataclass

@@ -32,8 +32,13 @@ SAFE_TO_CHANGE: dict[str, frozenset[str]] = {
 }
 """Per config section, the dotted fields a resume may change."""
 
-SAFE_LEAVES = frozenset({"device", "cache_dir", "local_files_only", "prompt_cache_dir"})
-"""Field names that may change wherever they sit (where a model is found and which device runs it)."""
+SAFE_LEAVES = frozenset(
+    {"device", "cache_dir", "local_files_only", "prompt_cache_dir", "batch_size", "compile", "attention"}
+)
+"""Field names that may change wherever they sit: where a model is found and which device runs it,
+and the refiners' speed options (batching, compiled blocks, attention kernel), whose effect on a
+refinement is float rounding (tests/test_flux_speed.py, tests/test_difix.py). The block cache is not
+one of them: it changes the output."""
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -437,13 +437,22 @@ class Stage2Config:
         from skyfall.devices import resolve_device  # torch: imported only when a run starts
 
         try:
-            resolve_device(cfg.device, f"{flag}.device")
+            device = resolve_device(cfg.device, f"{flag}.device")
         except ConfigError as e:
             if "no CUDA GPU" not in str(e):
                 raise
             raise ConfigError(
                 f"{e}; without a GPU: {flag}.device cpu (FLUX on a CPU), or --preset demo (the ideal refiner)"
             ) from None
+        # the speed options that cannot work on this machine stop the run before Stage 1 or any Stage 2 work
+        if cfg.quantization == "fp8-dynamic":
+            from skyfall.priors.flux import check_float8_matmuls
+
+            check_float8_matmuls(device, f"{flag}.quantization")
+        if cfg.attention != "default":  # diffusers is imported only for a backend other than the default
+            from skyfall.priors.flux import check_attention_backend
+
+            check_attention_backend(cfg.attention, f"{flag}.attention")
 
     def scale_steps(self, factor: float) -> Stage2Config:
         """A copy with every step-valued field multiplied by ``factor``."""
@@ -557,11 +566,13 @@ _STAGE2_RULES: tuple[tuple[str, str, str], ...] = (
     ("flowedit.src_guidance", "nonneg", ">= 0"),
     ("flowedit.tar_guidance", "nonneg", ">= 0"),
     ("flowedit.batch_size", "pos", "at least 1"),
+    ("flowedit.cache_threshold", "nonneg", ">= 0"),
     ("flowedit.max_sequence_length", "pos", "a positive number of tokens"),
     ("flowedit.seed", "nonneg", ">= 0"),
     ("sdedit.T_steps", "pos", "a positive number of steps"),
     ("sdedit.guidance", "nonneg", ">= 0"),
     ("sdedit.batch_size", "pos", "at least 1"),
+    ("sdedit.cache_threshold", "nonneg", ">= 0"),
     ("sdedit.max_sequence_length", "pos", "a positive number of tokens"),
     ("sdedit.seed", "nonneg", ">= 0"),
     ("top2ground.T_steps", "pos", "a positive number of steps"),
@@ -569,6 +580,7 @@ _STAGE2_RULES: tuple[tuple[str, str, str], ...] = (
     ("top2ground.src_guidance", "nonneg", ">= 0"),
     ("top2ground.tar_guidance", "nonneg", ">= 0"),
     ("top2ground.batch_size", "pos", "at least 1"),
+    ("top2ground.cache_threshold", "nonneg", ">= 0"),
     ("top2ground.max_sequence_length", "pos", "a positive number of tokens"),
     ("top2ground.seed", "nonneg", ">= 0"),
     ("top2ground.redux_weight", "nonneg", ">= 0 (0: no Redux tokens)"),

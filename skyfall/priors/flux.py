@@ -8,6 +8,12 @@ fixed, so they are encoded once (and cached on disk), after which the text encod
 ([FIX] the reference reloads FLUX every episode and re-encodes both prompts with T5-XXL for every
 image): the resident set is the transformer + VAE. ``memory_mode``
 and ``quantization`` (see :class:`skyfall.config.priors.FluxConfig`) trade speed for VRAM.
+
+Speed options, all off by default (then nothing below touches the transformer and the outputs are
+those of the plain model): ``quantization='fp8-dynamic'`` (float8 matmuls, compute capability >= 8.9),
+``attention`` (a diffusers attention backend), ``compile='blocks'`` (regional torch.compile) and
+``cache='first-block'`` (First Block Cache across denoising steps; changes the output). They are applied
+once, after loading (:func:`apply_speed_options`), in the order attention, compile, cache.
 """
 
 from __future__ import annotations
@@ -31,6 +37,13 @@ from skyfall.priors.hub import load_weights, looks_like_path, resolve_file, tran
 from skyfall.storage.atomic import atomic_write
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+FLOAT8_MIN_CAPABILITY = (8, 9)
+"""CUDA compute capability from which ``torch._scaled_mm`` runs float8 matmuls (Ada, Hopper, Blackwell)."""
+
+COMPILE_BACKEND = "inductor"
+"""torch.compile backend of ``compile='blocks'``. Tests on a small CPU set 'aot_eager' (the same graph
+capture without inductor's code generation, which takes about a minute per shape there)."""
 
 
 @contextlib.contextmanager
@@ -67,10 +80,58 @@ def _hf_kwargs(cfg: FluxConfig) -> dict:
     return dict(local_files_only=cfg.local_files_only, cache_dir=cfg.cache_dir, revision=cfg.revision)
 
 
-def _quantization_config(cfg: FluxConfig, dtype: torch.dtype):  # noqa: ANN202
+def option_flag(option: str, name: str) -> str:
+    """The flag of field ``name`` in the section whose device flag is ``option``
+    ('--stage2.flowedit.device' -> '--stage2.flowedit.<name>', '--device' -> '--<name>', 'device' -> '<name>')."""
+    return option[: -len("device")] + name if option.endswith("device") else name
+
+
+def check_float8_matmuls(device: torch.device, flag: str = "quantization") -> None:
+    """ConfigError unless ``device`` runs float8 matmuls: a CUDA GPU of compute capability >= 8.9.
+
+    'fp8-dynamic' quantises the activations too, so every linear layer calls ``torch._scaled_mm``, which
+    has float8 kernels from sm_89 on; older GPUs and the CPU would fail at the first refinement.
+    """
+    if device.type != "cuda":
+        raise ConfigError(
+            f"{flag} 'fp8-dynamic' runs the matmuls in float8, which needs a CUDA GPU of compute capability "
+            f">= 8.9 (Ada, Hopper or newer); the device is {device} (use 'fp8': float8 weights, bfloat16 "
+            "matmuls)"
+        )
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < FLOAT8_MIN_CAPABILITY:
+        raise ConfigError(
+            f"{flag} 'fp8-dynamic': {torch.cuda.get_device_name(device)} ({device}) has compute capability "
+            f"{major}.{minor}, float8 matmuls need >= 8.9 (Ada, Hopper or newer); use 'fp8' (weight-only) "
+            "or 'nf4'"
+        )
+
+
+def float8_dynamic_config():  # noqa: ANN201
+    """torchao's float8 dynamic activation + float8 weight config with per-row scales: one scale per token
+    and per output channel keeps more of the bfloat16 result than one scale per tensor (torchao's default),
+    which may be a little faster; scripts/bench_flowedit.py --compare measures the difference."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig
+
+    try:
+        from torchao.quantization import PerRow
+    except ImportError:  # older torchao keeps the granularities in their own module
+        from torchao.quantization.granularity import PerRow
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+
+
+def _quantization_config(  # noqa: ANN202
+    cfg: FluxConfig, dtype: torch.dtype, device: torch.device | None = None, flag: str = "quantization"
+):
     """diffusers quantisation config for the transformer weights, or None."""
     if cfg.quantization == "none":
         return None
+    if cfg.quantization == "fp8-dynamic":
+        check_float8_matmuls(device if device is not None else torch.device(cfg.device), flag)
+        _require("torchao", "torchao", "quantization='fp8-dynamic'")
+        from diffusers import TorchAoConfig
+
+        return TorchAoConfig(float8_dynamic_config())
     if cfg.quantization == "fp8":
         _require("torchao", "torchao", "quantization='fp8'")
         from diffusers import TorchAoConfig
@@ -86,7 +147,169 @@ def _quantization_config(cfg: FluxConfig, dtype: torch.dtype):  # noqa: ANN202
         from diffusers import BitsAndBytesConfig
 
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    raise ConfigError(f"quantization: {cfg.quantization!r} is not one of none, fp8, nf4")
+    raise ConfigError(f"{flag}: {cfg.quantization!r} is not one of none, fp8, fp8-dynamic, nf4")
+
+
+def check_attention_backend(name: str, flag: str = "attention") -> None:
+    """ConfigError unless ``name`` is 'default' or an attention backend of the installed diffusers whose
+    packages are installed (cheap: no model, no device; :func:`set_attention_backend` also runs it)."""
+    if name == "default":
+        return
+    _require("diffusers", '"skyfall[diffusion]"', f"{flag} {name!r}")
+    import diffusers
+
+    try:
+        from diffusers.models import attention_dispatch as dispatch
+    except ImportError:
+        raise ConfigError(
+            f"{flag} {name!r}: diffusers {diffusers.__version__} has no attention dispatcher (use 'default')"
+        ) from None
+    names = sorted(b.value for b in dispatch.AttentionBackendName)
+    if name not in names:
+        raise ConfigError(
+            f"{flag} {name!r} is not an attention backend of diffusers {diffusers.__version__}; one of: "
+            f"default, {', '.join(names)}"
+        )
+    check = getattr(dispatch, "_check_attention_backend_requirements", None)  # private: may move
+    if check is not None:
+        try:
+            check(dispatch.AttentionBackendName(name))
+        except (RuntimeError, ImportError) as e:
+            raise ConfigError(f"{flag} {name!r} is not available here: {e}") from None
+
+
+def set_attention_backend(
+    transformer: torch.nn.Module,
+    name: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    flag: str = "attention",
+) -> None:
+    """Route the transformer's attention through diffusers backend ``name`` ('default': leave it).
+
+    A backend whose package is installed can still refuse the device or dtype (flash kernels on a CPU,
+    fp32 in FlashAttention) only when called, so one small attention call of the transformer's head
+    shape runs here: a backend that cannot run stops the load with a ConfigError naming ``flag``.
+    """
+    if name == "default":
+        return
+    check_attention_backend(name, flag)
+    if not hasattr(transformer, "set_attention_backend"):
+        raise ConfigError(f"{flag} {name!r}: this transformer has no set_attention_backend (use 'default')")
+    from diffusers.models.attention_dispatch import (
+        AttentionBackendName,
+        _AttentionBackendRegistry,
+        dispatch_attention_fn,
+    )
+
+    heads = int(getattr(transformer.config, "num_attention_heads", 1))
+    head_dim = int(getattr(transformer.config, "attention_head_dim", 64))
+    active = _AttentionBackendRegistry._active_backend
+    try:
+        transformer.set_attention_backend(name)
+        # diffusers also makes the backend the process-wide default, which every other diffusers model
+        # ('default' ones included) would then use; this model's processors hold it, so restore the default
+        _AttentionBackendRegistry.set_active_backend(active)
+        # [batch, tokens, heads, head_dim], the layout FLUX's attention processor hands the dispatcher
+        q = torch.randn(1, 64, heads, head_dim, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        out = dispatch_attention_fn(q, q, q, backend=AttentionBackendName(name))
+        if not torch.isfinite(out.float()).all():
+            raise RuntimeError("the trial call returned non-finite values")
+    except Exception as e:  # noqa: BLE001 - any failure of the trial call means the backend is unusable here
+        _AttentionBackendRegistry.set_active_backend(active)
+        with contextlib.suppress(Exception):
+            transformer.reset_attention_backend()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(
+            f"{flag} {name!r} does not run on {device} in {str(dtype).replace('torch.', '')}: "
+            f"{type(e).__name__}: {first}"
+        ) from None
+
+
+def compile_blocks(transformer: torch.nn.Module, *, before_hooks: bool = False) -> int:
+    """Regional compilation: torch.compile each transformer block (FLUX: 19 double + 38 single), not the
+    whole model, so the compile time is paid per block class and input shape rather than for one graph of
+    the whole network; returns the number of blocks.
+
+    diffusers' ``compile_repeated_blocks`` when the model has it and ``before_hooks`` is False. With
+    ``before_hooks`` (a block cache follows), each block's ``forward`` is compiled instead: the cache hooks
+    wrap the forward they find when registered, so their Python (a ``.item()`` skip decision, per-phase
+    state) stays outside the compiled graphs, which then hold tensors only (``fullgraph``); compiling the
+    module would trace into the hooks, break the graph there and recompile for every cache phase.
+    """
+    names = set(getattr(transformer, "_repeated_blocks", None) or ())
+    if not before_hooks and names and hasattr(transformer, "compile_repeated_blocks"):
+        transformer.compile_repeated_blocks(fullgraph=True, backend=COMPILE_BACKEND)
+        return sum(type(m).__name__ in names for m in transformer.modules())
+    blocks = [m for m in transformer.modules() if type(m).__name__ in names]
+    if not blocks:  # no declared repeated blocks: FLUX's two block lists
+        blocks = [
+            *getattr(transformer, "transformer_blocks", ()),
+            *getattr(transformer, "single_transformer_blocks", ()),
+        ]
+    if not blocks:
+        raise ConfigError(f"compile 'blocks': {type(transformer).__name__} has no transformer blocks")
+    for block in blocks:
+        block.forward = torch.compile(block.forward, fullgraph=True, backend=COMPILE_BACKEND)
+    return len(blocks)
+
+
+def enable_block_cache(
+    transformer: torch.nn.Module, kind: str, threshold: float, flag: str = "cache"
+) -> None:
+    """Attach diffusers' cache hooks ('first-block': First Block Cache at ``threshold``; 'none': nothing).
+
+    The hooks keep state per cache context: :func:`skyfall.priors.flowedit.flowedit_latents` resets it for
+    every batch of images and names a context per phase (FlowEdit's source+target calls, the
+    target-only tail), so a residual is only reused by a call of the same rows and shape.
+    """
+    if kind == "none":
+        return
+    if kind != "first-block":
+        raise ConfigError(f"{flag}: {kind!r} is not one of none, first-block")
+    if not (threshold >= 0 and threshold != float("inf")):
+        raise ConfigError(f"{flag}-threshold must be a number >= 0, got {threshold}")
+    import diffusers
+
+    try:
+        from diffusers.hooks import FirstBlockCacheConfig
+    except ImportError:
+        raise ConfigError(
+            f"{flag} 'first-block' needs a diffusers with First Block Cache (diffusers.hooks."
+            f"FirstBlockCacheConfig); installed: {diffusers.__version__}"
+        ) from None
+    if not hasattr(transformer, "enable_cache"):
+        raise ConfigError(
+            f"{flag} 'first-block': {type(transformer).__name__} takes no diffusers cache hooks"
+        )
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=float(threshold)))
+
+
+def apply_speed_options(
+    transformer: torch.nn.Module,
+    cfg: FluxConfig,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    option: str = "device",
+) -> None:
+    """Apply ``cfg.attention``, ``cfg.compile`` and ``cfg.cache`` to a loaded transformer, once.
+
+    Attention first (the compiled graphs call the chosen backend), compile before the cache hooks (see
+    :func:`compile_blocks`). With every option at its default nothing is touched. ``option`` is the
+    section's device flag, from which the error messages name the option.
+    """
+    set_attention_backend(
+        transformer, cfg.attention, device=device, dtype=dtype, flag=option_flag(option, "attention")
+    )
+    if cfg.compile not in ("none", "blocks"):
+        raise ConfigError(f"{option_flag(option, 'compile')}: {cfg.compile!r} is not one of none, blocks")
+    if cfg.cache not in ("none", "first-block"):
+        raise ConfigError(f"{option_flag(option, 'cache')}: {cfg.cache!r} is not one of none, first-block")
+    if cfg.compile == "blocks":
+        compile_blocks(transformer, before_hooks=cfg.cache != "none")
+    enable_block_cache(transformer, cfg.cache, cfg.cache_threshold, option_flag(option, "cache"))
 
 
 def default_prompt_cache_dir() -> Path:
@@ -236,13 +459,15 @@ class FluxModel:
 
         device = resolve_device(cfg.device, option)
         dtype = torch_dtype(cfg.dtype)
+        # Options that cannot work here stop the load before any weights are read.
+        quant = _quantization_config(cfg, dtype, device, option_flag(option, "quantization"))
+        check_attention_backend(cfg.attention, option_flag(option, "attention"))
         # Text encoders first and alone (T5-XXL ~9 GiB), then freed before the transformer arrives.
         encoder = PromptEncoder(cfg, device, dtype)
         embeds = encoder.encode(list(dict.fromkeys(prompts)))
         encoder.free()
 
         m, kw = cfg.model_id, _hf_kwargs(cfg)
-        quant = _quantization_config(cfg, dtype)
         qkw = {"quantization_config": quant} if quant is not None else {}
 
         def load() -> tuple:
@@ -257,10 +482,12 @@ class FluxModel:
         transformer, vae, sched = load_weights(
             load, m, "FLUX.1", local_files_only=cfg.local_files_only, cache_dir=cfg.cache_dir
         )
-        return cls(
+        model = cls(
             transformer.eval().requires_grad_(False), vae.eval().requires_grad_(False), dict(sched), embeds,
             device=device, dtype=dtype, memory_mode=cfg.memory_mode,
         )  # fmt: skip
+        apply_speed_options(model.transformer, cfg, device=device, dtype=dtype, option=option)
+        return model
 
     # --- memory -------------------------------------------------------------------------------
     def _move(self, device: torch.device) -> None:

@@ -11,11 +11,18 @@ it every episode), prompts are encoded once and cached (then the text encoders a
 source and target velocities share one transformer call, several images may share a call
 (``batch_size``), and the compute dtype is an option (bf16 default; the reference used fp16 under
 autocast). Inputs stay float (the reference quantised renders to 8-bit PNGs and back).
+
+Batching: the images of one refine() call are ordered by n_max and cut into chunks of at most
+``batch_size``, each chunk one :func:`skyfall.priors.flowedit.flowedit_latents` run in which images of
+different n_max join at their own first step; the cut minimises the chunks' summed largest n_max (the
+number of transformer calls). The VAE encodes and decodes one image at a time. ``batch_size`` 1
+refines the images one by one, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -44,9 +51,10 @@ class _FluxRefiner:
         raise NotImplementedError
 
     def _edit(
-        self, latents: Tensor, generators: list[torch.Generator], n_max: int, extra: Any = None
+        self, latents: Tensor, generators: list[torch.Generator], n_max: int | list[int], extra: Any = None
     ) -> Tensor:
-        """Edit one chunk's latents; ``extra`` is `_chunk_inputs`' value for the chunk."""
+        """Edit one chunk's latents (``n_max``: one value, or one per image when they differ); ``extra`` is
+        `_chunk_inputs`' value for the chunk."""
         raise NotImplementedError
 
     def _conditions(self, guidance: RefineGuidance | None, images: Tensor) -> Any:
@@ -90,24 +98,49 @@ class _FluxRefiner:
         if len(seeds) != b:
             raise ValueError(f"{len(seeds)} seeds for {b} images")
         out = torch.empty(images.shape, dtype=torch.float32, device=images.device)
-        groups: dict[int, list[int]] = {}
-        for k, s in enumerate(seeds):
-            groups.setdefault(self.n_max_for(s), []).append(k)
-        bs = max(1, self.cfg.batch_size)
+        n_maxes = [self.n_max_for(s) for s in seeds]
         with self._on_device():
-            for n_max, idx in sorted(groups.items()):
-                for start in range(0, len(idx), bs):
-                    chunk = idx[start : start + bs]
-                    lat = self.model.encode_images(images[chunk])
-                    gens = [torch.Generator().manual_seed(seeds[k]) for k in chunk]
-                    extra = self._chunk_inputs(conditions, chunk, images)
-                    edited = self._edit(lat, gens, n_max, extra)
-                    out[chunk] = self.model.decode_latents(edited).to(images.device)
+            for chunk in chunk_by_n_max(n_maxes, max(1, self.cfg.batch_size)):
+                # the VAE one image at a time: batching it saves little (its 1024^2 convolutions fill a GPU
+                # alone) while its activations grow with the batch (GBs per image at 1024^2)
+                lat = torch.cat([self.model.encode_images(images[k : k + 1]) for k in chunk])
+                gens = [torch.Generator().manual_seed(seeds[k]) for k in chunk]
+                extra = self._chunk_inputs(conditions, chunk, images)
+                own = [n_maxes[k] for k in chunk]
+                edited = self._edit(lat, gens, own[0] if len(set(own)) == 1 else own, extra)
+                for j, k in enumerate(chunk):
+                    out[k] = self.model.decode_latents(edited[j : j + 1])[0].to(images.device)
         return out.to(images.dtype)
 
     def close(self) -> None:
         """Free the model (GPU memory); the refiner is unusable afterwards."""
         self.model.release()
+
+
+def chunk_by_n_max(n_maxes: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Image indices in chunks of at most ``batch_size``, ordered by (n_max, index), cut where the summed
+    largest n_max of the chunks (what their transformer calls grow with) is least.
+
+    A chunk's images run together for the steps of its largest n_max, so sorted runs of equal n_max are
+    kept together unless one mixed chunk costs less (dynamic programme over the sorted order, in which
+    contiguous chunks are optimal). ``batch_size`` 1: one image per chunk, in (n_max, index) order.
+    """
+    order = sorted(range(len(n_maxes)), key=lambda k: (n_maxes[k], k))
+    n = len(order)
+    best = [math.inf] * n + [0]  # best[i]: least cost of chunking the sorted images i..n-1
+    take = [0] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        for length in range(1, min(batch_size, n - i) + 1):
+            # sorted: a chunk's largest n_max is its last; ties go to the longer chunk, so with one n_max
+            # the chunks are full ones and then the rest, as plain slicing would give
+            cost = n_maxes[order[i + length - 1]] + best[i + length]
+            if cost <= best[i]:
+                best[i], take[i] = cost, length
+    chunks, i = [], 0
+    while i < n:
+        chunks.append(order[i : i + take[i]])
+        i += take[i]
+    return chunks
 
 
 class FlowEditRefiner(_FluxRefiner):
@@ -140,7 +173,7 @@ class FlowEditRefiner(_FluxRefiner):
         return random.Random(f"n_max:{seed}").randint(self.cfg.n_min, self.cfg.n_max_end)
 
     def _edit(
-        self, latents: Tensor, generators: list[torch.Generator], n_max: int, extra: Any = None
+        self, latents: Tensor, generators: list[torch.Generator], n_max: int | list[int], extra: Any = None
     ) -> Tensor:
         """FlowEdit from the render; ``extra``, from a conditioned subclass's `_chunk_inputs`, is the
         chunk's (target prompt embedding, control latents or None) in place of the plain target prompt."""
@@ -170,9 +203,10 @@ class SDEditRefiner(_FluxRefiner):
         return self.cfg.n_steps
 
     def _edit(
-        self, latents: Tensor, generators: list[torch.Generator], n_max: int, extra: Any = None
+        self, latents: Tensor, generators: list[torch.Generator], n_max: int | list[int], extra: Any = None
     ) -> Tensor:
         c = self.cfg
+        assert isinstance(n_max, int)  # n_max_for is constant: every chunk has one n_max
         tar = self.model.prompt(c.target_prompt)
         # the source prompt is never evaluated when n_max == n_min; the target stands in for it
         return flowedit_latents(

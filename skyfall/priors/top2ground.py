@@ -285,7 +285,8 @@ class Top2GroundRefiner(FlowEditRefiner):
             img = torch.zeros(len(chunk), 3, h, w)
         else:
             img = control_image(maps[chunk], self.cfg.geometry)
-        return self.model.encode_images(img)
+        # one image at a time, as the renders (the VAE's activations would grow with the batch)
+        return torch.cat([self.model.encode_images(img[j : j + 1]) for j in range(len(chunk))])
 
     def _target(self, satellite: Tensor | None, chunk: list[int]) -> PromptEmbedding:
         """The target prompt's embedding, with each image's weighted Redux tokens appended when semantic."""

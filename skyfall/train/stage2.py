@@ -125,6 +125,17 @@ def sample_seed(run_seed: int, episode: int, index: int) -> int:
     return int.from_bytes(h[:4], "little")
 
 
+def _stack_guidance(per_image: list[RefineGuidance]) -> RefineGuidance:
+    """One RefineGuidance for a group of images from each image's own (batch 1): every field that the
+    images have, concatenated in order."""
+    out = RefineGuidance()
+    for f in dataclasses.fields(RefineGuidance):
+        parts = [getattr(g, f.name) for g in per_image]
+        if all(p is not None for p in parts):
+            setattr(out, f.name, torch.cat(parts))
+    return out
+
+
 def _to_uint8(img: Tensor) -> np.ndarray:
     """[3,H,W] or [H,W,3] float in [0,1] -> HxWx3 uint8 with rounding (the reference adds 0.5)."""
     if img.shape[0] == 3:
@@ -314,7 +325,14 @@ class IterativeDatasetUpdate:
             )
 
     def _refine_phase(self, ep: Episode, cams: Cameras, view_index: list[int]) -> None:
-        """Refine each (view, sample) into refine/NNNNN.png, skipping finished ones."""
+        """Refine each (view, sample) into refine/NNNNN.png, skipping finished ones.
+
+        The unfinished (view, sample) pairs go to the refiner in groups of the selected refiner's
+        ``batch_size`` (1 without one), in order: the samples of a view and then the next views. Each
+        refined image is written as soon as its group returns, and every image keeps its own seed, so a
+        run stopped inside a group resumes with the images that are missing, whatever they are grouped
+        with now.
+        """
         from tqdm import tqdm
 
         ed = self.episode_dir(ep)
@@ -322,20 +340,38 @@ class IterativeDatasetUpdate:
         rdir.mkdir(parents=True, exist_ok=True)
         refiner = self.refiner()
         wants = frozenset(getattr(refiner, "wants", ()))
-        guided: tuple[int | None, RefineGuidance | None] = (None, None)
         todo = [i for i in range(len(cams)) if not (rdir / f"{i:05d}.png").exists()]
         device = self.trainer.device
-        for i in tqdm(todo, desc=f"{ep.name} refine", disable=not self.progress, dynamic_ncols=True):
-            render = read_image(ed / "render" / f"{view_index[i]:05d}.png", device)[None]
-            seed = sample_seed(self.cfg.seed, ep.index, i)
-            if wants:
-                # the samples of a view are consecutive and share its guidance: one render per view
-                if guided[0] != view_index[i]:
-                    guided = (view_index[i], self.guidance(cams[i], view_index[i], wants))
-                refined = refiner.refine(render, seeds=[seed], cameras=cams[i], guidance=guided[1])
-            else:
-                refined = refiner.refine(render, seeds=[seed], cameras=cams[i])
-            _write_png_atomic(rdir / f"{i:05d}.png", _to_uint8(refined[0]))
+        size = self._refine_batch_size()
+        guided: dict[int, RefineGuidance] = {}
+        with tqdm(
+            total=len(todo), desc=f"{ep.name} refine", disable=not self.progress, dynamic_ncols=True
+        ) as bar:
+            for start in range(0, len(todo), size):
+                group = todo[start : start + size]
+                renders = torch.cat(
+                    [read_image(ed / "render" / f"{view_index[i]:05d}.png", device)[None] for i in group]
+                )
+                seeds = [sample_seed(self.cfg.seed, ep.index, i) for i in group]
+                if wants:
+                    # the samples of a view are consecutive and share its guidance: one render per view
+                    for i in group:
+                        if view_index[i] not in guided:
+                            guided[view_index[i]] = self.guidance(cams[i], view_index[i], wants)
+                    guidance = _stack_guidance([guided[view_index[i]] for i in group])
+                    # only the last view may continue into the next group
+                    guided = {view_index[group[-1]]: guided[view_index[group[-1]]]}
+                    refined = refiner.refine(renders, seeds=seeds, cameras=cams[group], guidance=guidance)
+                else:
+                    refined = refiner.refine(renders, seeds=seeds, cameras=cams[group])
+                for j, i in enumerate(group):
+                    _write_png_atomic(rdir / f"{i:05d}.png", _to_uint8(refined[j]))
+                bar.update(len(group))
+
+    def _refine_batch_size(self) -> int:
+        """(view, sample) pairs per refine() call: the selected refiner section's ``batch_size``, else 1."""
+        section = getattr(self.cfg2, self.cfg2.refiner, None)
+        return max(1, int(getattr(section, "batch_size", 1) or 1))
 
     @torch.no_grad()
     def guidance(self, camera: Cameras, view: int, wants: frozenset[str]) -> RefineGuidance:
