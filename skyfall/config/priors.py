@@ -216,3 +216,70 @@ class DepthModelConfig:
     """Device to run on; None = cuda when available, else cpu."""
     dtype: Dtype = "float32"
     """Weights/compute dtype ('float16' halves memory on GPUs)."""
+
+
+# Checks of the refiners' speed options that need the machine (its GPU, its packages). They live with
+# the configs so that Stage2Config.check runs them before any work starts; the refiners run them again
+# when they load.
+
+FLOAT8_MIN_CAPABILITY = (8, 9)
+
+
+def check_float8_matmuls(device, flag: str = "quantization") -> None:  # noqa: ANN001 (torch.device)
+    """ConfigError unless ``device`` runs float8 matmuls: a CUDA GPU of compute capability >= 8.9.
+
+    'fp8-dynamic' quantises the activations too, so every linear layer calls ``torch._scaled_mm``, which
+    has float8 kernels from sm_89 on; older GPUs and the CPU would fail at the first refinement.
+    """
+    import torch  # only when a run with fp8-dynamic starts
+
+    from skyfall.errors import ConfigError
+
+    if device.type != "cuda":
+        raise ConfigError(
+            f"{flag} 'fp8-dynamic' runs the matmuls in float8, which needs a CUDA GPU of compute capability "
+            f">= 8.9 (Ada, Hopper or newer); the device is {device} (use 'fp8': float8 weights, bfloat16 "
+            "matmuls)"
+        )
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < FLOAT8_MIN_CAPABILITY:
+        raise ConfigError(
+            f"{flag} 'fp8-dynamic': {torch.cuda.get_device_name(device)} ({device}) has compute capability "
+            f"{major}.{minor}, float8 matmuls need >= 8.9 (Ada, Hopper or newer); use 'fp8' (weight-only) "
+            "or 'nf4'"
+        )
+
+
+def check_attention_backend(name: str, flag: str = "attention") -> None:
+    """ConfigError unless ``name`` is 'default' or an attention backend of the installed diffusers whose
+    packages are installed (cheap: no model, no device; :func:`set_attention_backend` also runs it)."""
+    if name == "default":
+        return
+    import importlib.util
+
+    from skyfall.errors import ConfigError, MissingDependencyError
+
+    if importlib.util.find_spec("diffusers") is None:
+        raise MissingDependencyError(
+            f"{flag} {name!r} needs the 'diffusers' package: pip install \"skyfall[diffusion]\""
+        )
+    import diffusers
+
+    try:
+        from diffusers.models import attention_dispatch as dispatch
+    except ImportError:
+        raise ConfigError(
+            f"{flag} {name!r}: diffusers {diffusers.__version__} has no attention dispatcher (use 'default')"
+        ) from None
+    names = sorted(b.value for b in dispatch.AttentionBackendName)
+    if name not in names:
+        raise ConfigError(
+            f"{flag} {name!r} is not an attention backend of diffusers {diffusers.__version__}; one of: "
+            f"default, {', '.join(names)}"
+        )
+    check = getattr(dispatch, "_check_attention_backend_requirements", None)  # private: may move
+    if check is not None:
+        try:
+            check(dispatch.AttentionBackendName(name))
+        except (RuntimeError, ImportError) as e:
+            raise ConfigError(f"{flag} {name!r} is not available here: {e}") from None

@@ -446,11 +446,11 @@ class Stage2Config:
             ) from None
         # the speed options that cannot work on this machine stop the run before Stage 1 or any Stage 2 work
         if cfg.quantization == "fp8-dynamic":
-            from skyfall.priors.flux import check_float8_matmuls
+            from skyfall.config.priors import check_float8_matmuls
 
             check_float8_matmuls(device, f"{flag}.quantization")
         if cfg.attention != "default":  # diffusers is imported only for a backend other than the default
-            from skyfall.priors.flux import check_attention_backend
+            from skyfall.config.priors import check_attention_backend
 
             check_attention_backend(cfg.attention, f"{flag}.attention")
 

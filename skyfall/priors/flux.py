@@ -29,7 +29,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from skyfall.config.priors import FluxConfig
+from skyfall.config.priors import (  # noqa: F401 (the checks are part of this module's API too)
+    FLOAT8_MIN_CAPABILITY,
+    FluxConfig,
+    check_attention_backend,
+    check_float8_matmuls,
+)
 from skyfall.devices import resolve_device
 from skyfall.errors import ConfigError, MissingDependencyError
 from skyfall.priors.flowedit import PromptEmbedding
@@ -38,7 +43,6 @@ from skyfall.storage.atomic import atomic_write
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-FLOAT8_MIN_CAPABILITY = (8, 9)
 """CUDA compute capability from which ``torch._scaled_mm`` runs float8 matmuls (Ada, Hopper, Blackwell)."""
 
 COMPILE_BACKEND = "inductor"
@@ -86,27 +90,6 @@ def option_flag(option: str, name: str) -> str:
     return option[: -len("device")] + name if option.endswith("device") else name
 
 
-def check_float8_matmuls(device: torch.device, flag: str = "quantization") -> None:
-    """ConfigError unless ``device`` runs float8 matmuls: a CUDA GPU of compute capability >= 8.9.
-
-    'fp8-dynamic' quantises the activations too, so every linear layer calls ``torch._scaled_mm``, which
-    has float8 kernels from sm_89 on; older GPUs and the CPU would fail at the first refinement.
-    """
-    if device.type != "cuda":
-        raise ConfigError(
-            f"{flag} 'fp8-dynamic' runs the matmuls in float8, which needs a CUDA GPU of compute capability "
-            f">= 8.9 (Ada, Hopper or newer); the device is {device} (use 'fp8': float8 weights, bfloat16 "
-            "matmuls)"
-        )
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < FLOAT8_MIN_CAPABILITY:
-        raise ConfigError(
-            f"{flag} 'fp8-dynamic': {torch.cuda.get_device_name(device)} ({device}) has compute capability "
-            f"{major}.{minor}, float8 matmuls need >= 8.9 (Ada, Hopper or newer); use 'fp8' (weight-only) "
-            "or 'nf4'"
-        )
-
-
 def float8_dynamic_config():  # noqa: ANN201
     """torchao's float8 dynamic activation + float8 weight config with per-row scales: one scale per token
     and per output channel keeps more of the bfloat16 result than one scale per tensor (torchao's default),
@@ -148,34 +131,6 @@ def _quantization_config(  # noqa: ANN202
 
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     raise ConfigError(f"{flag}: {cfg.quantization!r} is not one of none, fp8, fp8-dynamic, nf4")
-
-
-def check_attention_backend(name: str, flag: str = "attention") -> None:
-    """ConfigError unless ``name`` is 'default' or an attention backend of the installed diffusers whose
-    packages are installed (cheap: no model, no device; :func:`set_attention_backend` also runs it)."""
-    if name == "default":
-        return
-    _require("diffusers", '"skyfall[diffusion]"', f"{flag} {name!r}")
-    import diffusers
-
-    try:
-        from diffusers.models import attention_dispatch as dispatch
-    except ImportError:
-        raise ConfigError(
-            f"{flag} {name!r}: diffusers {diffusers.__version__} has no attention dispatcher (use 'default')"
-        ) from None
-    names = sorted(b.value for b in dispatch.AttentionBackendName)
-    if name not in names:
-        raise ConfigError(
-            f"{flag} {name!r} is not an attention backend of diffusers {diffusers.__version__}; one of: "
-            f"default, {', '.join(names)}"
-        )
-    check = getattr(dispatch, "_check_attention_backend_requirements", None)  # private: may move
-    if check is not None:
-        try:
-            check(dispatch.AttentionBackendName(name))
-        except (RuntimeError, ImportError) as e:
-            raise ConfigError(f"{flag} {name!r} is not available here: {e}") from None
 
 
 def set_attention_backend(
