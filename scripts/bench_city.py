@@ -46,9 +46,13 @@ def _render_ply(ply: Path, cam) -> np.ndarray:  # noqa: ANN001
     return render_splats(read_ply(ply), cam)[0]
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255.0**2 / max(mse, 1e-12)))
+def _psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """PSNR (dB) of uint8 images over ``mask``: skyfall's own metric (skyfall.eval.image_metrics)."""
+    import torch
+
+    from skyfall.eval.image_metrics import psnr
+
+    return psnr(torch.from_numpy(a) / 255.0, torch.from_numpy(b) / 255.0, torch.from_numpy(mask))
 
 
 def _error_map(heights: np.ndarray, grid, truth_city, manifest, size: int) -> np.ndarray:  # noqa: ANN001
@@ -207,8 +211,8 @@ def main() -> None:
         np.isfinite(depth) & (np.abs(world[..., 0] - cx) <= ext / 2) & (np.abs(world[..., 1] - cy) <= ext / 2)
     )
     res["view_psnr_db"] = {
-        "merged": round(_psnr(merged_img[inside], gt[inside]), 2),
-        "single": round(_psnr(single_img[inside], gt[inside]), 2),
+        "merged": round(_psnr(merged_img, gt, inside), 2),
+        "single": round(_psnr(single_img, gt, inside), 2),
         "pixels": int(inside.sum()),
     }
     err_m = _error_map(exp.dsm.heights, exp.dsm.grid, truth, manifest, px)

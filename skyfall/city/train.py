@@ -279,24 +279,15 @@ def _resources(ray: Any) -> dict[str, float]:
 
 def _check_config(folder: CityFolder, saved: dict[str, Any], overwrite: bool) -> None:
     """A city continued with other training settings would mix runs: refuse as a tile's resume does."""
+    from skyfall.config.presets import read_yaml
     from skyfall.config.resume import check_resume
 
     path = folder.root / CONFIG_NAME
     if overwrite or not path.is_file():
         return
-    old = _read_yaml(path)
+    old = read_yaml(path)
     for section in STAGES:
         check_resume(section, old.get(section, {}), saved[section], path)
-
-
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read: {e}") from e
-    return doc if isinstance(doc, dict) else {}
 
 
 def train_city(
