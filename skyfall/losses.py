@@ -188,3 +188,106 @@ def flatten_loss(scales: Tensor) -> Tensor:  # [N, 3] linear -> []
     if scales.numel() == 0:
         return scales.sum()
     return scales.amin(dim=-1).mean()
+
+
+GRAY_WEIGHTS = torch.tensor([0.299, 0.587, 0.114])
+"""RGB -> grey (ITU-R BT.601 luma) for the multi-view term."""
+
+
+def source_views(camtoworlds: Tensor, k: int, min_angle_deg: float) -> list[list[int]]:
+    """For each camera, the ``k`` others whose viewing directions are closest to its own, leaving out
+    those within ``min_angle_deg`` (no parallax).
+
+    Args:
+        camtoworlds: [N, 4, 4] OpenCV camera-to-world matrices (the viewing direction is +z).
+    """
+    d = torch.nn.functional.normalize(camtoworlds[:, :3, 2].double(), dim=-1)
+    angle = torch.rad2deg(torch.arccos((d @ d.T).clamp(-1, 1)))
+    out = []
+    for i in range(len(d)):
+        order = [int(j) for j in torch.argsort(angle[i]) if j != i and angle[i, j] >= min_angle_deg]
+        out.append(order[:k])
+    return out
+
+
+def _box_mean(x: Tensor, patch: int) -> Tensor:  # [B, 1, H, W] -> same shape
+    return torch.nn.functional.avg_pool2d(x, patch, stride=1, padding=patch // 2, count_include_pad=False)
+
+
+def patch_ncc(a: Tensor, b: Tensor, patch: int, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Normalised cross-correlation of the ``patch`` x ``patch`` windows around every pixel.
+
+    Args:
+        a, b: [B, 1, H, W] grey images.
+
+    Returns:
+        (ncc [B, 1, H, W] in [-1, 1], standard deviation of ``a``'s windows [B, 1, H, W]).
+    """
+    ma, mb = _box_mean(a, patch), _box_mean(b, patch)
+    va = (_box_mean(a * a, patch) - ma * ma).clamp_min(0)
+    vb = (_box_mean(b * b, patch) - mb * mb).clamp_min(0)
+    cov = _box_mean(a * b, patch) - ma * mb
+    return (cov / torch.sqrt(va * vb + eps * eps)).clamp(-1, 1), va.sqrt()
+
+
+def multiview_ncc_loss(
+    depth: Tensor,  # [H, W] rendered z-depth of the reference view (differentiable)
+    valid: Tensor,  # [H, W] bool: pixels whose depth counts (rendered, inside the view's mask)
+    ref_gray: Tensor,  # [H, W] the reference view's image, grey
+    K_ref: Tensor,  # [3, 3] float64
+    c2w_ref: Tensor,  # [4, 4] float64, OpenCV
+    src_gray: Tensor,  # [S, Hs, Ws] other views' images, grey
+    src_valid: Tensor,  # [S, Hs, Ws] bool
+    K_src: Tensor,  # [S, 3, 3] float64
+    c2w_src: Tensor,  # [S, 4, 4] float64
+    *,
+    patch: int = 7,
+    min_std: float = 0.02,
+) -> Tensor:
+    """Multi-view photometric consistency of a rendered depth map (the MVS term of PGSR-style methods).
+
+    Each pixel of the reference view is lifted to 3D at its rendered depth, projected into every
+    source view and the source image is sampled there; the cost of a pixel is ``1 - NCC`` of its
+    ``patch``² window against the warped source window, and its loss is the smallest cost over the
+    sources (a pixel occluded in some sources is judged by the ones that see it). NCC is invariant
+    to gain and offset, so images taken on different dates compare. Windows without texture (standard
+    deviation below ``min_std``) say nothing about depth and are left out, as are pixels that land
+    outside a source or on its no-data. The gradient reaches the geometry through the sampling
+    position (bilinear), i.e. through the depth.
+
+    Geometry runs in float64: satellite cameras stand hundreds of kilometres away.
+
+    Returns:
+        The mean cost over the pixels that count (0 when none does).
+    """
+    H, W = depth.shape
+    S, Hs, Ws = src_gray.shape
+    dev = depth.device
+    f64 = torch.float64
+    v, u = torch.meshgrid(
+        torch.arange(H, device=dev, dtype=f64), torch.arange(W, device=dev, dtype=f64), indexing="ij"
+    )
+    pix = torch.stack([u + 0.5, v + 0.5, torch.ones_like(u)], dim=-1)  # gsplat pixel centres
+    rays = pix @ torch.linalg.inv(K_ref.to(dev, f64)).T  # [H, W, 3] with z = 1
+    c2w_ref = c2w_ref.to(dev, f64)
+    world = (rays * depth.to(f64)[..., None]) @ c2w_ref[:3, :3].T + c2w_ref[:3, 3]  # [H, W, 3]
+    w2c = torch.linalg.inv(c2w_src.to(dev, f64))  # [S, 4, 4]
+    cam = torch.einsum("sij,hwj->shwi", w2c[:, :3, :3], world) + w2c[:, None, None, :3, 3]
+    proj = torch.einsum("sij,shwj->shwi", K_src.to(dev, f64), cam)
+    z = proj[..., 2].clamp_min(1e-9)
+    grid = torch.stack([proj[..., 0] / z / Ws * 2 - 1, proj[..., 1] / z / Hs * 2 - 1], dim=-1).float()
+    sampled = torch.nn.functional.grid_sample(
+        torch.stack([src_gray.float(), src_valid.float()], dim=1),
+        grid,
+        align_corners=False,
+        padding_mode="zeros",
+    )  # [S, 2, H, W]
+    warped, seen = sampled[:, :1], sampled[:, 1:].detach() > 0.999
+    ref = ref_gray.float().expand(S, 1, H, W)
+    ncc, std = patch_ncc(ref, warped, patch)
+    ok = seen & (cam[..., 2] > 0)[:, None] & valid[None, None]
+    ok = ok & (_box_mean(ok.float(), patch) > 0.999)  # whole window usable
+    ok = ok & (std > min_std)
+    cost = torch.where(ok, 1.0 - ncc, torch.full_like(ncc, 3.0)).amin(dim=0)[0]  # [H, W]
+    counts = ok.any(dim=0)[0].float()
+    return (cost * counts).sum() / counts.sum().clamp_min(1.0)

@@ -227,3 +227,23 @@ def test_flat_init_lays_disks_in_the_plane_of_the_points():
     np.testing.assert_allclose(s[:, 2], 0.25 * s0[:, 2], rtol=1e-5)
     # the reference's isotropic start is unchanged without the option
     np.testing.assert_array_equal(iso["quats"].numpy(), np.tile([1.0, 0, 0, 0], (600, 1)))
+
+
+def test_height_field_points_fill_a_sparse_cloud_with_robust_heights():
+    from skyfall.gaussians.init import height_field_points
+
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(-50, 50, (400, 2))
+    z = np.where(xy[:, 0] > 0, 10.0, 0.0)  # a step: roof east of x = 0, ground west
+    z[::50] += 30.0  # a few outliers
+    rgb = np.where(xy[:, :1] > 0, [[200, 0, 0]], [[0, 0, 200]]).astype(np.uint8)
+    pts, cols = height_field_points(np.c_[xy, z], rgb, spacing=2.0)
+    assert pts.shape[1] == 3 and len(pts) == len(cols)
+    assert np.all(np.diff(np.unique(pts[:, 0])) > 1.99)  # the grid's spacing
+    away = np.abs(pts[:, 0]) > 15  # cells whose 8 neighbours all lie on one side
+    want = np.where(pts[away, 0] > 0, 10.0, 0.0)
+    np.testing.assert_allclose(pts[away, 2], want)  # the median ignores the outliers
+    assert np.all(cols[away & (pts[:, 0] > 0)] == [200, 0, 0])
+    assert height_field_points(np.zeros((3, 3)), np.zeros((3, 3), np.uint8), 1.0)[0].shape == (0, 3)
+    with pytest.raises(ValueError, match="spacing"):
+        height_field_points(np.c_[xy, z], rgb, spacing=0.0)

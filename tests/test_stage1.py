@@ -349,3 +349,43 @@ def test_options_no_run_could_use_stop_before_anything_is_written(
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0]
     assert not run.exists() or not any(run.iterdir())
+
+
+def test_multiview_term_reaches_the_geometry_from_its_start_on_satellite_views(
+    tiny_tile: Path, tiny_config, tmp_path
+):
+    import dataclasses
+
+    from skyfall.config.training import MultiViewConfig
+
+    mv = MultiViewConfig(weight=0.5, start=5, sources=2, min_std=0.0)
+    cfg = dataclasses.replace(tiny_config.stage1, multiview=mv)
+    tr = Trainer(cfg, tiny_tile, tmp_path / "run", progress=False)
+    tr.init_from_points()
+    view = tr.satellite_view()
+    out = tr.scene.render(view.camera, view.embedding)
+    assert tr.multiview_loss(4, view, out) is None  # before its start
+    assert tr.multiview_loss(5, dataclasses.replace(view, index=None), out) is None  # not a satellite view
+    loss = tr.multiview_loss(5, view, out)
+    assert loss is not None and 0.0 < float(loss.detach()) <= 0.5 * 2
+    assert all(len(s) == 2 and i not in s for i, s in enumerate(tr.mv_sources))
+    loss.backward()
+    assert float(tr.model.params["means"].grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("patch", 6, "--stage1.multiview.patch must be odd"),
+        ("weight", -0.1, "--stage1.multiview.weight must be >= 0"),
+        ("sources", 0, "--stage1.multiview.sources must be at least one other view"),
+    ],
+)
+def test_multiview_options_no_run_could_use(tiny_config, field: str, value: float, says: str):
+    import dataclasses
+
+    from skyfall.errors import ConfigError
+
+    mv = dataclasses.replace(tiny_config.stage1.multiview, **{field: value})
+    with pytest.raises(ConfigError, match=says):
+        dataclasses.replace(tiny_config.stage1, multiview=mv).check()

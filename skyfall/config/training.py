@@ -141,6 +141,32 @@ class PseudoDepthConfig:
 
 
 @dataclass
+class MultiViewConfig:
+    """Multi-view photometric consistency of the rendered depth (no model needed).
+
+    Each step's view is lifted to 3D at its rendered depth and compared, window by window (NCC), with
+    the other satellite views at the same points (``skyfall.losses.multiview_ncc_loss``): the stereo
+    cue, inside training. Few views and sparse starting points (real tiles) leave geometry to it."""
+
+    weight: float = 0.0
+    """Loss weight (0 = off, as the reference)."""
+    start: int = 300
+    """First step with the term (the sparse start first settles into a coarse surface)."""
+    sources: int = 4
+    """Other views each view is compared with: the ones whose viewing directions are closest
+    (at least ``min_angle`` degrees apart)."""
+    min_angle: float = 2.0
+    """Views seen from within this angle (degrees) of each other give no parallax and are not paired."""
+    patch: int = 7
+    """NCC window size (pixels of the training resolution)."""
+    min_std: float = 0.02
+    """Windows of the view whose grey-level standard deviation is below this have no texture to
+    match and are left out."""
+    alpha_min: float = 0.5
+    """Pixels whose rendered alpha is below this have no surface to lift."""
+
+
+@dataclass
 class Stage1Config:
     """Stage 1: fit 3D Gaussians to the satellite views (Skyfall-GS ``train.py:training``)."""
 
@@ -187,10 +213,15 @@ class Stage1Config:
     init_flat: float = 0.0
     """> 0: start each Gaussian as a disk in the plane of its 8 nearest points (PCA), this fraction
     of the KNN scale thick; 0 = isotropic balls, as the reference."""
+    init_grid: float = 0.0
+    """> 0: also start Gaussians on a regular x-y grid of this spacing (metres) over the tile's points,
+    each at the median height of its 8 nearest points: a surface without holes for sparse starts
+    (a few thousand matched points on real tiles); 0 = the points only, as the reference."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     appearance: AppearanceConfig = field(default_factory=AppearanceConfig)
     densify: DensifyConfig = field(default_factory=DensifyConfig)
     pseudo: PseudoDepthConfig = field(default_factory=PseudoDepthConfig)
+    multiview: MultiViewConfig = field(default_factory=MultiViewConfig)
     checkpoint_every: int = 1000
     """Write an atomic checkpoint every this many steps (and always at the end)."""
     keep_checkpoints: int = 2
@@ -220,6 +251,8 @@ class Stage1Config:
         """One ConfigError naming the option (CLI spelling) for a value no run could use; called
         before a run writes anything."""
         bad = _check_values(self, "stage1", _STAGE1_RULES)
+        if not bad and self.multiview.patch % 2 == 0:
+            bad = f"--stage1.multiview.patch must be odd (a window centred on its pixel), got {self.multiview.patch}"
         if bad:
             from skyfall.errors import ConfigError
 
@@ -234,7 +267,7 @@ class Stage1Config:
         def s(v: int) -> int:
             return max(1, round(v * factor))
 
-        d, p, o = self.densify, self.pseudo, self.optim
+        d, p, o, m = self.densify, self.pseudo, self.optim, self.multiview
         return dataclasses.replace(
             self,
             steps=s(self.steps),
@@ -252,6 +285,7 @@ class Stage1Config:
                 filter_recompute_interval=s(d.filter_recompute_interval),
             ),
             pseudo=dataclasses.replace(p, start=s(p.start), end=s(p.end), ramp=s(p.ramp)),
+            multiview=dataclasses.replace(m, start=s(m.start)),
         )
 
 
@@ -519,6 +553,7 @@ _STAGE1_RULES: tuple[tuple[str, str, str], ...] = (
     ("lambda_opacity", "nonneg", ">= 0"),
     ("lambda_flatten", "nonneg", ">= 0"),
     ("init_flat", "unit", "in [0, 1]"),
+    ("init_grid", "nonneg", ">= 0 metres (0: off)"),
     ("optim.means_lr_init", "nonneg", "a learning rate >= 0"),
     ("optim.means_lr_final", "nonneg", "a learning rate >= 0"),
     ("optim.sh0_lr", "nonneg", "a learning rate >= 0"),
@@ -532,6 +567,12 @@ _STAGE1_RULES: tuple[tuple[str, str, str], ...] = (
     ("densify.filter_recompute_interval", "pos", "a positive number of steps"),
     ("densify.prune_interval", "nonneg", ">= 0 (0: never)"),
     ("pseudo.interval", "pos", "a positive number of steps"),
+    ("multiview.weight", "nonneg", ">= 0 (0: off)"),
+    ("multiview.start", "nonneg", "a step >= 0"),
+    ("multiview.sources", "pos", "at least one other view"),
+    ("multiview.patch", "pos", "a positive window size (pixels)"),
+    ("multiview.min_std", "nonneg", ">= 0"),
+    ("multiview.alpha_min", "unit", "in [0, 1]"),
 )
 
 

@@ -131,3 +131,33 @@ def surface_frames(xyz: np.ndarray, k: int = 8) -> np.ndarray:
     frame[flip, :, 2] *= -1
     xyzw = Rotation.from_matrix(frame).as_quat()
     return np.concatenate([xyzw[:, 3:], xyzw[:, :3]], axis=1)
+
+
+def height_field_points(
+    xyz: np.ndarray | Tensor,  # [P, 3]
+    rgb: np.ndarray | Tensor,  # [P, 3] uint8
+    spacing: float,
+    k: int = 8,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Points on a regular x-y grid over the points' footprint, each at the median height of its ``k``
+    nearest points (x-y distance) and with the colour of the nearest: a 2.5D surface through a sparse
+    cloud, so that a few thousand matched points start a surface without holes between them (where
+    the sparse start leaves blobs metres wide that no view pulls apart). The median keeps a track's
+    outlier from lifting its neighbourhood.
+
+    Returns:
+        (xyz [G, 3] float64, rgb [G, 3] uint8); empty when there are fewer than ``k`` points.
+    """
+    xyz = np.asarray(xyz.detach().cpu().numpy() if isinstance(xyz, Tensor) else xyz, dtype=np.float64)
+    rgb = np.asarray(rgb.detach().cpu().numpy() if isinstance(rgb, Tensor) else rgb, dtype=np.uint8)
+    if spacing <= 0:
+        raise ValueError(f"spacing must be > 0, got {spacing}")
+    if len(xyz) < k:
+        return np.zeros((0, 3)), np.zeros((0, 3), dtype=np.uint8)
+    lo, hi = xyz[:, :2].min(axis=0), xyz[:, :2].max(axis=0)
+    gx = np.arange(lo[0] + spacing / 2, hi[0], spacing)
+    gy = np.arange(lo[1] + spacing / 2, hi[1], spacing)
+    q = np.stack(np.meshgrid(gx, gy, indexing="xy"), axis=-1).reshape(-1, 2)
+    _, idx = cKDTree(xyz[:, :2]).query(q, k=k)
+    z = np.median(xyz[idx, 2], axis=1)
+    return np.concatenate([q, z[:, None]], axis=1), rgb[idx[:, 0]]

@@ -41,11 +41,20 @@ from skyfall.errors import SkyfallError
 from skyfall.eval.image_metrics import psnr
 from skyfall.gaussians.appearance import AppearanceModel, fourier_init_embeddings
 from skyfall.gaussians.filters import compute_3d_filter
-from skyfall.gaussians.init import init_from_points
+from skyfall.gaussians.init import height_field_points, init_from_points
 from skyfall.gaussians.model import GaussianModel
 from skyfall.gaussians.strategy import GOFStrategy
-from skyfall.losses import flatten_loss, opacity_entropy, pearson_depth_loss, photometric_loss
+from skyfall.losses import (
+    GRAY_WEIGHTS,
+    flatten_loss,
+    multiview_ncc_loss,
+    opacity_entropy,
+    pearson_depth_loss,
+    photometric_loss,
+    source_views,
+)
 from skyfall.priors.depth import DepthEstimator, make_depth_estimator
+from skyfall.render import RenderOutput
 from skyfall.scene import Scene
 from skyfall.storage.checkpoints import (
     capture_rng_state,
@@ -146,6 +155,8 @@ class ViewSample:
     """Appearance embedding: a training-view index, a vector, or None (no appearance model)."""
     depth: tuple[Tensor, Tensor] | None = None
     """(depth [H, W], valid [H, W]) target of a refined view when its depth loss is on."""
+    index: int | None = None
+    """The training satellite view it shows (None: another kind of view)."""
 
 
 @dataclass
@@ -246,6 +257,8 @@ class Trainer:
         self.images = tr.images.to(self.device).permute(0, 3, 1, 2).float() / 255.0  # [N,3,H,W]
         self.masks = tr.masks.to(self.device)  # [N,H,W]
         self.cameras: Cameras = tr.cameras
+        self.mv_sources: list[list[int]] | None = None
+        """Each training view's source views for the multi-view term (chosen on first use)."""
         self.filter_cameras: Cameras | list[Cameras] = self.cameras
         """Cameras that define the 3D filter (Stage 2 adds each episode's refined views)."""
         pts = self.tile.points.double()
@@ -259,24 +272,31 @@ class Trainer:
         """Fresh state: Gaussians from the tile's points, a new appearance model, step 0."""
         cfg = self.cfg
         seed_everything(cfg.seed)
+        points, colors = self.tile.points, self.tile.colors
+        if cfg.init_grid > 0:
+            gp, gc = height_field_points(points, colors, cfg.init_grid)
+            points = torch.cat([points.double(), torch.from_numpy(gp)])
+            colors = torch.cat(
+                [torch.as_tensor(colors), torch.from_numpy(gc).to(torch.as_tensor(colors).dtype)]
+            )
         # The cap never goes below a point's Mip-Splatting 3D filter size: a smaller start would only
         # be more transparent (the filter's opacity compensation), i.e. invisible on coarse tiles.
         # That filter is the model's initial one (the means are these points in float32).
         with torch.no_grad():
             filter_3d = compute_3d_filter(
-                self.tile.points.to(self.device).float(), self.filter_cameras, rule=cfg.filter_rule
+                points.to(self.device).float(), self.filter_cameras, rule=cfg.filter_rule
             ).to(self.device)
         cap = np.maximum(cfg.init_max_scale, filter_3d.double().cpu().numpy())
         params = init_from_points(
-            self.tile.points,
-            self.tile.colors,
+            points,
+            colors,
             sh_degree=cfg.sh_degree,
             max_scale=cap,
             flat=cfg.init_flat,
         )
         if cfg.appearance.enabled:
             params["app_features"] = fourier_init_embeddings(
-                self.tile.points.float(), n_freqs=cfg.appearance.n_fourier_freqs
+                points.float(), n_freqs=cfg.appearance.n_fourier_freqs
             )
         self.model = GaussianModel(
             params,
@@ -422,7 +442,7 @@ class Trainer:
         emb = j if self.appearance is not None else None
         if c <= 0 or (c >= w and c >= h):
             cam = Cameras(self.cameras.camtoworlds[j], self.cameras.Ks[j], w, h)
-            return ViewSample(cam, self.images[j], self.masks[j], emb)
+            return ViewSample(cam, self.images[j], self.masks[j], emb, index=j)
         cw, ch = min(c, w), min(c, h)
         x0 = int(torch.randint(0, w - cw + 1, (1,)))
         y0 = int(torch.randint(0, h - ch + 1, (1,)))
@@ -432,7 +452,40 @@ class Trainer:
         cam = Cameras(self.cameras.camtoworlds[j], k, cw, ch)
         img = self.images[j][:, y0 : y0 + ch, x0 : x0 + cw]
         mask = self.masks[j][y0 : y0 + ch, x0 : x0 + cw]
-        return ViewSample(cam, img, mask, emb)
+        return ViewSample(cam, img, mask, emb, index=j)
+
+    def multiview_loss(self, it: int, view: ViewSample, out: RenderOutput) -> Tensor | None:
+        """Multi-view photometric consistency of the step's rendered depth (``cfg.multiview``), or None
+        when it is off, not started, or the view is not a training satellite view."""
+        mv = self.cfg.multiview
+        if mv.weight <= 0 or it < mv.start or view.index is None:
+            return None
+        if self.mv_sources is None:
+            self.mv_sources = source_views(self.cameras.camtoworlds, mv.sources, mv.min_angle)
+            self.gray = (self.images * GRAY_WEIGHTS.to(self.images)[:, None, None]).sum(dim=1)
+        src = self.mv_sources[view.index]
+        if not src:
+            return None
+        alpha = out.alphas[0, ..., 0].detach()
+        valid = alpha >= mv.alpha_min
+        if view.mask is not None:
+            valid = valid & view.mask.bool()
+        gray = (view.image * GRAY_WEIGHTS.to(view.image)[:, None, None]).sum(dim=0)
+        cams = self.cameras
+        loss = multiview_ncc_loss(
+            out.expected_depths[0, ..., 0],
+            valid,
+            gray,
+            view.camera.Ks[0],
+            view.camera.camtoworlds[0],
+            self.gray[src],
+            self.masks[src].bool(),
+            cams.Ks[src],
+            cams.camtoworlds[src],
+            patch=mv.patch,
+            min_std=mv.min_std,
+        )
+        return mv.weight * loss
 
     def pseudo_loss(
         self, step: int, schedule: PseudoSchedule, elevation: float, radius: float
@@ -501,6 +554,9 @@ class Trainer:
             res = pearson_depth_loss(out.depths[0, ..., 0], *view.depth)
             if res.loss is not None:
                 loss = loss + phase.lambda_depth * res.loss
+        l_mv = self.multiview_loss(it, view, out)
+        if l_mv is not None:
+            loss = loss + l_mv
         l_pd = None
         pose = phase.pseudo.pose(it) if phase.pseudo is not None else None
         if pose is not None:
