@@ -10,11 +10,13 @@ slows every torch call, so that window is not timed), then times ``--steps`` mor
 loop (logging included, no checkpoints, no evaluation). Without ``--tile`` a synthetic tile is
 written to a temporary folder (``tiny`` for the tiny preset, else ``default``, about a minute).
 
-Output: total ms/step over the timed window (with a final device synchronisation), the median ms of
-its plain steps (host time on a GPU, where the host runs ahead), and the syncs per step for each kind
-of step: plain, log, pseudo (pseudo-camera depth), strategy (densification, pruning, opacity reset
-or 3D-filter refresh). On CUDA also the synchronisations ``torch.cuda.set_sync_debug_mode`` reports
-per plain step, which include the host-to-device copies the CPU stand-in cannot see.
+Output: total ms/step over the timed window (with a final device synchronisation), the median and
+minimum ms of its plain steps (host time on a GPU, where the host runs ahead; the minimum is the
+least disturbed by other load on the machine), the syncs per step for each kind of step: plain, log,
+pseudo (pseudo-camera depth), strategy (densification, pruning, opacity reset or 3D-filter refresh),
+and with ``--profile N`` torch.profiler's top ops over N more steps. On CUDA also the
+synchronisations ``torch.cuda.set_sync_debug_mode`` reports per step, which include the
+host-to-device copies the CPU stand-in cannot see.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=100, help="timed steps")
     ap.add_argument("--count-steps", type=int, default=30, help="steps run under the sync counter")
     ap.add_argument("--device", default=None, help="override the preset's device")
+    ap.add_argument("--profile", type=int, default=0, help="profile this many more steps (torch.profiler)")
     ap.add_argument("--json", type=Path, help="also write the result here")
     args = ap.parse_args(argv)
 
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = load_config(args.preset).stage1
     start = args.start if args.start is not None else (10 if args.preset == "tiny" else 210)
-    total = start + args.steps + args.count_steps + 20  # + the CUDA sync-debug window
+    total = start + args.steps + args.count_steps + args.profile + 20  # + the CUDA sync-debug window
     cfg = dataclasses.replace(cfg, steps=max(cfg.steps, total))
     if args.device:
         cfg = dataclasses.replace(cfg, device=args.device)
@@ -143,9 +146,14 @@ def main(argv: list[str] | None = None) -> dict:
             if step_kind(trainer, phase, it) == "plain"
         ]
 
+        table = None
+        if args.profile:
+            table = _profile(trainer, phase, start + args.count_steps + args.steps, args.profile)
         cuda_syncs = None
         if dev.type == "cuda":
-            cuda_syncs = _cuda_sync_counts(trainer, phase, start + args.steps + args.count_steps)
+            cuda_syncs = _cuda_sync_counts(
+                trainer, phase, start + args.count_steps + args.steps + args.profile
+            )
 
     res = {
         "preset": args.preset,
@@ -156,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         "gaussians": trainer.model.num_gaussians,
         "ms_per_step": round(1e3 * wall / args.steps, 2),
         "plain_ms_median": round(statistics.median(plain_ms), 2) if plain_ms else None,
+        "plain_ms_min": round(min(plain_ms), 2) if plain_ms else None,
         "plain_steps_timed": len(plain_ms),
         "syncs_per_step": {
             k: {"steps": len(v), "mean": round(sum(v) / len(v), 2), "max": max(v)}
@@ -165,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"{args.preset} on {dev} ({res['threads']} thread(s)), {res['gaussians']} Gaussians, steps "
           f"{res['timed'][0]}..{res['timed'][1]}: {res['ms_per_step']} ms/step; plain steps median "
-          f"{res['plain_ms_median']} ms ({len(plain_ms)} steps)")  # fmt: skip
+          f"{res['plain_ms_median']} ms, min {res['plain_ms_min']} ms ({len(plain_ms)} steps)")  # fmt: skip
     for k, v in res["syncs_per_step"].items():
         print(f"  syncs/step {k:<22} mean {v['mean']:6.2f}  max {v['max']:3d}  ({v['steps']} steps)")
     if cuda_syncs is not None:
@@ -174,6 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
     if plain:
         print("  syncs of plain steps:")
         print("\n".join("    " + ln for ln in _lines(plain)))
+    if table is not None:
+        print(table)
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
     return res
@@ -184,6 +195,20 @@ def _lines(events) -> list[str]:  # noqa: ANN001
 
     c = Counter((e.kind, e.op, e.where) for e in events)
     return [f"{n:4d}  {k:<21} {op:<12} {w}" for (k, op, w), n in c.most_common()]
+
+
+def _profile(trainer, phase, first: int, n: int) -> str:  # noqa: ANN001
+    """torch.profiler's top 10 ops by self time (CUDA time on a GPU, else CPU) over ``n`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = trainer.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        run_window(trainer, phase, first + n)
+        _sync(trainer.device)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    head = f"torch.profiler, steps {first + 1}..{first + n}, top 10 by {key}:"
+    return head + "\n" + prof.key_averages().table(sort_by=key, row_limit=10)
 
 
 def _cuda_sync_counts(trainer, phase, first: int, n: int = 20) -> dict[str, float]:  # noqa: ANN001
