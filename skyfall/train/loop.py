@@ -348,6 +348,8 @@ class Trainer:
             self.app_optimizer = None
             return None
         model = AppearanceModel(len(self.tile.train), a.image_dim, 6 * a.n_fourier_freqs).to(self.device)
+        if self.cfg.compile == "appearance":
+            model.compile_modulation()
         self.app_optimizer = torch.optim.Adam(
             model.param_groups(a.image_lr, a.mlp_lr), eps=self.cfg.optim.adam_eps
         )
