@@ -182,7 +182,8 @@ def _stop_at(deadline: float):  # noqa: ANN202
 
 def _time_steps(trainer: Any, phase: Any, first: int, spec: dict, measure_s: float) -> dict:
     """``warmup`` steps after global step ``first``, then steps timed until ``steps`` or ``measure_s``
-    (or the phase deadline) is reached; train_step syncs every step (it reads the loss)."""
+    (or the phase deadline) is reached; a plain train_step reads nothing from the device, so the
+    window ends with a device synchronisation."""
     device = trainer.device
     it = first
     for _ in range(spec["warmup"]):

@@ -268,10 +268,10 @@ def multiview_ncc_loss(
         torch.arange(H, device=dev, dtype=f64), torch.arange(W, device=dev, dtype=f64), indexing="ij"
     )
     pix = torch.stack([u + 0.5, v + 0.5, torch.ones_like(u)], dim=-1)  # gsplat pixel centres
-    rays = pix @ torch.linalg.inv(K_ref.to(dev, f64)).T  # [H, W, 3] with z = 1
+    rays = pix @ torch.linalg.inv_ex(K_ref.to(dev, f64))[0].T  # [H, W, 3] with z = 1
     c2w_ref = c2w_ref.to(dev, f64)
     world = (rays * depth.to(f64)[..., None]) @ c2w_ref[:3, :3].T + c2w_ref[:3, 3]  # [H, W, 3]
-    w2c = torch.linalg.inv(c2w_src.to(dev, f64))  # [S, 4, 4]
+    w2c = torch.linalg.inv_ex(c2w_src.to(dev, f64))[0]  # [S, 4, 4]
     cam = torch.einsum("sij,hwj->shwi", w2c[:, :3, :3], world) + w2c[:, None, None, :3, 3]
     proj = torch.einsum("sij,shwj->shwi", K_src.to(dev, f64), cam)
     z = proj[..., 2].clamp_min(1e-9)

@@ -165,3 +165,25 @@ def test_param_groups():
     ids = [id(p) for gr in groups for p in gr["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(set(ids)) == len(ids)
     torch.optim.Adam(groups, eps=1e-15)  # accepted as-is by the optimizer
+
+
+def test_compiled_appearance_gives_the_same_losses(tiny_tile, tmp_path, tiny_config):
+    """``--stage1.compile appearance`` (a GPU speed option) trains the same run up to float rounding."""
+    import dataclasses
+
+    from torch._dynamo.utils import counters
+
+    from skyfall.train.loop import Trainer
+    from skyfall.train.stage1 import stage1_phase
+
+    counters.clear()
+    losses = {}
+    for mode in ("none", "appearance"):
+        cfg = dataclasses.replace(tiny_config.stage1, compile=mode)
+        tr = Trainer(cfg, tiny_tile, tmp_path / mode, progress=False)
+        tr.init_from_points()
+        phase = stage1_phase(tr)
+        tr.strategy_state = phase.strategy.initialize_state()
+        losses[mode] = [tr.train_step(it, phase).read()["loss"] for it in range(1, 5)]
+    assert counters["stats"]["unique_graphs"] >= 1  # the compiled modulation ran
+    assert losses["appearance"] == pytest.approx(losses["none"], abs=1e-6, rel=0)

@@ -18,7 +18,7 @@ Conventions (stated once, here):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -86,6 +86,9 @@ class Cameras:
     Ks: Tensor
     width: int
     height: int
+    world_to_camera: Tensor | None = field(default=None, repr=False, compare=False)
+    """[C, 4, 4] ``viewmats`` computed beforehand (a trainer keeps its views' on the device), or None:
+    inverted from ``camtoworlds`` when asked for."""
 
     def __post_init__(self) -> None:
         self.camtoworlds = torch.as_tensor(self.camtoworlds, dtype=torch.float64)
@@ -110,6 +113,8 @@ class Cameras:
     @property
     def viewmats(self) -> Tensor:
         """[C, 4, 4] float64 world-to-camera matrices."""
+        if self.world_to_camera is not None:
+            return self.world_to_camera
         return invert_rigid(self.camtoworlds)
 
     @property

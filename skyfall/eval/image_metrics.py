@@ -33,6 +33,30 @@ def _nchw(img: Tensor) -> Tensor:
     return img.permute(0, 3, 1, 2).double()
 
 
+def masked_mse(pred: Tensor, gt: Tensor, mask: Tensor | None = None) -> Tensor:
+    """The squared error behind `psnr`, as a float64 tensor: nothing is read from the device.
+
+    Args:
+        pred: [H, W, 3] prediction (clamped to [0, 1]).
+        gt: [H, W, 3] reference.
+        mask: optional [H, W] bool; only these pixels count.
+
+    Returns:
+        The mean squared error (0-dim); NaN when ``mask`` has no pixel.
+    """
+    err = (pred.double().clamp(0, 1) - gt.double()) ** 2
+    if mask is None:
+        return err.mean()
+    m = mask.to(err.dtype)[..., None].expand_as(err)
+    n = m.sum()
+    return torch.where(n > 0, (err * m).sum() / n, torch.full_like(n, math.nan))
+
+
+def psnr_from_mse(mse: float) -> float:
+    """PSNR in dB of a mean squared error of images in [0, 1] (NaN stays NaN)."""
+    return -10.0 * math.log10(mse + PSNR_EPS)
+
+
 def psnr(pred: Tensor, gt: Tensor, mask: Tensor | None = None) -> float:
     """PSNR in dB of images in [0, 1].
 
@@ -45,16 +69,7 @@ def psnr(pred: Tensor, gt: Tensor, mask: Tensor | None = None) -> float:
         The PSNR; NaN when ``mask`` has no pixel (no error was measured, so there is no PSNR, and
         NaN keeps the view out of means that skip non-finite values).
     """
-    err = (pred.double().clamp(0, 1) - gt.double()) ** 2
-    if mask is not None:
-        m = mask.to(err.dtype)[..., None].expand_as(err)
-        n = m.sum()
-        if not n > 0:
-            return math.nan
-        mse = float((err * m).sum() / n)
-    else:
-        mse = float(err.mean())
-    return -10.0 * math.log10(mse + PSNR_EPS)
+    return psnr_from_mse(float(masked_mse(pred, gt, mask)))
 
 
 def rgb_to_y255(img: Tensor) -> Tensor:

@@ -164,16 +164,19 @@ def accumulate_stats(
         width, height: image size in pixels.
         n_cameras: views batched into one loss mean; their gradients are 1/C of a single view's.
     """
-    scale = means2d_grad.new_tensor([0.5 * width * n_cameras, 0.5 * height * n_cameras])
+    # Every row, with the invisible ones adding 0 (index-free): boolean indexing would make the host
+    # wait for the device to size its result, and a tensor made from Python numbers is a host copy.
+    scale = means2d_grad.new_full((2,), 0.5 * width * n_cameras)
+    scale[1] = 0.5 * height * n_cameras
     vis = visible.bool()
-    g = (means2d_grad[vis] * scale).norm(dim=-1)
-    ga = (means2d_absgrad[vis] * scale).norm(dim=-1)
-    model.grad_accum[vis] += g.to(model.grad_accum)
-    model.absgrad_accum[vis] += ga.to(model.absgrad_accum)
-    model.denom[vis] += 1.0
+    g = (means2d_grad * scale).norm(dim=-1)
+    ga = (means2d_absgrad * scale).norm(dim=-1)
+    model.grad_accum += torch.where(vis, g, 0.0).to(model.grad_accum)
+    model.absgrad_accum += torch.where(vis, ga, 0.0).to(model.absgrad_accum)
+    model.denom += vis.to(model.denom.dtype)
     r = radii.amax(dim=-1) if radii.dim() == 2 else radii
-    r = r[vis].to(model.max_radii2d)
-    model.max_radii2d[vis] = torch.maximum(model.max_radii2d[vis], r)
+    r = r.to(model.max_radii2d)
+    model.max_radii2d = torch.where(vis, torch.maximum(model.max_radii2d, r), model.max_radii2d)
 
 
 def _quantile(values: Tensor, q: float) -> float:

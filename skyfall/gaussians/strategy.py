@@ -94,6 +94,35 @@ class GOFStrategy:
                 raise RuntimeError("densification needs a render with gradients (means2d has none)")
             info.means2d.retain_grad()
 
+    def densify_due(self, step: int) -> bool:
+        """Densification (then a 3D-filter refresh) after ``step``'s backward."""
+        return self.start < step < self.until and step % self.every == 0
+
+    def reset_due(self, step: int) -> bool:
+        """An opacity reset after ``step``'s backward."""
+        reset_until = self.until if self.reset_until is None else self.reset_until
+        return step < self.until and step % self.reset_every == 0 and step < reset_until
+
+    def prune_due(self, step: int) -> bool:
+        """Pruning of transparent Gaussians (outside the densification window) after ``step``."""
+        return (
+            step >= self.until
+            and bool(self.prune_every)
+            and step > self.start
+            and step % self.prune_every == 0
+        )
+
+    def refilter_due(self, step: int) -> bool:
+        """A scheduled 3D-filter refresh (outside the densification window) after ``step``."""
+        return step >= self.until and step % self.refilter_every == 0 and step < self.refilter_until
+
+    def plain(self, step: int) -> bool:
+        """True when ``step_post_backward`` at ``step`` at most accumulates statistics: nothing that
+        changes the set of Gaussians, their opacities or their filter (and reads the device)."""
+        return not (
+            self.densify_due(step) or self.reset_due(step) or self.prune_due(step) or self.refilter_due(step)
+        )
+
     def in_cooldown(self, state: dict[str, Any], step: int) -> bool:
         """True during the cool-down after an opacity reset."""
         return step < state["cooldown_until"]
@@ -116,8 +145,7 @@ class GOFStrategy:
             info: the step's ``RenderOutput`` (one camera; ``means2d`` holds ``.grad`` / ``.absgrad``).
             refilter: recomputes the model's 3D filter from the trainer's cameras.
         """
-        active = step < self.until
-        if active:
+        if step < self.until:
             _, height, width, _ = info.colors.shape
             accumulate_stats(
                 model,
@@ -128,7 +156,7 @@ class GOFStrategy:
                 width,
                 height,
             )
-            if step > self.start and step % self.every == 0:
+            if self.densify_due(step):
                 densify_and_prune(
                     model,
                     grad_threshold=self.grad_threshold,
@@ -143,14 +171,13 @@ class GOFStrategy:
                 check_gaussian_count(
                     model.num_gaussians, self.min_gaussians, context=f"after densification at step {step}"
                 )
-            reset_until = self.until if self.reset_until is None else self.reset_until
-            if step % self.reset_every == 0 and step < reset_until:
+            if self.reset_due(step):
                 # the 3D filter just recomputed above is the one the filter-aware reset must see
                 reset_opacity(model, self.reset_value)
                 state["cooldown_until"] = step + self.cooldown_steps
         else:
-            if self.prune_every and step > self.start and step % self.prune_every == 0:
+            if self.prune_due(step):
                 if prune_transparent(model, self.prune_opacity, floor=self.min_gaussians):
                     refilter()
-            if step % self.refilter_every == 0 and step < self.refilter_until:
+            if self.refilter_due(step):
                 refilter()

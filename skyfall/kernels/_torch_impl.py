@@ -7,6 +7,7 @@ Each ``_op`` here is the reference implementation of ``skyfall.kernels.ops.op``.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -34,6 +35,14 @@ def gaussian_window_1d(
     x = torch.arange(window_size, dtype=torch.float64) - r
     g = torch.exp(-(x * x) / (2.0 * sigma * sigma))
     return (g / g.sum()).to(dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _window_on(window_size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """`gaussian_window_1d` on ``device``, made once: a copy from the host at every loss would make
+    the host wait for the GPU. Shared, so never modified in place."""
+    with torch.inference_mode(False), torch.no_grad():
+        return gaussian_window_1d(window_size, sigma, dtype=dtype).to(device)
 
 
 def _blur(x: Tensor, g: Tensor) -> Tensor:
@@ -109,7 +118,7 @@ def _ssim(
     x = _as_batched(img1)
     y = _as_batched(img2).to(x.dtype)
     c = x.shape[1]
-    g = gaussian_window_1d(window_size, sigma, dtype=x.dtype).to(x.device)
+    g = _window_on(window_size, float(sigma), x.dtype, x.device)
     # one grouped convolution for all five moments instead of five calls
     stats = _blur(torch.cat([x, y, x * x, y * y, x * y], dim=1), g)
     mu1, mu2, e11, e22, e12 = stats.split(c, dim=1)

@@ -11,6 +11,14 @@ views) + w_pd L_pd`` (pseudo-camera depth), backward, the strategy's densificati
 
 Resume is exact: a checkpoint holds every piece of state the next step reads, so an interrupted run
 continued from its latest checkpoint ends in the same state as an uninterrupted one.
+
+A plain step (no log, densification, filter refresh, pseudo depth or checkpoint) reads nothing from
+the device, so that on a GPU the host queues the next step while this one runs: its statistics stay
+tensors until a log step reads them, and its loss checks (finiteness, the divergence guard) wait in a
+queue (`Trainer.flush_checks`). The trade-off: a non-finite or runaway loss is reported, with the
+step it happened at, when the next step that reads the device anyway checks the queue: a log step
+(at most ``log_every`` steps later), a densification, filter-refresh or pseudo-depth step (before
+its backward), an evaluation, and every checkpoint, so a non-finite state is never saved.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from skyfall.data.orbits import linear_schedule, sample_pseudo_cameras
 from skyfall.data.tile import Tile, load_tile
 from skyfall.devices import resolve_device
 from skyfall.errors import SkyfallError
-from skyfall.eval.image_metrics import psnr
+from skyfall.eval.image_metrics import masked_mse, psnr_from_mse
 from skyfall.gaussians.appearance import AppearanceModel, fourier_init_embeddings
 from skyfall.gaussians.filters import compute_3d_filter
 from skyfall.gaussians.init import height_field_points, init_from_points
@@ -69,6 +77,11 @@ from skyfall.storage.checkpoints import (
     save_checkpoint,
 )
 from skyfall.storage.run_dir import RunDir, atomic_write_text
+from skyfall.train.syncs import host_reads
+
+MAX_UNCHECKED = 1000
+"""At most this many steps' loss checks wait for `Trainer.flush_checks` (``train_step`` called
+outside ``train``, where no log step runs them)."""
 
 
 class NonFiniteLossError(SkyfallError):
@@ -157,6 +170,32 @@ class ViewSample:
     """(depth [H, W], valid [H, W]) target of a refined view when its depth loss is on."""
     index: int | None = None
     """The training satellite view it shows (None: another kind of view)."""
+
+
+@dataclass
+class StepStats:
+    """A step's logged statistics, kept on the device until a log step reads them (`read`)."""
+
+    loss: Tensor
+    l_rgb: Tensor
+    l_pd: Tensor | None
+    """The weighted pseudo-depth loss, None on steps without one."""
+    mse: Tensor
+    """The render's masked squared error (float64), whose PSNR is logged."""
+    n: int
+    """Gaussians after the step."""
+
+    def read(self) -> dict[str, float | int]:
+        """The logged numbers: loss, l_rgb, l_pd (NaN without), psnr, n, in one read from the device."""
+        parts = [self.loss, self.l_rgb, self.mse] + ([self.l_pd] if self.l_pd is not None else [])
+        values = torch.stack([t.double() for t in parts]).tolist()
+        return {
+            "loss": values[0],
+            "l_rgb": values[1],
+            "l_pd": values[3] if self.l_pd is not None else math.nan,
+            "psnr": psnr_from_mse(values[2]),
+            "n": self.n,
+        }
 
 
 @dataclass
@@ -259,12 +298,23 @@ class Trainer:
         self.cameras: Cameras = tr.cameras
         self.mv_sources: list[list[int]] | None = None
         """Each training view's source views for the multi-view term (chosen on first use)."""
+        self._mv_index: list[Tensor] = []
+        # The views' cameras on the device, world-to-camera matrices included (inverted on the host
+        # view by view, as a step would): a step then copies nothing from the host, and on a GPU
+        # every such copy waits for the work queued before it.
+        self._c2w = self.cameras.camtoworlds.to(self.device)
+        self._Ks = self.cameras.Ks.to(self.device)
+        self._viewmats = torch.cat([self.cameras[j].viewmats for j in range(len(self.cameras))]).to(
+            self.device
+        )
         self.filter_cameras: Cameras | list[Cameras] = self.cameras
         """Cameras that define the 3D filter (Stage 2 adds each episode's refined views)."""
         pts = self.tile.points.double()
         center = pts.median(dim=0).values if len(pts) else torch.zeros(3, dtype=torch.float64)
         radius = float((pts - center).norm(dim=-1).quantile(0.99)) if len(pts) > 1 else 0.0
-        self.guard = DivergenceGuard(center.float(), max(radius, cfg.scene_extent))
+        self.guard = DivergenceGuard(center.float().to(self.device), max(radius, cfg.scene_extent))
+        self._unchecked: list[tuple[int, Tensor, Tensor]] = []
+        """(step, loss, photometric loss) of the steps whose checks wait for `flush_checks`."""
 
     # ------------------------------------------------------------------ state
 
@@ -319,6 +369,8 @@ class Trainer:
             self.app_optimizer = None
             return None
         model = AppearanceModel(len(self.tile.train), a.image_dim, 6 * a.n_fourier_freqs).to(self.device)
+        if self.cfg.compile == "appearance":
+            model.compile_modulation()
         self.app_optimizer = torch.optim.Adam(
             model.param_groups(a.image_lr, a.mlp_lr), eps=self.cfg.optim.adam_eps
         )
@@ -390,7 +442,7 @@ class Trainer:
         A milestone (the end of a Stage 2 episode, the final Stage 1 checkpoint once Stage 2 starts) is
         never pruned; otherwise the oldest prunable step checkpoints beyond ``keep_checkpoints`` go.
         """
-        self.check_divergence(self.step)
+        self.check_divergence(self.step)  # also runs the queued loss checks: nothing non-finite is saved
         path = save_checkpoint(checkpoint_path(self.run_dir.ckpts, self.step), self.state_dict())
         if milestone:
             self.protect(self.step)
@@ -409,17 +461,40 @@ class Trainer:
             return "no checkpoint was written yet, so a --resume starts again from step 0"
         return f"its last checkpoint {last} is kept (continue with --resume)"
 
-    def check_divergence(self, it: int, l_rgb: float | None = None, *, extent: bool = True) -> None:
-        """Raise `DivergenceError` if the guard sees a run-away optimisation at step ``it``: feeds it
-        the step's photometric loss and, with ``extent``, measures where the Gaussians are."""
-        why = self.guard.loss(l_rgb) if l_rgb is not None else None
-        if why is None and extent:
-            why = self.guard.extent(self.model.params["means"])
+    def check_divergence(self, it: int, *, extent: bool = True) -> None:
+        """Run the queued loss checks (`flush_checks`), then, with ``extent``, raise `DivergenceError`
+        if the Gaussians left the scene at step ``it``."""
+        self.flush_checks()
+        why = self.guard.extent(self.model.params["means"]) if extent else None
         if why:
-            raise DivergenceError(
-                f"training diverged at step {it}: {why}; the run stopped and the diverged state was not "
-                f"saved; {self._kept()} (lower the learning rates, e.g. --stage1.optim.means-lr-init)"
-            )
+            raise self._diverged(it, why)
+
+    def flush_checks(self) -> None:
+        """Check the queued steps' losses in step order, reading them all from the device at once.
+
+        Raises `NonFiniteLossError` at the first non-finite loss; otherwise feeds each photometric loss
+        to the divergence guard, as if every step had checked its own, and raises `DivergenceError`
+        where it trips.
+        """
+        queued, self._unchecked = self._unchecked, []
+        if not queued:
+            return
+        values = torch.stack([t.double() for _, loss, l_rgb in queued for t in (loss, l_rgb)]).tolist()
+        for i, (it, _, _) in enumerate(queued):
+            loss, l_rgb = values[2 * i], values[2 * i + 1]
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {it} (rgb={l_rgb:.4g}); the run stopped; " + self._kept()
+                )
+            why = self.guard.loss(l_rgb)
+            if why:
+                raise self._diverged(it, why)
+
+    def _diverged(self, it: int, why: str) -> DivergenceError:
+        return DivergenceError(
+            f"training diverged at step {it}: {why}; the run stopped and the diverged state was not "
+            f"saved; {self._kept()} (lower the learning rates, e.g. --stage1.optim.means-lr-init)"
+        )
 
     def protect(self, step: int) -> None:
         """Exempt the checkpoint of ``step`` from pruning (RUN/ckpts/milestones.json)."""
@@ -435,21 +510,24 @@ class Trainer:
     def satellite_view(self) -> ViewSample:
         """The next satellite view (shuffled stack, refilled when empty)."""
         if not self.view_stack:
-            self.view_stack = torch.randperm(len(self.tile.train)).tolist()
+            with host_reads():  # the CPU generator's draws
+                self.view_stack = torch.randperm(len(self.tile.train)).tolist()
         j = self.view_stack.pop()
         w, h = self.cameras.width, self.cameras.height
         c = self.cfg.crop
         emb = j if self.appearance is not None else None
+        vm = self._viewmats[j : j + 1]
         if c <= 0 or (c >= w and c >= h):
-            cam = Cameras(self.cameras.camtoworlds[j], self.cameras.Ks[j], w, h)
+            cam = Cameras(self._c2w[j], self._Ks[j], w, h, world_to_camera=vm)
             return ViewSample(cam, self.images[j], self.masks[j], emb, index=j)
         cw, ch = min(c, w), min(c, h)
-        x0 = int(torch.randint(0, w - cw + 1, (1,)))
-        y0 = int(torch.randint(0, h - ch + 1, (1,)))
-        k = self.cameras.Ks[j].clone()
+        with host_reads():
+            x0 = int(torch.randint(0, w - cw + 1, (1,)))
+            y0 = int(torch.randint(0, h - ch + 1, (1,)))
+        k = self._Ks[j].clone()
         k[0, 2] -= x0  # a crop is the same camera with its principal point moved
         k[1, 2] -= y0
-        cam = Cameras(self.cameras.camtoworlds[j], k, cw, ch)
+        cam = Cameras(self._c2w[j], k, cw, ch, world_to_camera=vm)
         img = self.images[j][:, y0 : y0 + ch, x0 : x0 + cw]
         mask = self.masks[j][y0 : y0 + ch, x0 : x0 + cw]
         return ViewSample(cam, img, mask, emb, index=j)
@@ -462,16 +540,16 @@ class Trainer:
             return None
         if self.mv_sources is None:
             self.mv_sources = source_views(self.cameras.camtoworlds, mv.sources, mv.min_angle)
+            self._mv_index = [torch.tensor(s, dtype=torch.long, device=self.device) for s in self.mv_sources]
             self.gray = (self.images * GRAY_WEIGHTS.to(self.images)[:, None, None]).sum(dim=1)
-        src = self.mv_sources[view.index]
-        if not src:
+        if not self.mv_sources[view.index]:
             return None
+        src = self._mv_index[view.index]
         alpha = out.alphas[0, ..., 0].detach()
         valid = alpha >= mv.alpha_min
         if view.mask is not None:
             valid = valid & view.mask.bool()
         gray = (view.image * GRAY_WEIGHTS.to(view.image)[:, None, None]).sum(dim=0)
-        cams = self.cameras
         loss = multiview_ncc_loss(
             out.expected_depths[0, ..., 0],
             valid,
@@ -480,8 +558,8 @@ class Trainer:
             view.camera.camtoworlds[0],
             self.gray[src],
             self.masks[src].bool(),
-            cams.Ks[src],
-            cams.camtoworlds[src],
+            self._Ks[src],
+            self._c2w[src],
             patch=mv.patch,
             min_std=mv.min_std,
         )
@@ -531,8 +609,12 @@ class Trainer:
         self.counters["pseudo_used"] += 1
         return schedule.weight_at(step) * res.loss
 
-    def train_step(self, it: int, phase: Phase) -> dict[str, float]:
-        """One optimisation step at global step ``it``; returns the logged statistics."""
+    def train_step(self, it: int, phase: Phase) -> StepStats:
+        """One optimisation step at global step ``it``; returns its statistics (still on the device).
+
+        The step's loss checks are queued (`flush_checks`) and run here only when the step reads the
+        device anyway (pseudo depth, densification, filter refresh), before its backward.
+        """
         model = self.model
         model.update_position_lr(it)
         model.update_sh_degree(it)
@@ -563,11 +645,10 @@ class Trainer:
             l_pd = self.pseudo_loss(it, phase.pseudo, *pose)
             if l_pd is not None:
                 loss = loss + l_pd
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite loss at step {it} (rgb={float(l_rgb.detach()):.4g}); the run stopped; "
-                + self._kept()
-            )
+        self._unchecked.append((it, loss.detach(), l_rgb.detach()))
+        if pose is not None or not phase.strategy.plain(it) or len(self._unchecked) >= MAX_UNCHECKED:
+            # a non-finite state never reaches densification or the filter
+            self.flush_checks()
         phase.strategy.step_pre_backward(model, self.strategy_state, it, out)
         loss.backward()
         with torch.no_grad():
@@ -579,14 +660,9 @@ class Trainer:
             if self.app_optimizer is not None:
                 self.app_optimizer.step()
                 self.app_optimizer.zero_grad(set_to_none=True)
-            train_psnr = psnr(out.colors[0].detach(), view.image.permute(1, 2, 0), view.mask)
-        return {
-            "loss": float(loss.detach()),
-            "l_rgb": float(l_rgb.detach()),
-            "l_pd": float(l_pd.detach()) if l_pd is not None else math.nan,
-            "psnr": train_psnr,
-            "n": model.num_gaussians,
-        }
+            mse = masked_mse(out.colors[0].detach(), view.image.permute(1, 2, 0), view.mask)
+        l_pd = l_pd.detach() if l_pd is not None else None
+        return StepStats(loss.detach(), l_rgb.detach(), l_pd, mse, model.num_gaussians)
 
     # ------------------------------------------------------------------ the loop
 
@@ -621,18 +697,20 @@ class Trainer:
         try:
             with interrupts.deferred():
                 for it in range(self.step + 1, phase.end + 1):
-                    stats = self.train_step(it, phase)
+                    step_stats = self.train_step(it, phase)
                     self.step = it
                     bar.update(1)
                     log = it % log_every == 0 or it == phase.end
-                    self.check_divergence(it, stats["l_rgb"], extent=log)
                     if log:
+                        self.check_divergence(it)
+                        stats = step_stats.read()
                         bar.set_postfix(
                             loss=f"{stats['loss']:.4f}", psnr=f"{stats['psnr']:.2f}", n=stats["n"]
                         )
                         self.run_dir.log_metrics({"step": it, **tags, **stats, "wall_s": self.wall()})
                         self.tb_log(it, stats)
                     if eval_every and evaluate is not None and it % eval_every == 0 and it != phase.end:
+                        self.flush_checks()
                         res = evaluate()
                         self.run_dir.log_metrics({"step": it, **res})
                         self.tb_log(it, res, prefix="eval")

@@ -45,6 +45,7 @@ from skyfall.storage.run_lock import run_lock
 from skyfall.train.loop import Phase, PseudoSchedule, Trainer, ViewSample
 from skyfall.train.stage1 import evaluate as stage1_evaluate
 from skyfall.train.stage1 import stage1_strategy
+from skyfall.train.syncs import host_reads
 
 
 @dataclass
@@ -239,9 +240,12 @@ class IterativeDatasetUpdate:
 
     def sample_view(self, it: int) -> ViewSample:
         """With probability idu_ratio the next refined view (shuffled stack), else a satellite view."""
-        if float(torch.rand(())) < self.cfg2.idu_ratio:
+        with host_reads():  # the CPU generator's draws
+            refined = float(torch.rand(())) < self.cfg2.idu_ratio
+        if refined:
             if not self.idu_stack:
-                self.idu_stack = torch.randperm(len(self.idu_cams)).tolist()
+                with host_reads():
+                    self.idu_stack = torch.randperm(len(self.idu_cams)).tolist()
             i = self.idu_stack.pop()
             # Refined views use the fixed novel-view embedding, detached: no gradient reaches it, but
             # the MLP and the per-Gaussian embeddings still learn (the reference renders them with
