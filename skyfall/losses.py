@@ -243,6 +243,7 @@ def multiview_ncc_loss(
     *,
     patch: int = 7,
     min_std: float = 0.02,
+    aggregate: str = "min",
 ) -> Tensor:
     """Multi-view photometric consistency of a rendered depth map (the MVS term of PGSR-style methods).
 
@@ -253,7 +254,9 @@ def multiview_ncc_loss(
     to gain and offset, so images taken on different dates compare. Windows without texture (standard
     deviation below ``min_std``) say nothing about depth and are left out, as are pixels that land
     outside a source or on its no-data. The gradient reaches the geometry through the sampling
-    position (bilinear), i.e. through the depth.
+    position (bilinear), i.e. through the depth. ``aggregate="mean"`` averages the cost over every
+    source that sees the pixel instead: stricter, since each pixel can no longer pick the source that
+    suits a wrong depth best, but occluded sources count.
 
     Geometry runs in float64: satellite cameras stand hundreds of kilometres away.
 
@@ -288,6 +291,9 @@ def multiview_ncc_loss(
     ok = seen & (cam[..., 2] > 0)[:, None] & valid[None, None]
     ok = ok & (_box_mean(ok.float(), patch) > 0.999)  # whole window usable
     ok = ok & (std > min_std)
-    cost = torch.where(ok, 1.0 - ncc, torch.full_like(ncc, 3.0)).amin(dim=0)[0]  # [H, W]
-    counts = ok.any(dim=0)[0].float()
-    return (cost * counts).sum() / counts.sum().clamp_min(1.0)
+    if aggregate == "min":
+        cost = torch.where(ok, 1.0 - ncc, torch.full_like(ncc, 3.0)).amin(dim=0)[0]  # [H, W]
+        counts = ok.any(dim=0)[0].float()
+        return (cost * counts).sum() / counts.sum().clamp_min(1.0)
+    w = ok.float()
+    return ((1.0 - ncc) * w).sum() / w.sum().clamp_min(1.0)

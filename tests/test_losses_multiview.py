@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -94,6 +95,10 @@ def test_a_pixel_is_judged_by_its_best_source():
     views_occ[2] = (torch.rand(H, W), views[2][1])  # source 2 sees noise everywhere
     assert float(_loss(true, K, cams, views_occ, valid=centre)) <= one + 1e-6
     assert float(_loss(true, K, cams, views_occ, valid=centre, src=(2,))) > 0.3
+    # 'mean' counts every source that sees the pixel: half the pixels' sources are noise here
+    mean = float(_loss(true, K, cams, views_occ, valid=centre, aggregate="mean"))
+    noise = float(_loss(true, K, cams, views_occ, valid=centre, src=(2,)))
+    assert mean == pytest.approx((one + noise) / 2, rel=0.05)
 
 
 def test_textureless_windows_and_invalid_pixels_count_for_nothing():

@@ -164,6 +164,8 @@ class MultiViewConfig:
     match and are left out."""
     alpha_min: float = 0.5
     """Pixels whose rendered alpha is below this have no surface to lift."""
+    aggregate: Literal["min", "mean"] = "min"
+    """Cost of a pixel over its sources: 'min' (the best source: occlusion-robust) or 'mean'."""
 
 
 @dataclass

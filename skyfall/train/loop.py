@@ -562,6 +562,7 @@ class Trainer:
             self._c2w[src],
             patch=mv.patch,
             min_std=mv.min_std,
+            aggregate=mv.aggregate,
         )
         return mv.weight * loss
 
