@@ -167,3 +167,62 @@ def test_bad_options_are_rejected(bad: dict) -> None:
     tracks = build_tracks(_synthetic(CAMS[:2], INJECTED[:2], n_points=20))
     with pytest.raises(ValueError):
         joint_adjustment(CAMS[:2], tracks, SIZE, **bad)
+
+
+def _planted(n_points=300, noise=0.02, planted=0.06, seed=5):
+    """Every point seen by all four views (tracks of 4) with the INJECTED offsets, plus 100 points
+    seen by views 0 and 1 only; ``planted`` of the 4-view observations moved by 0.3..3 px in a
+    random direction (wrong matches that a 1 px floor lets through). Returns (tracks, planted mask)."""
+    rng = np.random.default_rng(seed)
+    xyz = rng.uniform([-100, -100, 0], [100, 100, 50], (n_points + 100, 3))
+    matches, moved = [], []
+    uv0 = (
+        project_views(CAMS, np.zeros(len(xyz), int), xyz) + INJECTED[0] + rng.normal(0, noise, (len(xyz), 2))
+    )
+    for k in range(1, 4):
+        sel = np.arange(len(xyz)) if k == 1 else np.arange(n_points)
+        uvk = project_views(CAMS, np.full(len(sel), k), xyz[sel]) + INJECTED[k]
+        uvk += rng.normal(0, noise, uvk.shape)
+        bad = (rng.random(len(sel)) < planted) & (sel < n_points)
+        ang = rng.uniform(0, 2 * np.pi, int(bad.sum()))
+        uvk[bad] += rng.uniform(0.3, 3.0, int(bad.sum()))[:, None] * np.c_[np.cos(ang), np.sin(ang)]
+        matches.append(Matches(k, uv0[sel], uvk, np.ones(len(sel)), 0))
+        moved.append(np.c_[np.full(int(bad.sum()), k), uvk[bad]])
+    tracks = build_tracks(matches)
+    moved = np.concatenate(moved)
+    key = {(int(k), float(u), float(v)) for k, u, v in moved}
+    mask = np.array(
+        [(int(k), float(u), float(v)) in key for k, (u, v) in zip(tracks.view, tracks.uv, strict=True)]
+    )
+    return tracks, mask
+
+
+def test_outlier_rejection_drops_planted_outliers_and_recovers_the_offsets() -> None:
+    tracks, planted = _planted()
+    assert 40 < planted.sum() < 80
+    adj = joint_adjustment(CAMS, tracks, SIZE, outlier_sigma=2.5)
+    # Every planted observation is out (0.3 px is > 10 sigma of the 0.02 px noise)...
+    assert not (adj.inlier & planted).any()
+    # ... and about the 4.4 % of a Gaussian beyond 2.5 sigma of the others.
+    assert (~adj.inlier & ~planted).sum() < 0.08 * (~planted).sum()
+    err = _gauge_free_error(adj.correction.offset, INJECTED, CAMS)
+    assert err.max() < 0.01
+    assert 0.017 < adj.sigma_px < 0.023  # the noise, 0.02 px per axis
+    s = adj.summary(len(CAMS))
+    assert s["outliers"]["dropped"] == s["observations"] - s["inliers"] == adj.dropped
+    assert s["outliers"]["rounds"] >= 1 and s["outliers"]["n_sigma"] == 2.5
+    # Without the test, the soft-L1 loss alone leaves more of the planted errors in the offsets.
+    loose = joint_adjustment(CAMS, tracks, SIZE, outlier_sigma=0)
+    assert loose.dropped == 0
+    assert _gauge_free_error(loose.correction.offset, INJECTED, CAMS).max() > 2 * err.max()
+
+
+def test_studentized_residuals_are_chi2_on_gaussian_errors() -> None:
+    """On 2-view tracks only the component across the epipolar line shows (1 degree of freedom),
+    on longer tracks both; the studentized test must see the noise level on both."""
+    tracks, _ = _planted(planted=0.0, noise=0.05, seed=6)
+    adj = joint_adjustment(CAMS, tracks, SIZE, outlier_sigma=3.0)
+    assert 0.045 < adj.sigma_px < 0.055
+    assert adj.dropped < 0.03 * len(tracks.view)  # exp(-4.5) = 1.1 % expected
+    two = tracks.lengths()[tracks.track] == 2
+    assert two.sum() == 200 and (~adj.inlier[two]).sum() < 0.05 * two.sum()

@@ -146,6 +146,19 @@ def test_joint_adjustment_undoes_the_rpc_biases(tile4: tuple[Path, dict]) -> Non
     assert np.linalg.norm(got - want - jac @ t, axis=1).max() < 0.05
 
 
+def test_guided_pass_and_outlier_test_are_reported(tile4: tuple[Path, dict]) -> None:
+    """The first (coarse, pairwise) pass already finds the biases to a fraction of a pixel; the
+    second pass is matched in narrow bands around the epipolar lines of those cameras."""
+    _, s = tile4
+    ba = s["bundle_adjustment"]
+    g = ba["guide"]
+    assert g["tracks"] > 20 and g["margin_px"] == 1.0 and g["cell"] == 16
+    assert np.abs(np.array(g["offsets_px"]) - np.array(ba["offsets_px"])).max() < 0.3
+    out = ba["outliers"]
+    assert out["dropped"] == ba["observations"] - ba["inliers"]
+    assert out["n_sigma"] == 2.0 and 0 < out["sigma_px"] < 0.1
+
+
 def test_four_views_hold_one_out(tile4: tuple[Path, dict]) -> None:
     from skyfall.data.tile import load_tile
 

@@ -12,12 +12,17 @@
   Grodecki & Dial 2003) or ``uv = p + b_k + L_k (p - c)`` (``model="affine"``, c the image centre),
   with p the fitted pinhole's projection. All corrections and all track points are solved together
   by ``scipy.optimize.least_squares`` (finite differences through a sparse Jacobian pattern, soft-L1
-  loss, then a second solve without the observations whose error exceeds ``max(outlier_px, 4 robust
-  sigma)``). Gauge: view 0's correction is fixed at zero (``gauge="view0"``) or all views are free
-  (``gauge="mean"``). Image data alone cannot tell a common 3D translation t of all points from
-  the image shifts J_k t it causes in each view k (in the "view0" gauge one direction is left:
-  along view 0's rays, i.e. a height shift, which moves the other views' offsets along their
-  epipolar lines). After the solve the solution is moved along that ambiguity to the smallest
+  loss). Outliers (data snooping): after each solve, the tracks are re-triangulated from their
+  inliers and, per track, the observation with the largest studentized residual beyond
+  ``outlier_sigma`` robust sigmas is left out (:func:`standardized_inliers`; sigma from the median,
+  so up to half the observations may be wrong); the problem is re-solved with the soft-L1 scale set
+  to that sigma (matching errors are heavy-tailed: moving shadow edges, windows across depth
+  edges), until the inliers stop changing (at most ``max_rounds``). Left-out observations are
+  tested again every round against their track's point, so one wrongly dropped comes back. Gauge: view 0's
+  correction is fixed at zero (``gauge="view0"``) or all views are free (``gauge="mean"``). Image
+  data alone cannot tell a common 3D translation t of all points from the image shifts J_k t it
+  causes in each view k (in the "view0" gauge one direction is left: along view 0's rays, i.e. a
+  height shift, which moves the other views' offsets along their epipolar lines). After the solve the solution is moved along that ambiguity to the smallest
   offsets (least squares over t), which leaves every residual unchanged. A weak prior towards zero
   (``prior_weight`` per pixel) picks the smallest corrections along the affine model's further
   ambiguities (3D affine maps of the scene).
@@ -31,6 +36,7 @@ pair by pair.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from itertools import combinations
 
@@ -226,8 +232,11 @@ class JointAdjustment:
             point triangulated from views i and j only (ENU z).
         ray_gap_before_m, ray_gap_after_m: mutual distance of the two rays of every view pair of
             every track (metres).
-        n_iter: function evaluations of the two solves.
+        n_iter: function evaluations of all solves.
         model, gauge: the options used.
+        rounds: outlier rejection rounds (re-solves); dropped: observations left out;
+            sigma_px: the robust sigma (px per image axis) of the last rejection round;
+            outlier_sigma: the rejection threshold in sigmas.
     """
 
     correction: Correction
@@ -245,6 +254,10 @@ class JointAdjustment:
     n_iter: int = 0
     model: str = "offset"
     gauge: str = "view0"
+    rounds: int = 0
+    dropped: int = 0
+    sigma_px: float | None = None
+    outlier_sigma: float = 0.0
 
     def good_tracks(self) -> np.ndarray:
         """[T] tracks with >= 2 inlier observations."""
@@ -296,6 +309,12 @@ class JointAdjustment:
             "observations": int(len(t.view)),
             "inliers": int(ok.sum()),
             "conflicting_tracks_dropped": int(t.dropped_conflicts),
+            "outliers": {
+                "dropped": int(self.dropped),
+                "rounds": int(self.rounds),
+                "sigma_px": self.sigma_px,
+                "n_sigma": self.outlier_sigma,
+            },
             "reproj_rms_before_px": rms(self.err_before[ok]),
             "reproj_rms_after_px": rms(self.err_after[ok]),
             "reproj_rms_tracks3_before_px": rms(self.err_before[long3]),
@@ -354,6 +373,68 @@ def _height_spread(
     return (hi_b - lo_b)[sel], (hi_a - lo_a)[sel]
 
 
+def standardized_inliers(
+    res: np.ndarray, jac: np.ndarray, tracks: Tracks, keep: np.ndarray, n_sigma: float, floor_px: float = 0.0
+) -> tuple[np.ndarray, float]:
+    """One round of the outlier test: the inliers at ``n_sigma`` robust sigmas, and sigma (px per axis).
+
+    Studentized residuals (data snooping): with isotropic Gaussian errors of sigma per image axis
+    and J_i the 2 x 3 derivative of observation i's projection by its track point, the least-squares
+    residual of a kept observation has covariance sigma² (I - J_i N⁻¹ J_iᵀ), N = sum of J_jᵀ J_j over
+    the track's kept observations, and the prediction error of a left-out one sigma² (I + J_i N⁻¹
+    J_iᵀ). So s_i = rᵀ C⁺ r is sigma² chi²(d), d the rank of C: 2, except 1 on a 2-view track (only
+    the component across the epipolar line shows). Sigma² is the median of s_i over the median of
+    its chi²(d) (robust to half the observations being outliers); an observation is beyond the limit
+    when s_i exceeds sigma² times the chi²(d) quantile exceeded with the probability that a 2-D
+    Gaussian error exceeds ``n_sigma`` sigmas, exp(-n_sigma² / 2) (1.1 % for 3, 13.5 % for 2), or
+    ``floor_px²`` if larger. One outlier pulls its track's point and inflates its partners'
+    residuals, so per track only the kept observation furthest beyond the limit leaves in one call;
+    observations already out stay out while they are beyond it (their s_i is then the prediction
+    error of the track's point).
+
+    Args:
+        res: [O, 2] residuals from least-squares points of the inliers (NaN for tracks without one).
+        jac: [O, 2, 3] derivatives of each observation's projection by its track point.
+        tracks: the tracks; keep: [O] the current inliers (they define N).
+        n_sigma: the rejection threshold in sigmas; floor_px: lower bound of the threshold (px).
+
+    Returns:
+        The new inliers [O] and sigma.
+    """
+    from scipy.stats import chi2
+
+    fin = np.isfinite(res).all(1)
+    if not fin.any():
+        return fin, 0.0
+    use = keep & fin
+    normal = np.zeros((tracks.n_tracks, 3, 3))
+    np.add.at(normal, tracks.track[use], np.einsum("oij,oik->ojk", jac[use], jac[use]))
+    ok_t = np.linalg.matrix_rank(normal) == 3
+    inv = np.zeros_like(normal)
+    inv[ok_t] = np.linalg.inv(normal[ok_t])
+    fin &= ok_t[tracks.track]
+    hat = np.einsum("oij,ojk,olk->oil", jac, inv[tracks.track], jac)
+    cov = np.eye(2) + np.where(use[:, None, None], -hat, hat)
+    w, v = np.linalg.eigh(cov)
+    rank = (w > 1e-6 * w[:, -1:]).sum(1)
+    proj = np.einsum("oji,oj->oi", v, np.where(fin[:, None], res, 0.0))
+    s = np.where(w > 1e-6 * w[:, -1:], proj**2 / np.maximum(w, 1e-300), 0.0).sum(1)
+    dof = np.clip(rank, 1, 2)
+    null_median = np.where(dof == 1, chi2.median(1), chi2.median(2))
+    sigma2 = float(np.median(s[fin] / null_median[fin]))
+    alpha = math.exp(-0.5 * n_sigma**2)
+    limit = np.where(dof == 1, chi2.isf(alpha, 1), chi2.isf(alpha, 2)) * sigma2
+    above = fin & (s > np.maximum(limit, floor_px**2))
+    # One outlier pulls its track's point and inflates its partners' residuals: per track, only the
+    # worst kept observation beyond the limit leaves in a round (the others are tested again after
+    # the re-solve); left-out observations stay out while they are beyond it.
+    ratio = np.where(above, s / np.maximum(limit, 1e-300), 0.0)
+    worst = np.zeros(tracks.n_tracks)
+    np.maximum.at(worst, tracks.track[above & use], ratio[above & use])
+    out = above & (~use | (ratio >= worst[tracks.track]))
+    return fin & ~out, math.sqrt(sigma2)
+
+
 def joint_adjustment(
     cams: list[Camera],
     tracks: Tracks,
@@ -362,7 +443,9 @@ def joint_adjustment(
     model: str = "offset",
     gauge: str = "view0",
     f_scale: float = 0.5,
-    outlier_px: float = 1.0,
+    outlier_sigma: float = 3.0,
+    outlier_px: float = 0.0,
+    max_rounds: int = 10,
     prior_weight: float = 1e-3,
     max_nfev: int = 100,
 ) -> JointAdjustment:
@@ -374,9 +457,13 @@ def joint_adjustment(
         image_size: (width, height) of the images (the affine model's centre is their middle).
         model: "offset" (2 parameters per view) or "affine" (6).
         gauge: "view0" (view 0 fixed) or "mean" (all free; the smallest corrections are chosen).
-        f_scale: soft-L1 loss scale (px): residuals beyond it count linearly.
-        outlier_px: observations with an error above max(outlier_px, median + 4 robust sigma) after
-            the first solve are left out of the second.
+        f_scale: soft-L1 loss scale (px) of the first solve: residuals beyond it count linearly.
+            The solves after a rejection round use the robust sigma of that round instead.
+        outlier_sigma: observations whose studentized residual exceeds this many robust sigmas are
+            left out of the next solve (:func:`standardized_inliers`); 0 keeps every observation.
+        outlier_px: lower bound (px) of that rejection threshold.
+        max_rounds: rejection and re-solve rounds at most (they stop when the inliers do not change
+            or come back to an earlier set).
         prior_weight: weight of the prior towards zero correction (per pixel of correction).
         max_nfev: function evaluations per solve.
     """
@@ -402,7 +489,7 @@ def joint_adjustment(
             c.linear[free] = q[:, 2:].reshape(-1, 2, 2) * lin_scale
         return c
 
-    def solve(x0_corr: np.ndarray, keep: np.ndarray, loss: str) -> tuple[np.ndarray, np.ndarray, int]:
+    def solve(x0_corr: np.ndarray, keep: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray, int]:
         corr0 = correction(x0_corr)
         pts0 = triangulate_tracks(cams, tracks, corr0, keep)
         use_t = np.isfinite(pts0[:, 0])
@@ -432,25 +519,48 @@ def joint_adjustment(
         sparsity = lil_matrix((2 * n_obs + nv, nv + 3 * n_pts), dtype=int)
         sparsity[np.concatenate(rows), np.concatenate(cols)] = 1
         sol = least_squares(
-            residual, np.r_[x0_corr, pts0[use_t].ravel()], jac_sparsity=sparsity, loss=loss,
-            f_scale=f_scale, x_scale="jac", method="trf", max_nfev=max_nfev, xtol=1e-12, ftol=1e-12,
+            residual, np.r_[x0_corr, pts0[use_t].ravel()], jac_sparsity=sparsity, loss="soft_l1",
+            f_scale=scale, x_scale="jac", method="trf", max_nfev=max_nfev, xtol=1e-12, ftol=1e-12,
         )  # fmt: skip
         pts = np.full((tracks.n_tracks, 3), np.nan)
         pts[use_t] = sol.x[nv:].reshape(-1, 3)
         return sol.x[:nv], pts, int(sol.nfev)
 
+    def residuals(corr: Correction, pts: np.ndarray) -> np.ndarray:
+        return corr.apply(tracks.view, project_views(cams, tracks.view, pts[tracks.track])) - tracks.uv
+
     def errors(corr: Correction, pts: np.ndarray) -> np.ndarray:
-        p = corr.apply(tracks.view, project_views(cams, tracks.view, pts[tracks.track]))
-        return np.linalg.norm(p - tracks.uv, axis=1)
+        return np.linalg.norm(residuals(corr, pts), axis=1)
+
+    def point_jacobians(corr: Correction, pts: np.ndarray) -> np.ndarray:
+        """[O, 2, 3] derivative of each observation's corrected projection by its point (1 cm steps)."""
+        p = np.nan_to_num(pts[tracks.track])
+        base = corr.apply(tracks.view, project_views(cams, tracks.view, p))
+        cols = [
+            corr.apply(tracks.view, project_views(cams, tracks.view, p + 0.01 * e)) - base for e in np.eye(3)
+        ]
+        return np.stack(cols, -1) / 0.01
 
     keep = np.ones(len(tracks.view), bool)
-    x, pts, nfev1 = solve(np.zeros(nv), keep, "soft_l1")
-    err = errors(correction(x), pts)
-    fin = np.isfinite(err)
-    med = float(np.median(err[fin])) if fin.any() else 0.0
-    sigma = 1.4826 * float(np.median(np.abs(err[fin] - med))) if fin.any() else 0.0
-    keep = fin & (err <= max(outlier_px, med + 4 * sigma))
-    x, pts, nfev2 = solve(x, keep, "soft_l1")
+    x, pts, nfev = solve(np.zeros(nv), keep, f_scale)
+    rounds = 0
+    sigma = None
+    seen = {keep.tobytes()}
+    while outlier_sigma > 0 and rounds < max_rounds:
+        # The test's statistics hold for least-squares points: re-triangulate the robust solution's
+        # tracks from their inliers (the corrections stay the robust ones).
+        c = correction(x)
+        p_ls = triangulate_tracks(cams, tracks, c, keep)
+        new_keep, sigma = standardized_inliers(
+            residuals(c, p_ls), point_jacobians(c, p_ls), tracks, keep, outlier_sigma, outlier_px
+        )
+        if new_keep.tobytes() in seen:  # unchanged, or a cycle between borderline observations
+            break
+        seen.add(new_keep.tobytes())
+        keep = new_keep
+        x, pts, n = solve(x, keep, max(sigma, 1e-3))
+        nfev += n
+        rounds += 1
     corr = correction(x)
     good = np.isfinite(pts[:, 0])
     if good.any():
@@ -482,6 +592,7 @@ def joint_adjustment(
     return JointAdjustment(
         correction=corr, tracks=tracks, inlier=keep, points=pts, points_before=pts_before,
         err_before=err_before, err_after=err_after, pair_heights=pair_heights,
-        ray_gap_before_m=cat(gaps_b), ray_gap_after_m=cat(gaps_a), n_iter=nfev1 + nfev2,
-        model=model, gauge=gauge,
+        ray_gap_before_m=cat(gaps_b), ray_gap_after_m=cat(gaps_a), n_iter=nfev,
+        model=model, gauge=gauge, rounds=rounds, dropped=int(len(keep) - keep.sum()), sigma_px=sigma,
+        outlier_sigma=outlier_sigma,
     )  # fmt: skip

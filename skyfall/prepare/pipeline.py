@@ -17,7 +17,8 @@ Steps (each documented where it is implemented):
 5. Pinhole per view fitted to the RPC over a grid of AOI x altitude points
    (:mod:`skyfall.prepare.pinhole`), checked on independent random AOI points.
 6. Matching of every pair of views (:mod:`skyfall.prepare.matching`), tracks and the joint bundle
-   adjustment of all RPCs (:mod:`skyfall.prepare.adjust`), which also gives the initial points
+   adjustment of all RPCs (:mod:`skyfall.prepare.adjust`), in two passes (:func:`match_and_adjust`:
+   a coarse pairwise pass whose adjustment guides a multi-view pass), which also gives the initial points
    (each track's point, coloured from its first training view); if matching is disabled or finds
    too few points, the fallback is a plane of points at the middle of the altitude range on a
    ``fallback_spacing`` grid, coloured from the first training view: a flat start that Stage 1's
@@ -36,16 +37,23 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from skyfall.errors import ConfigError, SkyfallError
-from skyfall.prepare.adjust import Correction, Tracks, build_tracks, joint_adjustment, triangulate_tracks
+from skyfall.prepare.adjust import (
+    Correction,
+    JointAdjustment,
+    Tracks,
+    build_tracks,
+    joint_adjustment,
+    triangulate_tracks,
+)
 from skyfall.prepare.geodesy import ENUFrame
-from skyfall.prepare.matching import MatchConfig, Matches, match_pair
+from skyfall.prepare.matching import MatchConfig, Matches, match_multiview, match_pair
 from skyfall.prepare.pinhole import PinholeFit, fit_pinhole
 from skyfall.prepare.raster import SatelliteImage, read_satellite_image
 
@@ -102,6 +110,13 @@ class PrepareConfig:
     track_merge_px: float = 0.0
     """Observations of one view closer than this (px) are one track node (chains matches made from
     different reference views; 0: tracks are one reference keypoint and its matches)."""
+    outlier_sigma: float = 2.0
+    """Adjustment outlier test: observations whose studentized residual exceeds this many robust
+    sigmas are left out (:func:`skyfall.prepare.adjust.standardized_inliers`; 0: none). Below the
+    usual 3 because matching errors are heavy-tailed and partly systematic (shadow edges that move
+    between acquisition dates, windows across depth edges): on the synthetic RPC cities 3 leaves
+    ~0.065 px of error in the recovered RPC biases, 2 ~0.04 px, keeping ~2/3 of the tracks
+    (scripts/bench_matches.py)."""
     test_views: str = "auto"
     """Held-out views: 'auto' (one in eight, at least one from 4 views, none below), 'none' or indices '2,5'."""
     max_aoi: float = 1000.0
@@ -248,6 +263,7 @@ def prepare_tile(
         raise ConfigError(f"--gauge must be 'view0' or 'mean', got {cfg.gauge!r}.")
     for name, value, ok in (
         ("--track-merge-px", cfg.track_merge_px, cfg.track_merge_px >= 0),
+        ("outlier_sigma", cfg.outlier_sigma, cfg.outlier_sigma >= 0),
         ("--max-aoi", cfg.max_aoi, 1.0 <= cfg.max_aoi <= 20000.0),
         ("--alt-margin", cfg.alt_margin, cfg.alt_margin >= 0),
     ):
@@ -308,11 +324,9 @@ def prepare_tile(
     method = ""
     if cfg.match and len(views) >= 2:
         cams = [(v.fit.K, v.fit.c2w) for v in views]  # type: ignore[union-attr]
-        matches = _match_all(views, cams, (z_lo, z_hi), cfg.matcher)
-        tracks = build_tracks(matches, cfg.track_merge_px)
+        matches, tracks, adj, guide = match_and_adjust(views, cams, (z_lo, z_hi), cfg, (width, height))
         n_matches = {f"{m.ref}-{m.view}": int(len(m.uv0)) for m in matches}
-        if cfg.adjust and tracks.n_tracks >= 3:
-            adj = joint_adjustment(cams, tracks, (width, height), model=cfg.adjust_model, gauge=cfg.gauge)
+        if adj is not None:
             corr = adj.correction
             for k, v in enumerate(views):
                 if cfg.adjust_model == "offset":
@@ -325,6 +339,7 @@ def prepare_tile(
             stats = adj.summary(len(views))
             adjustment = {
                 "done": True,
+                **guide,
                 "offsets_px": corr.offset.tolist(),
                 "offsets_rpc_px": (corr.offset * cfg.downsample).tolist(),
                 "matches": n_matches,
@@ -589,6 +604,71 @@ def _match_all(
         for i in range(len(views))
         for j in range(i + 1, len(views))
     ]
+
+
+def match_and_adjust(
+    views: list[_View], cams: list[tuple[np.ndarray, np.ndarray]], z: tuple[float, float], cfg: PrepareConfig,
+    size: tuple[int, int],
+) -> tuple[list[Matches], Tracks, JointAdjustment | None, dict[str, Any]]:  # fmt: skip
+    """Matches, tracks and the joint adjustment of step 6 (None without ``cfg.adjust`` or 3 tracks).
+
+    With ``cfg.matcher.guided`` (and the adjustment on), a first pass matches every pair on a coarse
+    keypoint grid and its adjustment (offset model) corrects the cameras; the second pass matches
+    every view's keypoints in all later views at once (:func:`match_multiview`) in a narrow band
+    around the corrected epipolar segments, and its tracks are adjusted from the delivered cameras
+    (so that "before" figures are the delivered RPCs'). If the first pass finds under 3 tracks, one
+    pairwise pass is made at the full keypoint density. Returns (matches, tracks, adjustment,
+    entries for prepare.json about the guiding pass).
+    """
+    mcfg = cfg.matcher
+    if mcfg.sweep_views not in ("later", "all"):
+        raise ConfigError(f"sweep_views must be 'later' or 'all', got {mcfg.sweep_views!r}.")
+
+    def adjust(tracks: Tracks) -> JointAdjustment | None:
+        if not cfg.adjust or tracks.n_tracks < 3:
+            return None
+        return joint_adjustment(
+            cams, tracks, size, model=cfg.adjust_model, gauge=cfg.gauge, outlier_sigma=cfg.outlier_sigma
+        )
+
+    if cfg.adjust and mcfg.guided and len(views) >= 2:
+        first = _match_all(views, cams, z, replace(mcfg, cell=mcfg.coarse_cell))
+        t1 = build_tracks(first, cfg.track_merge_px)
+        if t1.n_tracks >= 3:
+            a1 = joint_adjustment(
+                cams, t1, size, model="offset", gauge=cfg.gauge, outlier_sigma=cfg.outlier_sigma
+            )
+            guide = []
+            for (K, c2w), o in zip(cams, a1.correction.offset, strict=True):
+                K = K.copy()
+                K[:2, 2] += o
+                guide.append((K, c2w))
+            imgs = [v.grey for v in views]
+            valids = [v.valid for v in views]
+            n = len(views)
+            searched = [
+                [j for j in range(n) if j > i or (mcfg.sweep_views == "all" and j != i)] for i in range(n)
+            ]
+            matches = [
+                m
+                for i in range(n)
+                if searched[i]
+                for m in match_multiview(imgs, valids, guide, z, i, searched[i], mcfg, mcfg.guided_margin)  # type: ignore[arg-type]
+            ]
+            tracks = build_tracks(matches, cfg.track_merge_px)
+            info = {
+                "guide": {
+                    "offsets_px": a1.correction.offset.tolist(),
+                    "tracks": int(a1.good_tracks().sum()),
+                    "inliers": int(a1.inlier.sum()),
+                    "margin_px": mcfg.guided_margin,
+                    "cell": mcfg.coarse_cell,
+                }
+            }
+            return matches, tracks, adjust(tracks), info
+    matches = _match_all(views, cams, z, mcfg)
+    tracks = build_tracks(matches, cfg.track_merge_px)
+    return matches, tracks, adjust(tracks), {}
 
 
 def _track_points(
