@@ -6,7 +6,9 @@ one thread before anything else imports it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
@@ -104,3 +106,22 @@ def rerender_frame(city, tile, index: int):  # noqa: ANN001, ANN201
     r = city.render(cam, date=meta["image_dates"][name], supersample=meta["preset_params"]["sat_supersample"])
     rgb = (r["rgb"][0].clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
     return rgb, np.asarray(Image.open(tile / "images" / f"{name}.png"))
+
+
+@contextlib.contextmanager
+def nan_colours_at(step: int) -> Iterator[None]:
+    """Inside it, the trainer's step ``step`` starts by turning every colour into NaN (its loss is
+    then non-finite)."""
+    from skyfall.train.loop import Trainer
+
+    original = Trainer.train_step
+
+    def poisoned(self: Trainer, it: int, phase):  # noqa: ANN001, ANN202
+        if it == step:
+            with torch.no_grad():
+                self.model.params["sh0"][:] = float("nan")
+        return original(self, it, phase)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "train_step", poisoned)
+        yield

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import nan_colours_at
 
 from skyfall.gaussians.densify import CollapseError
 from skyfall.train.loop import NonFiniteLossError, Trainer
@@ -104,16 +105,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_tile: Path, tmp_path
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_tile: Path, tmp_path: Path, tiny_config):
-    original = Trainer.train_step
-
-    def poisoned(self: Trainer, it: int, phase):
-        if it == 35:
-            with torch.no_grad():
-                self.model.params["sh0"][:] = float("nan")
-        return original(self, it, phase)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Trainer, "train_step", poisoned)
+    with nan_colours_at(35):
         with pytest.raises(NonFiniteLossError, match="step 35"):
             train_stage1(tiny_config.stage1, tiny_tile, tmp_path / "run", progress=False)
     ckpts = sorted((tmp_path / "run" / "ckpts").glob("ckpt_*.pt"))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import nan_colours_at
 
 from skyfall.config.training import MultiViewConfig
 from skyfall.train.loop import NonFiniteLossError, Trainer
@@ -118,16 +119,7 @@ def test_a_non_finite_loss_on_a_plain_step_is_named_and_never_saved(
 ):
     """Plain steps queue their loss checks; the next step that reads the device anyway (here step 35:
     pseudo depth and densification) checks them in order, before its own backward."""
-    original = Trainer.train_step
-
-    def poisoned(self: Trainer, it: int, phase):  # noqa: ANN001, ANN202
-        if it == 32:
-            with torch.no_grad():
-                self.model.params["sh0"][:] = float("nan")
-        return original(self, it, phase)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Trainer, "train_step", poisoned)
+    with nan_colours_at(32):
         with pytest.raises(NonFiniteLossError, match="non-finite loss at step 32"):
             train_stage1(tiny_config.stage1, tiny_tile, tmp_path / "run", progress=False)
     ckpts = sorted((tmp_path / "run" / "ckpts").glob("ckpt_*.pt"))
