@@ -254,12 +254,25 @@ def test_real_preset_needs_no_download_and_no_synthetic_truth(tiny_tile: Path, t
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     args = ["train", "stage1", "--data", str(tile), "--out", str(tmp_path / "run"), "--preset", "real"]
     out = subprocess.run(
-        _cli(*args, "--stage1.steps", "20", "--stage1.eval-every", "20"),
+        _cli(*args, "--stage1.steps", "20", "--stage1.eval-every", "20", "--stage1.multiview.start", "10", "--stage1.log-every", "1"),
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     s1 = json.loads((tmp_path / "run" / "summary.json").read_text())["stage1"]
-    assert s1["steps"] == 20 and s1["pseudo_used"] == 0 and s1["num_gaussians"] == 817  # no densification
+    from skyfall.data.tile import load_tile
+    from skyfall.gaussians.init import height_field_points
+
+    pts = load_tile(tile).points
+    grid = len(height_field_points(pts, torch.zeros(len(pts), 3, dtype=torch.uint8), 2.0)[0])
+    assert grid > len(pts)  # the height-field start
+    assert (
+        s1["steps"] == 20 and s1["pseudo_used"] == 0 and s1["num_gaussians"] == len(pts) + grid
+    )  # no densification
+    logged = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r for r in logged if "loss" in r}
+    # the multi-view term joins the loss from its start (the opacity term is the rest)
+    rest = {k: by_step[k]["loss"] - by_step[k]["l_rgb"] for k in (8, 9, 10)}
+    assert abs(rest[9] - rest[8]) < 0.01 and rest[10] - rest[9] > 0.05
 
 
 def test_a_crop_is_the_same_camera_with_a_moved_principal_point(tiny_tile: Path, tmp_path: Path, tiny_config):
