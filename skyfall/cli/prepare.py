@@ -148,6 +148,19 @@ def format_summary(s: dict, out: Path) -> str:
     ba = s["bundle_adjustment"]
     fmt = lambda x, spec=".3f": "n/a" if x is None else format(x, spec)  # noqa: E731
     if ba["done"]:
+        if ba.get("guide"):
+            g = ba["guide"]
+            lines.append(
+                f"  guiding pass (all pairs, one keypoint per {g['cell']} px): {g['tracks']} tracks adjusted, "
+                f"then every view's keypoints searched in all later views at once within {g['margin_px']:g} px "
+                "of the corrected epipolar lines"
+            )
+        if ba.get("outliers"):
+            o = ba["outliers"]
+            lines.append(
+                f"  outlier test: observations beyond {o['n_sigma']:g} sigma (sigma {fmt(o['sigma_px'])} px) left "
+                f"out, {o['dropped']} in {o['rounds']} rounds"
+            )
         hist = ", ".join(f"{n} views: {c}" for n, c in ba["track_length_histogram"].items())
         lines.append(
             f"  bundle adjustment ({ba['model']}, gauge {ba['gauge']}): {ba['tracks']} tracks ({hist}), "

@@ -372,8 +372,9 @@ def prepare_tile(
             for k in np.unique(view_first[inside]):
                 sel = view_first[inside] == k
                 colors[sel] = _sample(views[k].rgb, uv_first[inside][sel])  # type: ignore[arg-type]
+            how = "multi-view NCC matches" if guide else f"NCC matches of all {len(matches)} view pairs"
             method = (
-                f"NCC matches of all {len(matches)} view pairs chained into {tracks.n_tracks} tracks, "
+                f"{how} chained into {tracks.n_tracks} tracks, "
                 f"triangulated ({int(inside.sum())} points in the AOI volume)"
             )
         else:
