@@ -125,3 +125,16 @@ def nan_colours_at(step: int) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Trainer, "train_step", poisoned)
         yield
+
+
+# FlowEdit's prompts in the refiner tests (the reference's wording).
+FLUX_SOURCE_PROMPT = "Satellite image, blurry and warped."
+FLUX_TARGET_PROMPT = "Clear satellite image, sharp buildings."
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random FLUX.1 pipeline saved like the Hub's (built once per session; tests only read it)."""
+    from skyfall.priors.tiny import save_tiny_flux
+
+    return save_tiny_flux(tmp_path_factory.mktemp("flux") / "tiny-flux")

@@ -15,6 +15,7 @@ pytest.importorskip(
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from conftest import FLUX_SOURCE_PROMPT, FLUX_TARGET_PROMPT  # noqa: E402
 
 from skyfall.errors import ConfigError, MissingDependencyError  # noqa: E402
 from skyfall.priors.flowedit import (  # noqa: E402
@@ -28,31 +29,23 @@ from skyfall.priors.flowedit import (  # noqa: E402
 from skyfall.priors.hub import WeightsNotFoundError  # noqa: E402
 from skyfall.priors.refine import IdentityRefiner, ImageRefiner, make_refiner  # noqa: E402
 
-SRC = "Satellite image, blurry and warped."
-TAR = "Clear satellite image, sharp buildings."
+SRC, TAR = FLUX_SOURCE_PROMPT, FLUX_TARGET_PROMPT
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory):
-    from skyfall.priors.tiny import save_tiny_flux
-
-    return save_tiny_flux(tmp_path_factory.mktemp("flux") / "tiny-flux")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_dir, tmp_path_factory: pytest.TempPathFactory):
+def tiny_model(tiny_flux_dir, tmp_path_factory: pytest.TempPathFactory):
     from skyfall.config.priors import FluxConfig
     from skyfall.priors.flux import FluxModel
 
     cfg = FluxConfig(
-        model_id=str(tiny_dir), local_files_only=True, device="cpu", dtype="float32", max_sequence_length=64,
+        model_id=str(tiny_flux_dir), local_files_only=True, device="cpu", dtype="float32", max_sequence_length=64,
         prompt_cache_dir=str(tmp_path_factory.mktemp("prompt_cache")),
     )  # fmt: skip
     return FluxModel.load(cfg, [SRC, TAR])
 
 
-def _opts(tiny_dir, **kw) -> dict:
-    base = dict(model_id=str(tiny_dir), local_files_only=True, device="cpu", dtype="float32",
+def _opts(tiny_flux_dir, **kw) -> dict:
+    base = dict(model_id=str(tiny_flux_dir), local_files_only=True, device="cpu", dtype="float32",
                 max_sequence_length=64, source_prompt=SRC, target_prompt=TAR, prompt_cache_dir="")  # fmt: skip
     return {**base, **kw}
 
@@ -170,8 +163,10 @@ def test_n_max_zero_is_identity_and_call_count(tiny_model):
         flowedit_latents(m.transformer, x, src, tar, gens, n_max=3, n_min=4)
 
 
-def test_refiner_end_to_end_equals_reference_and_seeds_reproduce(tiny_dir, tiny_model):
-    r = make_refiner("flowedit", model=tiny_model, **_opts(tiny_dir, n_max=8, n_max_end=-1, batch_size=2))
+def test_refiner_end_to_end_equals_reference_and_seeds_reproduce(tiny_flux_dir, tiny_model):
+    r = make_refiner(
+        "flowedit", model=tiny_model, **_opts(tiny_flux_dir, n_max=8, n_max_end=-1, batch_size=2)
+    )
     assert isinstance(r, ImageRefiner)
     imgs = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     imgs[2] = imgs[0]
@@ -192,18 +187,18 @@ def test_refiner_end_to_end_equals_reference_and_seeds_reproduce(tiny_dir, tiny_
                                   n_avg=1, g_src=1.5, g_tar=5.5, sched=m.scheduler_config)  # fmt: skip
         assert torch.allclose(m.decode_latents(ref), out[:1], atol=1e-5)
     # without seeds: consecutive seeds from cfg.seed, continuing across calls
-    r2 = make_refiner("flowedit", model=tiny_model, **_opts(tiny_dir, n_max=8, n_max_end=-1, seed=5))
+    r2 = make_refiner("flowedit", model=tiny_model, **_opts(tiny_flux_dir, n_max=8, n_max_end=-1, seed=5))
     a = r2.refine(imgs[:1])
     b = r2.refine(imgs[1:2])
     assert torch.allclose(a, out[:1], atol=1e-5) and torch.allclose(b, out[1:2], atol=1e-5)
 
 
-def test_n_max_drawn_per_seed(tiny_dir, tiny_model):
-    r = make_refiner("flowedit", model=tiny_model, **_opts(tiny_dir))  # paper: n_min 4, n_max ~ U{4..10}
+def test_n_max_drawn_per_seed(tiny_flux_dir, tiny_model):
+    r = make_refiner("flowedit", model=tiny_model, **_opts(tiny_flux_dir))  # paper: n_min 4, n_max ~ U{4..10}
     draws = [r.n_max_for(s) for s in range(200)]
     assert set(draws) == set(range(4, 11))
     assert draws == [r.n_max_for(s) for s in range(200)]
-    fixed = make_refiner("flowedit", model=tiny_model, **_opts(tiny_dir, n_max_end=-1, n_max=7))
+    fixed = make_refiner("flowedit", model=tiny_model, **_opts(tiny_flux_dir, n_max_end=-1, n_max=7))
     assert {fixed.n_max_for(s) for s in range(20)} == {7}
     imgs = torch.rand(4, 3, 32, 48, generator=torch.Generator().manual_seed(2))
     out = r.refine(imgs, seeds=[0, 1, 2, 3])  # mixed n_max values -> several groups
@@ -211,35 +206,35 @@ def test_n_max_drawn_per_seed(tiny_dir, tiny_model):
         assert torch.allclose(r.refine(imgs[k : k + 1], seeds=[k]), out[k : k + 1], atol=1e-5)
 
 
-def test_sdedit_is_the_flowedit_tail(tiny_dir, tiny_model):
-    s = make_refiner("sdedit", model=tiny_model, model_id=str(tiny_dir), device="cpu", dtype="float32",
+def test_sdedit_is_the_flowedit_tail(tiny_flux_dir, tiny_model):
+    s = make_refiner("sdedit", model=tiny_model, model_id=str(tiny_flux_dir), device="cpu", dtype="float32",
                      n_steps=5, target_prompt=TAR)  # fmt: skip
-    f = make_refiner("flowedit", model=tiny_model, **_opts(tiny_dir, n_max=5, n_min=5, n_max_end=-1))
+    f = make_refiner("flowedit", model=tiny_model, **_opts(tiny_flux_dir, n_max=5, n_min=5, n_max_end=-1))
     imgs = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     a, b = s.refine(imgs, seeds=[1, 2]), f.refine(imgs, seeds=[1, 2])
     assert torch.allclose(a, b, atol=1e-6)
     assert float((a - imgs).abs().mean()) > 1e-3
 
 
-def test_bf16_runs_and_keeps_shape(tiny_dir):
-    r = make_refiner("flowedit", **_opts(tiny_dir, dtype="bfloat16"))
+def test_bf16_runs_and_keeps_shape(tiny_flux_dir):
+    r = make_refiner("flowedit", **_opts(tiny_flux_dir, dtype="bfloat16"))
     assert r.model.transformer.dtype == torch.bfloat16
     imgs = torch.rand(1, 3, 32, 32)
     out = r.refine(imgs, seeds=[0])
     assert out.shape == imgs.shape and out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
-def test_prompt_cache_matches_pipeline_and_skips_text_encoders(tiny_dir, tmp_path, monkeypatch):
+def test_prompt_cache_matches_pipeline_and_skips_text_encoders(tiny_flux_dir, tmp_path, monkeypatch):
     from diffusers import FluxPipeline
 
     from skyfall.config.priors import FluxConfig
     from skyfall.priors.flux import PromptEncoder
 
-    cfg = FluxConfig(model_id=str(tiny_dir), local_files_only=True, device="cpu", dtype="float32",
+    cfg = FluxConfig(model_id=str(tiny_flux_dir), local_files_only=True, device="cpu", dtype="float32",
                      max_sequence_length=64, prompt_cache_dir=str(tmp_path))  # fmt: skip
     first = PromptEncoder(cfg, torch.device("cpu"), torch.float32).encode([TAR])[TAR]
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
-    pipe = FluxPipeline.from_pretrained(str(tiny_dir), local_files_only=True)
+    pipe = FluxPipeline.from_pretrained(str(tiny_flux_dir), local_files_only=True)
     with torch.no_grad():
         emb, pooled, _ = pipe.encode_prompt(TAR, prompt_2=None, device="cpu", max_sequence_length=64)
     assert torch.allclose(first.embeds, emb, atol=1e-6) and torch.allclose(first.pooled, pooled, atol=1e-6)
@@ -275,13 +270,13 @@ def test_factory_errors():
         resolve_device("cuda")
 
 
-def test_quantisation_needs_its_package(tiny_dir):
+def test_quantisation_needs_its_package(tiny_flux_dir):
     import importlib.util
 
     if importlib.util.find_spec("torchao") is not None:
         pytest.skip("torchao installed")
     with pytest.raises(MissingDependencyError, match="pip install torchao"):
-        make_refiner("flowedit", **_opts(tiny_dir, quantization="fp8"))
+        make_refiner("flowedit", **_opts(tiny_flux_dir, quantization="fp8"))
 
 
 class _nothing:

@@ -20,6 +20,7 @@ pytest.importorskip("transformers", minversion="5")  # the tiny tokenizers are b
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from conftest import FLUX_SOURCE_PROMPT, FLUX_TARGET_PROMPT  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from skyfall.config.priors import FlowEditConfig, Top2GroundConfig  # noqa: E402
@@ -34,35 +35,27 @@ from skyfall.priors.flowedit import (  # noqa: E402
 )
 from skyfall.priors.refine import RefineGuidance  # noqa: E402
 
-SRC = "Satellite image, blurry and warped."
-TAR = "Clear satellite image, sharp buildings."
+SRC, TAR = FLUX_SOURCE_PROMPT, FLUX_TARGET_PROMPT
 # Batched vs one-by-one in fp32 (measured: at most ~1e-6 on latents and decoded images)
 BATCH_TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from skyfall.priors.tiny import save_tiny_flux
-
-    return save_tiny_flux(tmp_path_factory.mktemp("flux") / "tiny-flux")
-
-
-def _cfg(tiny_dir: Path, **kw) -> FlowEditConfig:
-    base = dict(model_id=str(tiny_dir), local_files_only=True, device="cpu", dtype="float32",
+def _cfg(tiny_flux_dir: Path, **kw) -> FlowEditConfig:
+    base = dict(model_id=str(tiny_flux_dir), local_files_only=True, device="cpu", dtype="float32",
                 max_sequence_length=64, source_prompt=SRC, target_prompt=TAR, prompt_cache_dir="")  # fmt: skip
     return FlowEditConfig(**{**base, **kw})
 
 
-def _refiner(tiny_dir: Path, **kw):  # noqa: ANN202
+def _refiner(tiny_flux_dir: Path, **kw):  # noqa: ANN202
     from skyfall.priors.flux_refiners import FlowEditRefiner
 
-    return FlowEditRefiner(_cfg(tiny_dir, **kw))
+    return FlowEditRefiner(_cfg(tiny_flux_dir, **kw))
 
 
 @pytest.fixture(scope="module")
-def plain(tiny_dir: Path):  # noqa: ANN201
+def plain(tiny_flux_dir: Path):  # noqa: ANN201
     """A refiner with every option at its default (the model is shared by tests that leave it as it is)."""
-    return _refiner(tiny_dir, n_max=10, n_max_end=-1)
+    return _refiner(tiny_flux_dir, n_max=10, n_max_end=-1)
 
 
 def _images(b: int, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -218,15 +211,15 @@ def test_batch_with_per_image_n_max_equals_one_by_one_in_fewer_calls(plain):
     )  # n_max 4 edited too
 
 
-def test_refiner_batches_mixed_n_max_and_matches_batch_one(tiny_dir, plain):
+def test_refiner_batches_mixed_n_max_and_matches_batch_one(tiny_flux_dir, plain):
     from skyfall.priors.flux_refiners import FlowEditRefiner, chunk_by_n_max
 
     assert chunk_by_n_max([4, 4, 4, 7, 7], 2) == [[0, 1], [2], [3, 4]]  # as grouping by n_max did
     assert chunk_by_n_max([7, 4, 9, 4], 4) == [[1, 3, 0, 2]]  # one mixed chunk: 9 steps, not 4 + 7 + 9
     assert chunk_by_n_max([9, 4, 6], 1) == [[1], [2], [0]]
-    cfg = _cfg(tiny_dir)  # the paper's n_max ~ U{4..10} per seed
+    cfg = _cfg(tiny_flux_dir)  # the paper's n_max ~ U{4..10} per seed
     one = FlowEditRefiner(cfg, model=plain.model)
-    many = FlowEditRefiner(_cfg(tiny_dir, batch_size=4), model=plain.model)
+    many = FlowEditRefiner(_cfg(tiny_flux_dir, batch_size=4), model=plain.model)
     imgs, seeds = _images(6, seed=3), [0, 1, 2, 3, 4, 5]
     assert len({one.n_max_for(s) for s in seeds}) > 2
     a, b = one.refine(imgs, seeds=seeds), many.refine(imgs, seeds=seeds)
@@ -326,11 +319,11 @@ def _stage2_stub(root: Path, refiner, batch_size: int):  # noqa: ANN001, ANN202
     return run, root / "idu" / ep.name / "refine", view_calls
 
 
-def test_stage2_refines_in_groups_and_resumes_inside_a_group(tmp_path: Path, tiny_dir, plain):
+def test_stage2_refines_in_groups_and_resumes_inside_a_group(tmp_path: Path, tiny_flux_dir, plain):
     from skyfall.priors.flux_refiners import FlowEditRefiner
     from skyfall.train.stage2 import sample_seed
 
-    refiner = FlowEditRefiner(_cfg(tiny_dir, batch_size=3), model=plain.model)
+    refiner = FlowEditRefiner(_cfg(tiny_flux_dir, batch_size=3), model=plain.model)
     rec = _Recording(refiner)
     run, rdir, _ = _stage2_stub(tmp_path / "grouped", rec, batch_size=3)
     run()
@@ -339,7 +332,7 @@ def test_stage2_refines_in_groups_and_resumes_inside_a_group(tmp_path: Path, tin
     grouped = {p.name: np.asarray(Image.open(p), dtype=np.int16) for p in sorted(rdir.glob("*.png"))}
     assert len(grouped) == 8
     # the same pairs one by one (batch_size 1, the default): the same images up to one 8-bit level
-    rec1 = _Recording(FlowEditRefiner(_cfg(tiny_dir), model=plain.model))
+    rec1 = _Recording(FlowEditRefiner(_cfg(tiny_flux_dir), model=plain.model))
     run1, rdir1, _ = _stage2_stub(tmp_path / "single", rec1, batch_size=1)
     run1()
     assert [c[0] for c in rec1.calls] == [[s] for s in seeds]
@@ -377,7 +370,7 @@ def test_stage2_stacks_each_images_guidance_and_renders_it_once_per_view(tmp_pat
 # regional compile
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cache", ["none", "first-block"])
-def test_compile_blocks_runs_and_matches(tiny_dir, plain, monkeypatch, cache):
+def test_compile_blocks_runs_and_matches(tiny_flux_dir, plain, monkeypatch, cache):
     """Graph capture of every block (fullgraph) with the 'aot_eager' backend: inductor's C++ code
     generation takes about a minute per shape on this CPU (set SKYFALL_TEST_INDUCTOR=1 to use it)."""
     import os
@@ -387,7 +380,7 @@ def test_compile_blocks_runs_and_matches(tiny_dir, plain, monkeypatch, cache):
     if os.environ.get("SKYFALL_TEST_INDUCTOR") != "1":
         monkeypatch.setattr(flux, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
-    r = _refiner(tiny_dir, n_max=10, n_max_end=-1, compile="blocks", cache=cache, cache_threshold=0.0)
+    r = _refiner(tiny_flux_dir, n_max=10, n_max_end=-1, compile="blocks", cache=cache, cache_threshold=0.0)
     tr = r.model.transformer
     blocks = [*tr.transformer_blocks, *tr.single_transformer_blocks]
     if cache == "none":  # diffusers' compile_repeated_blocks
@@ -403,22 +396,22 @@ def test_compile_blocks_runs_and_matches(tiny_dir, plain, monkeypatch, cache):
 # --------------------------------------------------------------------------------------------------
 # attention backends
 # --------------------------------------------------------------------------------------------------
-def test_attention_backend_choice_and_errors(tiny_dir, plain):
+def test_attention_backend_choice_and_errors(tiny_flux_dir, plain):
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
     default = _AttentionBackendRegistry._active_backend
     imgs = _images(1, seed=7)
     base = plain.refine(imgs, seeds=[3])
-    native = _refiner(tiny_dir, n_max=10, n_max_end=-1, attention="native")
+    native = _refiner(tiny_flux_dir, n_max=10, n_max_end=-1, attention="native")
     assert all(
         b.attn.processor._attention_backend == "native" for b in native.model.transformer.transformer_blocks
     )
     assert torch.equal(native.refine(imgs, seeds=[3]), base)  # diffusers' default is PyTorch SDPA
-    math_ = _refiner(tiny_dir, n_max=10, n_max_end=-1, attention="_native_math")
+    math_ = _refiner(tiny_flux_dir, n_max=10, n_max_end=-1, attention="_native_math")
     assert float((math_.refine(imgs, seeds=[3]) - base).abs().max()) <= 1e-5
     from skyfall.priors.refine import make_refiner
 
-    kw = dict(model_id=str(tiny_dir), local_files_only=True, device="cpu", dtype="float32", max_sequence_length=64,
+    kw = dict(model_id=str(tiny_flux_dir), local_files_only=True, device="cpu", dtype="float32", max_sequence_length=64,
               source_prompt=SRC, target_prompt=TAR, prompt_cache_dir="")  # fmt: skip
     with pytest.raises(
         ConfigError, match=r"--stage2\.flowedit\.attention 'flash-ish' is not an attention backend.*native"
@@ -438,7 +431,7 @@ def test_attention_backend_choice_and_errors(tiny_dir, plain):
     # Stage2Config.check says the same before anything runs
     from skyfall.config.training import Stage2Config
 
-    cfg2 = Stage2Config(refiner="flowedit", flowedit=_cfg(tiny_dir, attention="nope"), render_size=32)
+    cfg2 = Stage2Config(refiner="flowedit", flowedit=_cfg(tiny_flux_dir, attention="nope"), render_size=32)
     with pytest.raises(ConfigError, match=r"--stage2\.flowedit\.attention 'nope'"):
         cfg2.check()
 
@@ -460,7 +453,7 @@ def _decisions(refiner) -> list[bool]:  # noqa: ANN001
     return log
 
 
-def test_first_block_cache_effect_on_the_tiny_model(tiny_dir, plain):
+def test_first_block_cache_effect_on_the_tiny_model(tiny_flux_dir, plain):
     """Threshold 0 never skips and gives the uncached output bit for bit (the hooks alone change nothing).
     On the tiny random model the first block's relative residual change between calls is above 0.25 at
     every call, so thresholds up to 0.25 skip nothing. Measured here (64^2, n_max 10, 4 images one by one:
@@ -474,7 +467,7 @@ def test_first_block_cache_effect_on_the_tiny_model(tiny_dir, plain):
     base = plain.refine(imgs, seeds=seeds)
     measured = {}
     for t in (0.0, 0.5, 1.0):
-        r = _refiner(tiny_dir, n_max=10, n_max_end=-1, cache="first-block", cache_threshold=t)
+        r = _refiner(tiny_flux_dir, n_max=10, n_max_end=-1, cache="first-block", cache_threshold=t)
         assert r.model.transformer.is_cache_enabled
         log = _decisions(r)
         out = r.refine(imgs, seeds=seeds)
@@ -486,10 +479,10 @@ def test_first_block_cache_effect_on_the_tiny_model(tiny_dir, plain):
     print("first-block cache on the tiny model (skipped, calls, PSNR dB, max abs diff):", measured)
 
 
-def test_cache_state_does_not_leak_between_batches(tiny_dir):
+def test_cache_state_does_not_leak_between_batches(tiny_flux_dir):
     """Each flowedit_latents call starts from fresh cache state: refining an image after another gives
     the result of refining it alone."""
-    r = _refiner(tiny_dir, n_max=10, n_max_end=-1, cache="first-block", cache_threshold=1.0)
+    r = _refiner(tiny_flux_dir, n_max=10, n_max_end=-1, cache="first-block", cache_threshold=1.0)
     imgs = _images(2, seed=9)
     alone = r.refine(imgs[1:], seeds=[5])
     r.refine(imgs[:1], seeds=[4])
@@ -500,20 +493,22 @@ def test_cache_state_does_not_leak_between_batches(tiny_dir):
     assert states._state_cache == {}  # reset after the batch: no residuals held
 
 
-def test_option_values_are_checked(tiny_dir):
+def test_option_values_are_checked(tiny_flux_dir):
     from skyfall.config.training import Stage2Config
 
-    cfg2 = Stage2Config(refiner="flowedit", flowedit=_cfg(tiny_dir, cache_threshold=-1.0), render_size=32)
+    cfg2 = Stage2Config(
+        refiner="flowedit", flowedit=_cfg(tiny_flux_dir, cache_threshold=-1.0), render_size=32
+    )
     with pytest.raises(ConfigError, match=r"--stage2\.flowedit\.cache-threshold must be >= 0"):
         cfg2.check()
     with pytest.raises(ConfigError, match="cache"):
-        _refiner(tiny_dir, cache="teacache")
+        _refiner(tiny_flux_dir, cache="teacache")
 
 
 # --------------------------------------------------------------------------------------------------
 # fp8 with float8 matmuls: the gate (no GPU here)
 # --------------------------------------------------------------------------------------------------
-def test_fp8_dynamic_is_gated_on_compute_capability(tiny_dir, monkeypatch):
+def test_fp8_dynamic_is_gated_on_compute_capability(tiny_flux_dir, monkeypatch):
     import importlib.util
 
     from skyfall.config.training import Stage2Config
@@ -523,10 +518,10 @@ def test_fp8_dynamic_is_gated_on_compute_capability(tiny_dir, monkeypatch):
     with pytest.raises(
         ConfigError, match=r"--stage2\.flowedit\.quantization 'fp8-dynamic'.*compute capability >= 8\.9"
     ):
-        make_refiner("flowedit", model_id=str(tiny_dir), local_files_only=True, device="cpu", dtype="float32",
+        make_refiner("flowedit", model_id=str(tiny_flux_dir), local_files_only=True, device="cpu", dtype="float32",
                      quantization="fp8-dynamic", prompt_cache_dir="")  # fmt: skip
     cfg2 = Stage2Config(
-        refiner="flowedit", flowedit=_cfg(tiny_dir, quantization="fp8-dynamic"), render_size=32
+        refiner="flowedit", flowedit=_cfg(tiny_flux_dir, quantization="fp8-dynamic"), render_size=32
     )
     with pytest.raises(ConfigError, match=r"--stage2\.flowedit\.quantization 'fp8-dynamic'"):
         cfg2.check()
@@ -538,7 +533,7 @@ def test_fp8_dynamic_is_gated_on_compute_capability(tiny_dir, monkeypatch):
     for cc in ((8, 9), (9, 0), (10, 0)):  # Ada, Hopper, Blackwell
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, cc=cc: cc)
         flux.check_float8_matmuls(cuda)
-    cfg = _cfg(tiny_dir, quantization="fp8-dynamic", device="cuda")
+    cfg = _cfg(tiny_flux_dir, quantization="fp8-dynamic", device="cuda")
     if importlib.util.find_spec("torchao") is None:
         with pytest.raises(MissingDependencyError, match="pip install torchao"):
             flux._quantization_config(cfg, torch.bfloat16, cuda)

@@ -15,6 +15,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers", minversion="5")  # the tiny tokenizers are built in memory
 
 import torch  # noqa: E402
+from conftest import FLUX_SOURCE_PROMPT, FLUX_TARGET_PROMPT  # noqa: E402
 
 from skyfall.config.priors import Top2GroundConfig  # noqa: E402
 from skyfall.errors import ConfigError, MissingDependencyError  # noqa: E402
@@ -22,8 +23,7 @@ from skyfall.priors.flowedit import flowedit_latents, pack_latents  # noqa: E402
 from skyfall.priors.hub import WeightsNotFoundError  # noqa: E402
 from skyfall.priors.refine import ImageRefiner, RefineGuidance, make_refiner  # noqa: E402
 
-SRC = "Satellite image, blurry and warped."
-TAR = "Clear satellite image, sharp buildings."
+SRC, TAR = FLUX_SOURCE_PROMPT, FLUX_TARGET_PROMPT
 
 
 @pytest.fixture(scope="module")
