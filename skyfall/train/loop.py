@@ -299,6 +299,8 @@ class Trainer:
         self.mv_sources: list[list[int]] | None = None
         """Each training view's source views for the multi-view term (chosen on first use)."""
         self._mv_index: list[Tensor] = []
+        self._gray: Tensor | None = None
+        """The training views in grey [N, H, W] for the multi-view term (made on first use)."""
         # The views' cameras on the device, world-to-camera matrices included (inverted on the host
         # view by view, as a step would): a step then copies nothing from the host, and on a GPU
         # every such copy waits for the work queued before it.
@@ -326,9 +328,7 @@ class Trainer:
         if cfg.init_grid > 0:
             gp, gc = height_field_points(points, colors, cfg.init_grid)
             points = torch.cat([points.double(), torch.from_numpy(gp)])
-            colors = torch.cat(
-                [torch.as_tensor(colors), torch.from_numpy(gc).to(torch.as_tensor(colors).dtype)]
-            )
+            colors = torch.cat([colors, torch.from_numpy(gc)])  # both uint8
         # The cap never goes below a point's Mip-Splatting 3D filter size: a smaller start would only
         # be more transparent (the filter's opacity compensation), i.e. invisible on coarse tiles.
         # That filter is the model's initial one (the means are these points in float32).
@@ -541,7 +541,7 @@ class Trainer:
         if self.mv_sources is None:
             self.mv_sources = source_views(self.cameras.camtoworlds, mv.sources, mv.min_angle)
             self._mv_index = [torch.tensor(s, dtype=torch.long, device=self.device) for s in self.mv_sources]
-            self.gray = (self.images * GRAY_WEIGHTS.to(self.images)[:, None, None]).sum(dim=1)
+            self._gray = (self.images * GRAY_WEIGHTS.to(self.images)[:, None, None]).sum(dim=1)
         if not self.mv_sources[view.index]:
             return None
         src = self._mv_index[view.index]
@@ -556,7 +556,7 @@ class Trainer:
             gray,
             view.camera.Ks[0],
             view.camera.camtoworlds[0],
-            self.gray[src],
+            self._gray[src],
             self.masks[src].bool(),
             self._Ks[src],
             self._c2w[src],
