@@ -247,3 +247,10 @@ def test_height_field_points_fill_a_sparse_cloud_with_robust_heights():
     assert height_field_points(np.zeros((3, 3)), np.zeros((3, 3), np.uint8), 1.0)[0].shape == (0, 3)
     with pytest.raises(ValueError, match="spacing"):
         height_field_points(np.c_[xy, z], rgb, spacing=0.0)
+    # A cloud already as dense as the grid (prepare's dense heights) gets nothing added, a hole is filled.
+    g = np.arange(-49.0, 50.0, 2.0)
+    dense = np.stack(np.meshgrid(g, g, [0.0], indexing="ij"), -1).reshape(-1, 3)
+    assert len(height_field_points(dense, np.zeros((len(dense), 3), np.uint8), 2.0)[0]) == 0
+    holed = dense[np.hypot(dense[:, 0], dense[:, 1]) > 6]
+    filled, _ = height_field_points(holed, np.zeros((len(holed), 3), np.uint8), 2.0)
+    assert 20 <= len(filled) <= 36 and np.hypot(filled[:, 0], filled[:, 1]).max() < 7

@@ -19,6 +19,7 @@ from scipy import ndimage
 
 from skyfall.errors import ConfigError
 from skyfall.prepare import ENUFrame, PrepareConfig, RPCModel, prepare_tile
+from skyfall.prepare.dense import DenseConfig
 from skyfall.prepare.pipeline import parse_test_views
 
 LON0, LAT0 = 31.13, 29.97
@@ -173,6 +174,41 @@ def test_four_views_hold_one_out(tile4: tuple[Path, dict]) -> None:
     enu = ENUFrame(LON0, LAT0, 0.0).from_geodetic(lon, lat, h)
     dz = enu[:, 2] - _terrain(enu[:, 0], enu[:, 1])
     assert len(dz) > 200 and np.median(np.abs(dz - np.median(dz))) < 0.1
+
+
+def _terrain_offsets(out: Path, s: dict) -> np.ndarray:
+    from skyfall.data.tile import load_tile
+
+    o = s["enu_origin"]
+    pts = load_tile(out).points.numpy().astype(np.float64)
+    lon, lat, h = ENUFrame(o["lon"], o["lat"], o["alt"]).to_geodetic(pts)
+    enu = ENUFrame(LON0, LAT0, 0.0).from_geodetic(lon, lat, h)
+    return enu[:, 2] - _terrain(enu[:, 0], enu[:, 1])
+
+
+def test_dense_heights_cover_the_aoi_on_the_terrain(
+    tile4: tuple[Path, dict], views4: list[Path], tmp_path: Path
+) -> None:
+    out, s = tile4
+    d = s["dense"]
+    assert (
+        d["done"] and d["planes"] > 100 and 0.45 < d["resolution_m"] < 0.55 and d["colour_view"] in (0, 1, 3)
+    )
+    assert s["points3D"]["method"].startswith("dense heights (plane sweep + SGM over 3 training views")
+    # An 80 m AOI on a 2 m grid: (80 / 2)² points, all of them trusted on this textured terrain.
+    assert s["points3D"]["count"] == d["points"] and d["points"] > 0.95 * 40 * 40
+    dense_dz = _terrain_offsets(out, s)
+    # Without the dense step points3D.txt holds the matched track points (fewer, and where texture allowed).
+    s2 = prepare_tile(
+        views4,
+        tmp_path / "t",
+        PrepareConfig(aoi=(LON0, LAT0, 80.0), alt_range=(20.0, 80.0), dense=DenseConfig(enabled=False)),
+    )
+    assert s2["dense"] == {"done": False} and "NCC matches" in s2["points3D"]["method"]
+    assert s2["points3D"]["count"] < d["points"]
+    # Both sit at the terrain up to one common shift, the same one (the cameras are the same).
+    match_dz = _terrain_offsets(tmp_path / "t", s2)
+    assert abs(np.median(dense_dz) - np.median(match_dz)) < 0.1
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,11 @@ class PrepareOptions:
     (image side / CELL)² x the number of image pairs)."""
     track_merge_px: float = 0.0
     """Observations of one image closer than this (px) become one track node (0: no merging)."""
+    dense: bool = True
+    """Dense heights over the AOI (plane sweep over all training views + semi-global matching) for
+    points3D.txt, instead of the matched points alone (a few seconds to a minute per 512² cells)."""
+    dense_spacing: float = 2.0
+    """Spacing (metres) of the points3D.txt grid taken from the dense heights."""
     test_views: str = "auto"
     """Held-out views for transforms_test.json: 'auto' (one in eight, at least one from 4 views,
     none below 4; with `prepare --dfc`, the dataset's test.txt when it has one), 'none', or indices
@@ -44,6 +49,7 @@ class PrepareOptions:
         """The ``PrepareConfig`` of these options (ConfigError naming the option on bad input);
         ``kwargs`` set the fields these options do not hold (AOI, ...)."""
         from skyfall.errors import ConfigError
+        from skyfall.prepare.dense import DenseConfig
         from skyfall.prepare.matching import MatchConfig
         from skyfall.prepare.pipeline import PrepareConfig, parse_range
 
@@ -61,6 +67,7 @@ class PrepareOptions:
             test_views=self.test_views,
             alt_margin=self.alt_margin,
             matcher=MatchConfig(cell=self.match_cell),
+            dense=DenseConfig(enabled=self.dense, spacing=self.dense_spacing),
             **kwargs,
         )
 
@@ -188,6 +195,13 @@ def format_summary(s: dict, out: Path) -> str:
                 )
     else:
         lines.append(f"  no bundle adjustment ({ba['reason']}): the RPCs are used as delivered")
+    d = s.get("dense") or {}
+    if d.get("done"):
+        lines.append(
+            f"  dense heights: {d['cells'][1]}x{d['cells'][0]} cells of {d['resolution_m']:.2f} m, {d['planes']} planes "
+            f"of {d['step_m']:.2f} m, median NCC {d['median_score']:.2f}, {d['seconds']:g} s"
+            + (f" ({d['note']})" if d.get("note") else "")
+        )
     lines.append(f"  points3D.txt: {s['points3D']['count']} points, {s['points3D']['method']}")
     if s.get("truth_dsm"):
         lines.append(f"  truth DSM: {s['truth_dsm']}")

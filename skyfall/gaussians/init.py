@@ -143,7 +143,9 @@ def height_field_points(
     nearest points (x-y distance) and with the colour of the nearest: a 2.5D surface through a sparse
     cloud, so that a few thousand matched points start a surface without holes between them (where
     the sparse start leaves blobs metres wide that no view pulls apart). The median keeps a track's
-    outlier from lifting its neighbourhood.
+    outlier from lifting its neighbourhood. Grid nodes with a point within ``0.75 spacing`` are left
+    out (every node of a grid as fine as this one, however shifted, has one that close): where the
+    cloud is already that dense (e.g. ``prepare``'s dense heights) it is the surface.
 
     Returns:
         (xyz [G, 3] float64, rgb [G, 3] uint8); empty when there are fewer than ``k`` points.
@@ -158,6 +160,8 @@ def height_field_points(
     gx = np.arange(lo[0] + spacing / 2, hi[0], spacing)
     gy = np.arange(lo[1] + spacing / 2, hi[1], spacing)
     q = np.stack(np.meshgrid(gx, gy, indexing="xy"), axis=-1).reshape(-1, 2)
-    _, idx = cKDTree(xyz[:, :2]).query(q, k=k)
+    dist, idx = cKDTree(xyz[:, :2]).query(q, k=k)
+    hole = dist[:, 0] > 0.75 * spacing
+    q, idx = q[hole], idx[hole]
     z = np.median(xyz[idx, 2], axis=1)
     return np.concatenate([q, z[:, None]], axis=1), rgb[idx[:, 0]]

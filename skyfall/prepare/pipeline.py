@@ -52,6 +52,7 @@ from skyfall.prepare.adjust import (
     joint_adjustment,
     triangulate_tracks,
 )
+from skyfall.prepare.dense import DenseConfig
 from skyfall.prepare.geodesy import ENUFrame
 from skyfall.prepare.matching import MatchConfig, Matches, match_multiview, match_pair
 from skyfall.prepare.pinhole import PinholeFit, fit_pinhole
@@ -138,6 +139,8 @@ class PrepareConfig:
     """Grid spacing (metres) of the plane fallback."""
     matcher: MatchConfig = field(default_factory=MatchConfig)
     """Matcher settings."""
+    dense: DenseConfig = field(default_factory=DenseConfig)
+    """Dense heights (plane sweep + semi-global matching over the training views) for points3D.txt."""
     shared_frame: SharedFrame | None = None
     """Prepare in a frame shared with other tiles (a city's) instead of one at the AOI centre; the
     AOI is then the frame's square (``aoi`` and ``geojson`` must be None)."""
@@ -269,6 +272,7 @@ def prepare_tile(
     ):
         if not (ok and math.isfinite(value)):
             raise ConfigError(f"{name} is out of range: {value:g}.")
+    cfg.dense.check()
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} is not empty; pass --overwrite to replace its tile files.")
@@ -383,6 +387,22 @@ def prepare_tile(
         reason = "only one view" if len(views) < 2 else "matching disabled (--no-match)"
         adjustment = {"done": False, "reason": reason}
         method = f"plane fallback: {reason}"
+    dense: dict[str, Any] = {"done": False}
+    if cfg.dense.enabled and len(train_idx) >= 2:
+        dense, dense_pts = _dense_points(views, train_idx, width, height, half, (z_lo, z_hi), cfg)
+        if len(dense_pts) >= cfg.min_points:
+            points, errors = dense_pts, np.zeros(len(dense_pts))
+            cv = views[dense["colour_view"]]
+            colors = _sample(cv.rgb, cv.fit.project(points))  # type: ignore[arg-type, union-attr]
+            method = (
+                f"dense heights (plane sweep + SGM over {len(train_idx)} training views, {dense['resolution_m']:.2f} m "
+                f"cells, {dense['planes']} planes) on a {cfg.dense.spacing:g} m grid"
+                + (f"; cameras from {method}" if method and not method.startswith("plane fallback") else "")
+            )
+        else:
+            dense["note"] = f"only {len(dense_pts)} trusted cells; points3D.txt keeps the matched points"
+    elif cfg.dense.enabled:
+        dense["reason"] = "fewer than two training views"
     if points is None:
         points, colors = _plane(views[train_idx[0]], half, 0.5 * (z_lo + z_hi), cfg.fallback_spacing)
         errors = np.zeros(len(points))
@@ -420,6 +440,7 @@ def prepare_tile(
         "test_views": {"indices": test_idx, "names": [views[i].name for i in test_idx], "rule": test_rule},
         "bundle_adjustment": adjustment,
         "points3D": {"count": int(len(points)), "method": method},
+        "dense": dense,
         "config": _config_dict(cfg),
         **(extra or {}),
     }
@@ -813,6 +834,59 @@ def _to_output(v: _View, frame: ENUFrame, xyz: np.ndarray, r: int) -> np.ndarray
     """
     uv = _to_file(v.image, frame, xyz)
     return (uv - np.array([v.x0, v.y0])) / r
+
+
+def _dense_points(
+    views: list[_View],
+    train_idx: list[int],
+    width: int,
+    height: int,
+    half: float,
+    z_range: tuple[float, float],
+    cfg: PrepareConfig,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Dense heights over the AOI from the (adjusted) training views and the points they give.
+
+    Only training views take part, so the held-out views stay unseen by the start of Stage 1. The
+    points are coloured from the view closest to nadir (it sees the most of the ground)."""
+    import time
+
+    import torch
+
+    from skyfall.data.cameras import Cameras
+    from skyfall.prepare.dense import dense_heights, field_points
+
+    t0 = time.perf_counter()
+    tv = [views[i] for i in train_idx]
+    cams = Cameras(
+        torch.from_numpy(np.stack([v.fit.c2w for v in tv])),  # type: ignore[union-attr]
+        torch.from_numpy(np.stack([v.fit.K for v in tv])),  # type: ignore[union-attr]
+        width,
+        height,
+    )
+    grey = torch.from_numpy(np.stack([v.grey for v in tv])).float()  # type: ignore[misc]
+    valid = torch.from_numpy(np.stack([v.valid for v in tv]))  # type: ignore[misc]
+    # Ground sampling distance: metres per pixel at the AOI centre in the sharpest view.
+    zc = 0.5 * (z_range[0] + z_range[1])
+    probe = torch.tensor([[0.0, 0.0, zc], [1.0, 0.0, zc], [0.0, 1.0, zc]], dtype=torch.float64)
+    uv, _ = cams.project(probe)
+    px_per_m = 0.5 * ((uv[:, 1] - uv[:, 0]).norm(dim=-1) + (uv[:, 2] - uv[:, 0]).norm(dim=-1))
+    gsd = float((1.0 / px_per_m).min())
+    field = dense_heights(grey, valid, cams, (-half, half, -half, half), z_range, cfg.dense, gsd=gsd)
+    pts = field_points(field, cfg.dense.spacing, cfg.dense.min_score)
+    nadir = int(torch.argmax(-cams.camtoworlds[:, 2, 2]))  # camera z axis closest to straight down
+    info = {
+        "done": True,
+        "resolution_m": field.resolution,
+        "step_m": field.step,
+        "planes": field.planes,
+        "cells": list(field.heights.shape),
+        "median_score": float(np.median(field.score)),
+        "points": int(len(pts)),
+        "colour_view": train_idx[nadir],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    return info, pts
 
 
 def _sample(rgb: np.ndarray, uv: np.ndarray) -> np.ndarray:

@@ -1,0 +1,286 @@
+"""Dense heights from the adjusted views: an ortho plane sweep with semi-global matching.
+
+Why: the matched points of :mod:`skyfall.prepare.matching` are a few thousand samples, and only off
+the height edges do they sit on the surface; Stage 1 started from them keeps a DSM several metres
+off (README, "Real satellite images"). A dense height per ground cell is the classic answer of
+satellite photogrammetry (s2p, the DFC2019 baselines): here it gives ``points3D.txt`` a height field
+that covers the AOI.
+
+How (all views at once, in the tile's ENU frame, no rectification):
+
+1. **Cost volume**: for every height plane z_d of the AOI's range and every cell (x, y) of a
+   north-up grid, every view is sampled at the projection of (x, y, z_d) (bilinear, the views'
+   pinholes in float64) and each pair of views is compared by the NCC of ``window``² patches on the
+   grid; the cost is 1 minus the mean of the better half of the pairs' NCC, so that views that
+   see a wall or another roof at that cell (occlusion) do not veto the others. Shiftable windows
+   (the minimum cost over the ``shift``² cells around) keep a height edge from spreading half a window
+   into the lower side (foreground fattening).
+2. **Semi-global matching** (Hirschmüller 2008): the costs are aggregated along the 4 grid
+   directions with a penalty ``p1`` for one height step between neighbours and ``p2`` for larger
+   jumps, then summed.
+3. **Winner take all** with a parabola through the three costs around the minimum (sub-step heights);
+   ``score`` is the winning height's better-half NCC, for choosing which cells to trust.
+
+Cost and memory grow with cells x planes: the grid is capped at ``max_cells`` per side and the
+planes at ``max_planes`` (the resolution and height step grow instead).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from skyfall.data.cameras import Cameras
+from skyfall.errors import ConfigError
+
+
+@dataclass
+class DenseConfig:
+    """Dense heights of ``skyfall prepare`` (:mod:`skyfall.prepare.dense`)."""
+
+    enabled: bool = True
+    """Compute a dense height field from the training views and start Stage 1 from it (points3D.txt)
+    instead of the matched points alone."""
+    resolution: float = 0.0
+    """Grid cell (metres); 0: the views' ground sampling distance (the AOI side / the image side)."""
+    step: float = 0.0
+    """Height step between planes (metres); 0: half a cell."""
+    window: int = 5
+    """NCC window (cells, odd)."""
+    shift: int = 5
+    """Shiftable-window neighbourhood (cells, odd; 1: off)."""
+    refine: int = 2
+    """After SGM, each cell's height moves to the best centred-window cost within this many planes
+    (0: off): shiftable windows pull cells on slopes towards their neighbours' heights."""
+    p1: float = 0.1
+    """SGM penalty for a one-step height change between neighbouring cells (cost units, 0..2)."""
+    p2: float = 2.0
+    """SGM penalty for a larger height change."""
+    max_cells: int = 512
+    """Cap of the grid side (cells); a larger AOI gets coarser cells."""
+    max_planes: int = 320
+    """Cap of the number of height planes; a taller range gets larger steps."""
+    spacing: float = 2.0
+    """Spacing (metres) of the points written from the height field."""
+    min_score: float = 0.3
+    """Cells whose winning NCC is below this write no point (no texture, no agreeing views)."""
+
+    def check(self) -> None:
+        for name, value in (("window", self.window), ("shift", self.shift)):
+            if value < 1 or value % 2 == 0:
+                raise ConfigError(f"dense.{name} must be an odd number >= 1, got {value}.")
+        for name, value in (
+            ("resolution", self.resolution), ("step", self.step), ("p1", self.p1), ("p2", self.p2),
+        ):  # fmt: skip
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"dense.{name} must be >= 0, got {value:g}.")
+        if self.p2 < self.p1:
+            raise ConfigError(f"dense.p2 ({self.p2:g}) must be >= dense.p1 ({self.p1:g}).")
+        if not (math.isfinite(self.spacing) and self.spacing > 0):
+            raise ConfigError(f"--dense-spacing must be > 0, got {self.spacing:g}.")
+        if self.max_cells < 8 or self.max_planes < 3:
+            raise ConfigError("dense.max_cells must be >= 8 and dense.max_planes >= 3.")
+
+
+@dataclass
+class HeightField:
+    """Heights on a north-up grid: cell (i, j) has centre (x0 + (j + .5) res, y1 - (i + .5) res)."""
+
+    heights: np.ndarray  # [H, W] ENU z (metres)
+    score: np.ndarray  # [H, W] better-half NCC at the winning height (-1..1)
+    x0: float
+    y1: float
+    resolution: float
+    step: float
+    planes: int
+
+    def centres(self) -> tuple[np.ndarray, np.ndarray]:
+        h, w = self.heights.shape
+        x = self.x0 + (np.arange(w) + 0.5) * self.resolution
+        y = self.y1 - (np.arange(h) + 0.5) * self.resolution
+        return np.meshgrid(x, y, indexing="xy")
+
+
+def _box(x: Tensor, k: int) -> Tensor:
+    return F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
+
+
+def sweep_cost(
+    grey: Tensor,
+    valid: Tensor,
+    cameras: Cameras,
+    xy: tuple[np.ndarray, np.ndarray],
+    heights: np.ndarray,
+    window: int,
+) -> Tensor:
+    """Plane-sweep matching cost [D, H, W] (0 = the views agree perfectly, 2 = anti-correlated).
+
+    Args:
+        grey: [C, h, w] float views (C >= 2).
+        valid: [C, h, w] bool, True where a view has data.
+        cameras: the C views' cameras.
+        xy: grid cell centres (x, y), each [H, W] (ENU metres).
+        heights: [D] plane heights (ENU z).
+        window: NCC window (odd).
+    """
+    n = grey.shape[0]
+    if n < 2:
+        raise ValueError("the plane sweep needs at least two views")
+    gh, gw = xy[0].shape
+    pts = torch.from_numpy(np.stack([xy[0].ravel(), xy[1].ravel(), np.zeros(xy[0].size)], 1))
+    img = grey[:, None].float()
+    msk = valid[:, None].float()
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    keep = max(1, len(pairs) // 2)
+    cost = torch.empty(len(heights), gh, gw)
+    for d, z in enumerate(heights):
+        pts[:, 2] = float(z)
+        uv, depth = cameras.project(pts)  # [C, N, 2] float64
+        g = torch.stack([2 * uv[..., 0] / cameras.width - 1, 2 * uv[..., 1] / cameras.height - 1], -1)
+        g = g.float().view(n, gh, gw, 2)
+        s = F.grid_sample(img, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+        m = F.grid_sample(msk, g, mode="nearest", padding_mode="zeros", align_corners=False) > 0.5
+        m &= (depth > 0).view(n, 1, gh, gw)
+        mu = _box(s, window)
+        sd = (_box(s * s, window) - mu * mu).clamp_min(1e-6).sqrt()
+        nccs = torch.stack(
+            [
+                torch.where(
+                    m[i] & m[j],
+                    (_box(s[i] * s[j], window) - mu[i] * mu[j]) / (sd[i] * sd[j]),
+                    torch.tensor(-1.0),
+                )[0]
+                for i, j in pairs
+            ]
+        )
+        cost[d] = 1 - nccs.topk(keep, dim=0).values.mean(0)
+    return cost
+
+
+def shiftable(cost: Tensor, shift: int) -> Tensor:
+    """Shiftable windows: per plane, the lowest cost of the ``shift``² cells around each cell."""
+    return -F.max_pool2d(-cost[:, None], shift, 1, shift // 2)[:, 0] if shift > 1 else cost
+
+
+def refine(cost: Tensor, idx: Tensor, radius: int) -> Tensor:
+    """Sub-step heights [H, W] (plane units): the lowest ``cost`` within ``radius`` planes of ``idx``,
+    with a parabola through its neighbours."""
+    d = cost.shape[0]
+    offs = torch.arange(-radius, radius + 1)
+    cand = (idx[None] + offs[:, None, None]).clamp(0, d - 1)
+    local = cost.gather(0, cand)
+    best = cand.gather(0, local.argmin(0)[None])[0]
+    i = best.clamp(1, max(1, d - 2))
+    if d < 3:
+        return best.double()
+    cm, c0, cp = (cost.gather(0, (i + o)[None])[0] for o in (-1, 0, 1))
+    den = cm - 2 * c0 + cp
+    off = torch.where(den > 1e-12, 0.5 * (cm - cp) / den.clamp_min(1e-12), torch.zeros_like(den))
+    return torch.where(best == i, i.double() + off.clamp(-0.5, 0.5).double(), best.double())
+
+
+def _sgm_path(c: Tensor, total: Tensor, p1: float, p2: float) -> None:
+    """Add the SGM aggregation of ``c`` [H, W, D] along +W (all rows at once) into ``total``."""
+    prev = c[:, 0].clone()
+    total[:, 0] += prev
+    for x in range(1, c.shape[1]):
+        low = prev.min(-1, keepdim=True).values
+        step = torch.minimum(
+            F.pad(prev[:, 1:], (0, 1), value=float("inf")), F.pad(prev[:, :-1], (1, 0), value=float("inf"))
+        )
+        best = torch.minimum(torch.minimum(prev, step + p1), low + p2)
+        prev = c[:, x] + best - low
+        total[:, x] += prev
+
+
+def sgm(cost: Tensor, p1: float, p2: float) -> Tensor:
+    """Semi-global aggregation of a cost volume [D, H, W] along the 4 grid directions -> [D, H, W]."""
+    c = cost.permute(1, 2, 0).contiguous()  # [H, W, D]
+    total = torch.zeros_like(c)
+    _sgm_path(c, total, p1, p2)
+    flipped = torch.zeros_like(c)
+    _sgm_path(c.flip(1).contiguous(), flipped, p1, p2)
+    total += flipped.flip(1)
+    ct = c.transpose(0, 1).contiguous()
+    flipped.zero_()
+    _sgm_path(ct, flipped, p1, p2)
+    total += flipped.transpose(0, 1)
+    flipped.zero_()
+    _sgm_path(ct.flip(1).contiguous(), flipped, p1, p2)
+    total += flipped.flip(1).transpose(0, 1)
+    return total.permute(2, 0, 1)
+
+
+def winner(agg: Tensor) -> tuple[Tensor, Tensor]:
+    """Per cell the index of the lowest cost [H, W] (long) and its sub-step position (float, parabola)."""
+    d = agg.shape[0]
+    idx = agg.argmin(0)
+    i = idx.clamp(1, max(1, d - 2))
+    if d < 3:
+        return idx, idx.double()
+    cm, c0, cp = (agg.gather(0, (i + o)[None])[0] for o in (-1, 0, 1))
+    den = cm - 2 * c0 + cp
+    off = torch.where(den > 1e-12, 0.5 * (cm - cp) / den.clamp_min(1e-12), torch.zeros_like(den))
+    pos = torch.where((idx == i), i.double() + off.clamp(-0.5, 0.5).double(), idx.double())
+    return idx, pos
+
+
+def dense_heights(
+    grey: Tensor,
+    valid: Tensor,
+    cameras: Cameras,
+    extent: tuple[float, float, float, float],
+    z_range: tuple[float, float],
+    cfg: DenseConfig,
+    *,
+    gsd: float,
+) -> HeightField:
+    """Height field over ``extent`` (ENU x0, x1, y0, y1) within ``z_range`` (module docstring)."""
+    cfg.check()
+    x0, x1, y0, y1 = extent
+    side = max(x1 - x0, y1 - y0)
+    res = cfg.resolution if cfg.resolution > 0 else gsd
+    res = max(res, side / cfg.max_cells)
+    w, h = max(1, int(math.ceil((x1 - x0) / res - 1e-9))), max(1, int(math.ceil((y1 - y0) / res - 1e-9)))
+    step = cfg.step if cfg.step > 0 else res / 2
+    z0, z1 = z_range
+    step = max(step, (z1 - z0) / (cfg.max_planes - 1))
+    heights = z0 + step * np.arange(int(math.floor((z1 - z0) / step + 1e-9)) + 1)
+    xs = x0 + (np.arange(w) + 0.5) * res
+    ys = y1 - (np.arange(h) + 0.5) * res
+    xy = np.meshgrid(xs, ys, indexing="xy")
+    with torch.no_grad():
+        cost = sweep_cost(grey, valid, cameras, xy, heights, cfg.window)
+        shifted = shiftable(cost, cfg.shift)
+        agg = sgm(shifted, cfg.p1, cfg.p2) if cfg.p2 > 0 else shifted
+        idx, pos = winner(agg)
+        if cfg.refine > 0:
+            pos = refine(cost, idx, cfg.refine)
+        score = 1 - cost.gather(0, pos.round().long()[None])[0]
+    z = heights[0] + pos.numpy() * step
+    return HeightField(z, score.numpy(), x0, y1, res, step, len(heights))
+
+
+def field_points(field: HeightField, spacing: float, min_score: float) -> np.ndarray:
+    """Points [N, 3] on a ``spacing`` grid of the field (each the median height of its cells) where
+    the median score reaches ``min_score``."""
+    k = max(1, int(round(spacing / field.resolution)))
+    h, w = field.heights.shape
+    hh, ww = h // k * k, w // k * k
+    if hh == 0 or ww == 0:
+        return np.zeros((0, 3))
+
+    def blocks(a: np.ndarray) -> np.ndarray:
+        return a[:hh, :ww].reshape(hh // k, k, ww // k, k).transpose(0, 2, 1, 3).reshape(hh // k, ww // k, -1)
+
+    z = np.median(blocks(field.heights), -1)
+    s = np.median(blocks(field.score), -1)
+    x, y = field.centres()
+    cx, cy = blocks(x).mean(-1), blocks(y).mean(-1)
+    ok = s >= min_score
+    return np.stack([cx[ok], cy[ok], z[ok]], 1)

@@ -1,0 +1,167 @@
+"""Dense heights (``skyfall.prepare.dense``): a textured block on textured ground seen by far, tilted views."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from skyfall.data.cameras import Cameras, look_at
+from skyfall.errors import ConfigError
+from skyfall.prepare.dense import DenseConfig, dense_heights, field_points, sgm, winner
+
+F64 = torch.float64
+SIDE, GSD, PX = 48.0, 0.5, 96  # metres, metres/px, pixels
+BLOCK = (-8.0, 8.0, -6.0, 10.0, 7.0)  # x0, x1, y0, y1, height
+FAR = 600e3
+
+
+def _height(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    x0, x1, y0, y1, h = BLOCK
+    inside = (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
+    return torch.where(inside, torch.tensor(h, dtype=x.dtype), torch.zeros_like(x))
+
+
+def _texture(seed: int, n: int = 48) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.rand(1, 1, n, n, generator=g), size=4 * n, mode="bicubic")
+
+
+def _sample(tex: torch.Tensor, a: torch.Tensor, b: torch.Tensor, extent: float) -> torch.Tensor:
+    g = torch.stack([a / extent, b / extent], -1).float()[None]
+    return F.grid_sample(tex, g, align_corners=False, padding_mode="reflection")[0, 0].double()
+
+
+def _camera(off_nadir_deg: float, azimuth_deg: float) -> torch.Tensor:
+    t, a = math.radians(off_nadir_deg), math.radians(azimuth_deg)
+    eye = FAR * torch.tensor([math.sin(t) * math.sin(a), math.sin(t) * math.cos(a), math.cos(t)], dtype=F64)
+    return look_at(eye, torch.zeros(3, dtype=F64), torch.tensor([0.0, 1.0, 0.0], dtype=F64))
+
+
+def _render(K: torch.Tensor, c2w: torch.Tensor) -> torch.Tensor:
+    """The height field's image by ray marching: roofs and ground textured in x-y, walls in (x + y, z)."""
+    v, u = torch.meshgrid(torch.arange(PX, dtype=F64) + 0.5, torch.arange(PX, dtype=F64) + 0.5, indexing="ij")
+    d = (torch.stack([u, v, torch.ones_like(u)], -1) @ torch.linalg.inv(K).T) @ c2w[:3, :3].T
+    c = c2w[:3, 3]
+    hit_z = torch.zeros(PX, PX, dtype=F64)
+    found = torch.zeros(PX, PX, dtype=torch.bool)
+    for z in torch.arange(BLOCK[4] + 0.5, -0.001, -0.02, dtype=F64):
+        t = (z - c[2]) / d[..., 2]
+        p = c + t[..., None] * d
+        hit = ~found & (_height(p[..., 0], p[..., 1]) >= z)
+        hit_z = torch.where(hit, z, hit_z)
+        found |= hit
+    t = (hit_z - c[2]) / d[..., 2]
+    p = c + t[..., None] * d
+    top = _height(p[..., 0], p[..., 1]) <= hit_z + 0.03
+    ground = _sample(_texture(1), p[..., 0], p[..., 1], SIDE)
+    wall = _sample(_texture(2), p[..., 0] + p[..., 1], 4 * hit_z - 20, SIDE)
+    return torch.where(top, ground, wall).float()
+
+
+def _views(angles: list[tuple[float, float]]) -> tuple[torch.Tensor, Cameras]:
+    f = FAR / GSD
+    K = torch.tensor([[f, 0, PX / 2], [0, f, PX / 2], [0, 0, 1]], dtype=F64)
+    c2w = torch.stack([_camera(*a) for a in angles])
+    grey = torch.stack([_render(K, c) for c in c2w])
+    return grey, Cameras(c2w, K, PX, PX)
+
+
+@pytest.fixture(scope="module")
+def block_views() -> tuple[torch.Tensor, Cameras]:
+    return _views([(3.0, 40.0), (18.0, 200.0), (22.0, 300.0), (15.0, 100.0)])
+
+
+def _truth(field) -> np.ndarray:
+    x, y = field.centres()
+    return _height(torch.from_numpy(x), torch.from_numpy(y)).numpy()
+
+
+def _edge_distance(field) -> np.ndarray:
+    x, y = field.centres()
+    x0, x1, y0, y1, _ = BLOCK
+    dx = np.maximum.reduce([x0 - x, x - x1, np.zeros_like(x)])
+    dy = np.maximum.reduce([y0 - y, y - y1, np.zeros_like(y)])
+    outside = np.hypot(dx, dy)
+    inside = np.minimum.reduce([x - x0, x1 - x, y - y0, y1 - y])
+    return np.where(outside > 0, outside, inside)
+
+
+def test_heights_of_block_and_ground_are_recovered(block_views) -> None:
+    grey, cams = block_views
+    valid = torch.ones_like(grey, dtype=torch.bool)
+    half = SIDE / 2 - 4
+    field = dense_heights(grey, valid, cams, (-half, half, -half, half), (-2.0, 10.0), DenseConfig(), gsd=GSD)
+    assert field.heights.shape == (80, 80) and field.resolution == pytest.approx(GSD)
+    err = np.abs(field.heights - _truth(field))
+    far_from_edges = np.abs(_edge_distance(field)) >= 2.0
+    assert np.median(err[far_from_edges]) < 0.1
+    assert np.mean(err[far_from_edges] < 0.5) > 0.95
+    # Near the block's outline (walls, occlusions) most cells still get the right side of the edge.
+    near = ~far_from_edges
+    assert np.mean(err[near] < 1.0) > 0.9
+    assert np.median(field.score[far_from_edges]) > 0.8
+
+
+def test_shiftable_windows_and_sgm_reduce_errors_at_the_edges(block_views) -> None:
+    grey, cams = block_views
+    valid = torch.ones_like(grey, dtype=torch.bool)
+    half = SIDE / 2 - 4
+
+    def mae(**kw) -> float:
+        cfg = DenseConfig(**kw)
+        f = dense_heights(grey, valid, cams, (-half, half, -half, half), (-2.0, 10.0), cfg, gsd=GSD)
+        return float(np.abs(f.heights - _truth(f)).mean())
+
+    plain = mae(shift=1, p1=0.0, p2=0.0)
+    full = mae()
+    assert full < 0.5 * plain
+
+
+def test_sgm_recovers_a_smooth_surface_from_noisy_costs() -> None:
+    g = torch.Generator().manual_seed(0)
+    d, h, w = 20, 32, 32
+    truth = torch.full((h, w), 7)
+    truth[:, 16:] = 12  # one jump
+    cost = 0.1 + torch.rand(d, h, w, generator=g)
+    cost.scatter_(
+        0, truth[None], 0.3 * torch.rand(1, h, w, generator=g)
+    )  # the truth is the minimum half the time
+    raw = (cost.argmin(0) == truth).float().mean()
+    agg = (sgm(cost, 0.1, 1.0).argmin(0) == truth).float().mean()
+    assert raw < 0.6 and agg > 0.93
+
+
+def test_winner_interpolates_the_minimum_of_a_parabola() -> None:
+    pos = torch.tensor([3.3, 5.7, 1.0])
+    d = torch.arange(10, dtype=torch.float32)[:, None, None]
+    cost = (d - pos[None, None]) ** 2  # [10, 1, 3]
+    idx, sub = winner(cost)
+    assert idx[0].tolist() == [3, 6, 1]
+    assert torch.allclose(sub[0], pos.double(), atol=1e-5)
+
+
+def test_points_keep_trusted_cells_on_the_spacing_grid(block_views) -> None:
+    grey, cams = block_views
+    valid = torch.ones_like(grey, dtype=torch.bool)
+    valid[:, :, : PX // 2] = False  # the western half has no data in any view
+    half = SIDE / 2 - 4
+    field = dense_heights(grey, valid, cams, (-half, half, -half, half), (-2.0, 10.0), DenseConfig(), gsd=GSD)
+    pts = field_points(field, 2.0, 0.3)
+    assert 100 < len(pts) < 20 * 20 / 2 + 20
+    assert pts[:, 0].min() > -6.0  # nothing where no view has data
+    truth = _height(torch.from_numpy(pts[:, 0]), torch.from_numpy(pts[:, 1])).numpy()
+    assert np.median(np.abs(pts[:, 2] - truth)) < 0.3
+
+
+@pytest.mark.parametrize(
+    ("kw", "what"),
+    [({"window": 4}, "window"), ({"shift": 0}, "shift"), ({"p1": 1.0, "p2": 0.5}, "p2"),
+     ({"spacing": 0.0}, "spacing"), ({"step": -1.0}, "step")],
+)  # fmt: skip
+def test_bad_options_name_the_option(kw: dict, what: str) -> None:
+    with pytest.raises(ConfigError, match=what):
+        DenseConfig(**kw).check()
