@@ -17,6 +17,7 @@ import pytest
 import tifffile
 from scipy import ndimage
 
+from skyfall.cli.prepare import PrepareOptions, format_summary
 from skyfall.errors import ConfigError
 from skyfall.prepare import ENUFrame, PrepareConfig, RPCModel, prepare_tile
 from skyfall.prepare.dense import DenseConfig
@@ -168,11 +169,8 @@ def test_four_views_hold_one_out(tile4: tuple[Path, dict]) -> None:
     assert [v["split"] for v in s["views"]] == ["train", "train", "test", "train"]
     tile = load_tile(out)
     assert len(tile.train) == 3 and len(tile.test) == 1
-    # Track points lie on the terrain, up to the common height shift the adjustment cannot observe.
-    o = s["enu_origin"]
-    lon, lat, h = ENUFrame(o["lon"], o["lat"], o["alt"]).to_geodetic(tile.points.numpy().astype(np.float64))
-    enu = ENUFrame(LON0, LAT0, 0.0).from_geodetic(lon, lat, h)
-    dz = enu[:, 2] - _terrain(enu[:, 0], enu[:, 1])
+    # The points lie on the terrain, up to the common height shift the adjustment cannot observe.
+    dz = _terrain_offsets(out, s)
     assert len(dz) > 200 and np.median(np.abs(dz - np.median(dz))) < 0.1
 
 
@@ -198,6 +196,14 @@ def test_dense_heights_cover_the_aoi_on_the_terrain(
     # An 80 m AOI on a 2 m grid: (80 / 2)² points, all of them trusted on this textured terrain.
     assert s["points3D"]["count"] == d["points"] and d["points"] > 0.95 * 40 * 40
     dense_dz = _terrain_offsets(out, s)
+    report = format_summary(s, out)
+    w, h = d["cells"][1], d["cells"][0]
+    assert (
+        160 <= w == h <= 161
+        and f"dense heights: {w}x{h} cells of {d['resolution_m']:.2f} m, {d['planes']} planes" in report
+    )
+    opts = PrepareOptions(dense=False, dense_spacing=1.5).config()
+    assert opts.dense.enabled is False and opts.dense.spacing == 1.5
     # Without the dense step points3D.txt holds the matched track points (fewer, and where texture allowed).
     s2 = prepare_tile(
         views4,
