@@ -58,9 +58,21 @@ class DenseConfig:
     """After SGM, each cell's height moves to the best centred-window cost within this many planes
     (0: off): shiftable windows pull cells on slopes towards their neighbours' heights."""
     p1: float = 0.1
-    """SGM penalty for a one-step height change between neighbouring cells (cost units, 0..2)."""
-    p2: float = 2.0
-    """SGM penalty for a larger height change."""
+    """SGM penalty for a one-step height change between neighbouring cells (cost units, 0..2). Kept
+    small for slopes: each plane step between neighbours costs it (see ``edge_tau`` for the choice)."""
+    p2: float = 8.0
+    """SGM penalty for a larger height change (divided at image edges, see ``edge_tau``)."""
+    edge_tau: float = 0.1
+    """Edge-aware SGM: the large-jump penalty is divided by 1 + |grey step| / edge_tau along the
+    view closest to nadir (grey 0..1), so heights jump at image edges (0: a constant penalty).
+    Chosen over four cases, not one (DSM MAE of the field alone on two 5-view synthetic RPC cities,
+    registered, tuning / held-out; MAE on the clean block of tests/test_prepare_dense.py; median
+    deviation on the hilly terrain of tests/test_prepare_multiview.py), (p1, p2, edge_tau):
+    (0.2, 4, 0) 3.14 / 1.82 m, 0.18 m, 0.08 m; (0.1, 8, 0.1) 3.29 / 1.74 m, 0.10 m, 0.05 m (the
+    default); (0.1, 16, 0.1) 2.95 / 1.87 m, 0.23 m, 0.05 m; (0.5, 16, 0.1) 2.78 / 1.81 m, 0.89 m,
+    0.29 m — the cities alone would pick the strongest smoothing, which flattens slopes and rounds
+    off outlines. Also measured on the cities: (0.1, 2, 0) 3.94 / 2.61 m; (0.5, 16, 0.05) 3.23 /
+    1.56 m; (0.2, 8, 0.1) 3.32 / 1.64 m; (1, 32, 0.1) 2.71 / 2.48 m."""
     max_cells: int = 512
     """Cap of the grid side (cells); a larger AOI gets coarser cells."""
     max_planes: int = 320
@@ -76,6 +88,7 @@ class DenseConfig:
                 raise ConfigError(f"dense.{name} must be an odd number >= 1, got {value}.")
         for name, value in (
             ("resolution", self.resolution), ("step", self.step), ("p1", self.p1), ("p2", self.p2),
+            ("edge_tau", self.edge_tau),
         ):  # fmt: skip
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"dense.{name} must be >= 0, got {value:g}.")
@@ -184,8 +197,9 @@ def refine(cost: Tensor, idx: Tensor, radius: int) -> Tensor:
     return torch.where(best == i, i.double() + off.clamp(-0.5, 0.5).double(), best.double())
 
 
-def _sgm_path(c: Tensor, total: Tensor, p1: float, p2: float) -> None:
-    """Add the SGM aggregation of ``c`` [H, W, D] along +W (all rows at once) into ``total``."""
+def _sgm_path(c: Tensor, total: Tensor, p1: float, p2: Tensor) -> None:
+    """Add the SGM aggregation of ``c`` [H, W, D] along +W (all rows at once) into ``total``;
+    ``p2`` [H, W] is the large-jump penalty of entering each cell from its predecessor."""
     prev = c[:, 0].clone()
     total[:, 0] += prev
     for x in range(1, c.shape[1]):
@@ -193,27 +207,49 @@ def _sgm_path(c: Tensor, total: Tensor, p1: float, p2: float) -> None:
         step = torch.minimum(
             F.pad(prev[:, 1:], (0, 1), value=float("inf")), F.pad(prev[:, :-1], (1, 0), value=float("inf"))
         )
-        best = torch.minimum(torch.minimum(prev, step + p1), low + p2)
+        best = torch.minimum(torch.minimum(prev, step + p1), low + p2[:, x, None])
         prev = c[:, x] + best - low
         total[:, x] += prev
 
 
-def sgm(cost: Tensor, p1: float, p2: float) -> Tensor:
-    """Semi-global aggregation of a cost volume [D, H, W] along the 4 grid directions -> [D, H, W]."""
+def sgm(cost: Tensor, p1: float, p2: float, guide: Tensor | None = None, tau: float = 0.05) -> Tensor:
+    """Semi-global aggregation of a cost volume [D, H, W] along the 4 grid directions -> [D, H, W].
+
+    With a ``guide`` image [H, W] the large-jump penalty adapts to it as in Hirschmüller's SGM,
+    ``max(p1, p2 / (1 + |guide step| / tau))``: heights may jump where the image has an edge.
+    """
     c = cost.permute(1, 2, 0).contiguous()  # [H, W, D]
+    g = guide.float() if guide is not None else torch.zeros(c.shape[:2])
+
+    def penalty(gg: Tensor) -> Tensor:  # [H', W'] penalty of entering each cell along dim 1
+        if guide is None:
+            return torch.full(gg.shape, float(p2))
+        jump = F.pad((gg[:, 1:] - gg[:, :-1]).abs(), (1, 0))
+        return (p2 / (1 + jump / tau)).clamp_min(p1)
+
     total = torch.zeros_like(c)
-    _sgm_path(c, total, p1, p2)
-    flipped = torch.zeros_like(c)
-    _sgm_path(c.flip(1).contiguous(), flipped, p1, p2)
-    total += flipped.flip(1)
-    ct = c.transpose(0, 1).contiguous()
-    flipped.zero_()
-    _sgm_path(ct, flipped, p1, p2)
-    total += flipped.transpose(0, 1)
-    flipped.zero_()
-    _sgm_path(ct.flip(1).contiguous(), flipped, p1, p2)
-    total += flipped.flip(1).transpose(0, 1)
+    ct, gt = c.transpose(0, 1), g.t()
+    for cc, gg, undo in (
+        (c, g, lambda t: t),
+        (c.flip(1), g.flip(1), lambda t: t.flip(1)),
+        (ct, gt, lambda t: t.transpose(0, 1)),
+        (ct.flip(1), gt.flip(1), lambda t: t.flip(1).transpose(0, 1)),
+    ):
+        part = torch.zeros(cc.shape)
+        _sgm_path(cc.contiguous(), part, p1, penalty(gg.contiguous()))
+        total += undo(part)
     return total.permute(2, 0, 1)
+
+
+def ortho_guide(grey: Tensor, cameras: Cameras, xy: tuple[np.ndarray, np.ndarray], z: float) -> Tensor:
+    """The view closest to nadir resampled on the grid at height ``z`` [H, W]: the image whose edges
+    the SGM penalty follows (its building edges move least with the unknown height)."""
+    k = int(torch.argmax(-cameras.camtoworlds[:, 2, 2]))
+    gh, gw = xy[0].shape
+    pts = torch.from_numpy(np.stack([xy[0].ravel(), xy[1].ravel(), np.full(xy[0].size, z)], 1))
+    uv, _ = cameras[k].project(pts)
+    g = torch.stack([2 * uv[0, :, 0] / cameras.width - 1, 2 * uv[0, :, 1] / cameras.height - 1], -1)
+    return F.grid_sample(grey[k][None, None].float(), g.float().view(1, gh, gw, 2), align_corners=False)[0, 0]
 
 
 def winner(agg: Tensor) -> tuple[Tensor, Tensor]:
@@ -257,7 +293,8 @@ def dense_heights(
     with torch.no_grad():
         cost = sweep_cost(grey, valid, cameras, xy, heights, cfg.window)
         shifted = shiftable(cost, cfg.shift)
-        agg = sgm(shifted, cfg.p1, cfg.p2) if cfg.p2 > 0 else shifted
+        guide = ortho_guide(grey, cameras, xy, 0.5 * (z0 + z1)) if cfg.edge_tau > 0 else None
+        agg = sgm(shifted, cfg.p1, cfg.p2, guide, cfg.edge_tau) if cfg.p2 > 0 else shifted
         idx, pos = winner(agg)
         if cfg.refine > 0:
             pos = refine(cost, idx, cfg.refine)
