@@ -23,6 +23,9 @@ Steps (each documented where it is implemented):
    too few points, the fallback is a plane of points at the middle of the altitude range on a
    ``fallback_spacing`` grid, coloured from the first training view: a flat start that Stage 1's
    densification reshapes, the same role as the reference's random-cube fallback but inside the AOI.
+   Then, unless disabled, dense heights over the AOI from the adjusted training views (plane sweep
+   + semi-global matching, :mod:`skyfall.prepare.dense`) replace those points with a height field
+   on a ``dense.spacing`` grid, coloured from the view closest to nadir.
 7. Held-out views (:func:`parse_test_views`) go to ``transforms_test.json``, the others to
    ``transforms_train.json``; all views take part in the adjustment (their cameras must agree).
 8. Write ``images/*.png`` (8-bit RGB, panchromatic replicated; percentile stretch, valid pixels
