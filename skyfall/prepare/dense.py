@@ -17,9 +17,12 @@ How (all views at once, in the tile's ENU frame, no rectification):
    into the lower side (foreground fattening).
 2. **Semi-global matching** (Hirschmüller 2008): the costs are aggregated along the 4 grid
    directions with a penalty ``p1`` for one height step between neighbours and ``p2`` for larger
-   jumps, then summed.
-3. **Winner take all** with a parabola through the three costs around the minimum (sub-step heights);
-   ``score`` is the winning height's better-half NCC, for choosing which cells to trust.
+   jumps, then summed; ``p2`` drops where the view closest to nadir has an image edge (his adaptive
+   P2), so heights jump at building outlines rather than across them.
+3. **Winner take all**, then each cell's height moves to the best centred-window cost within
+   ``refine`` planes (shiftable windows pull cells on slopes towards their neighbours' heights),
+   with a parabola through the three costs around it (sub-step heights); ``score`` is the winning
+   height's better-half NCC, for choosing which cells to trust.
 
 Cost and memory grow with cells x planes: the grid is capped at ``max_cells`` per side and the
 planes at ``max_planes`` (the resolution and height step grow instead).
@@ -183,18 +186,10 @@ def shiftable(cost: Tensor, shift: int) -> Tensor:
 def refine(cost: Tensor, idx: Tensor, radius: int) -> Tensor:
     """Sub-step heights [H, W] (plane units): the lowest ``cost`` within ``radius`` planes of ``idx``,
     with a parabola through its neighbours."""
-    d = cost.shape[0]
     offs = torch.arange(-radius, radius + 1)
-    cand = (idx[None] + offs[:, None, None]).clamp(0, d - 1)
-    local = cost.gather(0, cand)
-    best = cand.gather(0, local.argmin(0)[None])[0]
-    i = best.clamp(1, max(1, d - 2))
-    if d < 3:
-        return best.double()
-    cm, c0, cp = (cost.gather(0, (i + o)[None])[0] for o in (-1, 0, 1))
-    den = cm - 2 * c0 + cp
-    off = torch.where(den > 1e-12, 0.5 * (cm - cp) / den.clamp_min(1e-12), torch.zeros_like(den))
-    return torch.where(best == i, i.double() + off.clamp(-0.5, 0.5).double(), best.double())
+    cand = (idx[None] + offs[:, None, None]).clamp(0, cost.shape[0] - 1)
+    best = cand.gather(0, cost.gather(0, cand).argmin(0)[None])[0]
+    return _parabola(cost, best)
 
 
 def _sgm_path(c: Tensor, total: Tensor, p1: float, p2: Tensor) -> None:
@@ -252,18 +247,23 @@ def ortho_guide(grey: Tensor, cameras: Cameras, xy: tuple[np.ndarray, np.ndarray
     return F.grid_sample(grey[k][None, None].float(), g.float().view(1, gh, gw, 2), align_corners=False)[0, 0]
 
 
-def winner(agg: Tensor) -> tuple[Tensor, Tensor]:
-    """Per cell the index of the lowest cost [H, W] (long) and its sub-step position (float, parabola)."""
-    d = agg.shape[0]
-    idx = agg.argmin(0)
-    i = idx.clamp(1, max(1, d - 2))
+def _parabola(cost: Tensor, best: Tensor) -> Tensor:
+    """Sub-step position [H, W] of each cell's minimum at plane ``best``: the vertex of the parabola
+    through its costs at best - 1, best, best + 1 (``best`` itself at the first and last plane)."""
+    d = cost.shape[0]
     if d < 3:
-        return idx, idx.double()
-    cm, c0, cp = (agg.gather(0, (i + o)[None])[0] for o in (-1, 0, 1))
+        return best.double()
+    i = best.clamp(1, d - 2)
+    cm, c0, cp = (cost.gather(0, (i + o)[None])[0] for o in (-1, 0, 1))
     den = cm - 2 * c0 + cp
     off = torch.where(den > 1e-12, 0.5 * (cm - cp) / den.clamp_min(1e-12), torch.zeros_like(den))
-    pos = torch.where((idx == i), i.double() + off.clamp(-0.5, 0.5).double(), idx.double())
-    return idx, pos
+    return torch.where(best == i, i.double() + off.clamp(-0.5, 0.5).double(), best.double())
+
+
+def winner(agg: Tensor) -> tuple[Tensor, Tensor]:
+    """Per cell the index of the lowest cost [H, W] (long) and its sub-step position (float, parabola)."""
+    idx = agg.argmin(0)
+    return idx, _parabola(agg, idx)
 
 
 def dense_heights(
