@@ -103,8 +103,15 @@ class DenseConfig:
             raise ConfigError("dense.max_cells must be >= 8 and dense.max_planes >= 3.")
 
 
+def _centres(x0: float, y1: float, res: float, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cell centres (x, y), each [h, w], of the north-up grid with corner (x0, y1) and cells ``res``."""
+    x = x0 + (np.arange(w) + 0.5) * res
+    y = y1 - (np.arange(h) + 0.5) * res
+    return np.meshgrid(x, y, indexing="xy")
+
+
 @dataclass
-class HeightField:
+class DenseHeights:
     """Heights on a north-up grid: cell (i, j) has centre (x0 + (j + .5) res, y1 - (i + .5) res)."""
 
     heights: np.ndarray  # [H, W] ENU z (metres)
@@ -117,9 +124,18 @@ class HeightField:
 
     def centres(self) -> tuple[np.ndarray, np.ndarray]:
         h, w = self.heights.shape
-        x = self.x0 + (np.arange(w) + 0.5) * self.resolution
-        y = self.y1 - (np.arange(h) + 0.5) * self.resolution
-        return np.meshgrid(x, y, indexing="xy")
+        return _centres(self.x0, self.y1, self.resolution, w, h)
+
+
+def nadir_view(cameras: Cameras) -> int:
+    """Index of the camera whose viewing axis is closest to straight down (it sees the most ground)."""
+    return int(torch.argmax(-cameras.camtoworlds[:, 2, 2]))
+
+
+def _sample_grid(uv: Tensor, cameras: Cameras, shape: tuple[int, int]) -> Tensor:
+    """Pixel positions [C, N, 2] (gsplat pixel centres) -> ``grid_sample`` coordinates [C, H, W, 2]."""
+    g = torch.stack([2 * uv[..., 0] / cameras.width - 1, 2 * uv[..., 1] / cameras.height - 1], -1)
+    return g.float().view(len(uv), *shape, 2)
 
 
 def _box(x: Tensor, k: int) -> Tensor:
@@ -157,8 +173,7 @@ def sweep_cost(
     for d, z in enumerate(heights):
         pts[:, 2] = float(z)
         uv, depth = cameras.project(pts)  # [C, N, 2] float64
-        g = torch.stack([2 * uv[..., 0] / cameras.width - 1, 2 * uv[..., 1] / cameras.height - 1], -1)
-        g = g.float().view(n, gh, gw, 2)
+        g = _sample_grid(uv, cameras, (gh, gw))
         s = F.grid_sample(img, g, mode="bilinear", padding_mode="zeros", align_corners=False)
         m = F.grid_sample(msk, g, mode="nearest", padding_mode="zeros", align_corners=False) > 0.5
         m &= (depth > 0).view(n, 1, gh, gw)
@@ -239,12 +254,11 @@ def sgm(cost: Tensor, p1: float, p2: float, guide: Tensor | None = None, tau: fl
 def ortho_guide(grey: Tensor, cameras: Cameras, xy: tuple[np.ndarray, np.ndarray], z: float) -> Tensor:
     """The view closest to nadir resampled on the grid at height ``z`` [H, W]: the image whose edges
     the SGM penalty follows (its building edges move least with the unknown height)."""
-    k = int(torch.argmax(-cameras.camtoworlds[:, 2, 2]))
-    gh, gw = xy[0].shape
+    k = nadir_view(cameras)
     pts = torch.from_numpy(np.stack([xy[0].ravel(), xy[1].ravel(), np.full(xy[0].size, z)], 1))
     uv, _ = cameras[k].project(pts)
-    g = torch.stack([2 * uv[0, :, 0] / cameras.width - 1, 2 * uv[0, :, 1] / cameras.height - 1], -1)
-    return F.grid_sample(grey[k][None, None].float(), g.float().view(1, gh, gw, 2), align_corners=False)[0, 0]
+    g = _sample_grid(uv, cameras, xy[0].shape)
+    return F.grid_sample(grey[k][None, None].float(), g, align_corners=False)[0, 0]
 
 
 def _parabola(cost: Tensor, best: Tensor) -> Tensor:
@@ -275,7 +289,7 @@ def dense_heights(
     cfg: DenseConfig,
     *,
     gsd: float,
-) -> HeightField:
+) -> DenseHeights:
     """Height field over ``extent`` (ENU x0, x1, y0, y1) within ``z_range`` (module docstring)."""
     cfg.check()
     x0, x1, y0, y1 = extent
@@ -287,9 +301,7 @@ def dense_heights(
     z0, z1 = z_range
     step = max(step, (z1 - z0) / (cfg.max_planes - 1))
     heights = z0 + step * np.arange(int(math.floor((z1 - z0) / step + 1e-9)) + 1)
-    xs = x0 + (np.arange(w) + 0.5) * res
-    ys = y1 - (np.arange(h) + 0.5) * res
-    xy = np.meshgrid(xs, ys, indexing="xy")
+    xy = _centres(x0, y1, res, w, h)
     with torch.no_grad():
         cost = sweep_cost(grey, valid, cameras, xy, heights, cfg.window)
         shifted = shiftable(cost, cfg.shift)
@@ -300,10 +312,10 @@ def dense_heights(
             pos = refine(cost, idx, cfg.refine)
         score = 1 - cost.gather(0, pos.round().long()[None])[0]
     z = heights[0] + pos.numpy() * step
-    return HeightField(z, score.numpy(), x0, y1, res, step, len(heights))
+    return DenseHeights(z, score.numpy(), x0, y1, res, step, len(heights))
 
 
-def field_points(field: HeightField, spacing: float, min_score: float) -> np.ndarray:
+def field_points(field: DenseHeights, spacing: float, min_score: float) -> np.ndarray:
     """Points [N, 3] on a ``spacing`` grid of the field (each the median height of its cells) where
     the median score reaches ``min_score``."""
     k = max(1, int(round(spacing / field.resolution)))

@@ -857,7 +857,7 @@ def _dense_points(
     import torch
 
     from skyfall.data.cameras import Cameras
-    from skyfall.prepare.dense import dense_heights, field_points
+    from skyfall.prepare.dense import dense_heights, field_points, nadir_view
 
     t0 = time.perf_counter()
     tv = [views[i] for i in train_idx]
@@ -877,7 +877,6 @@ def _dense_points(
     gsd = float((1.0 / px_per_m).min())
     field = dense_heights(grey, valid, cams, (-half, half, -half, half), z_range, cfg.dense, gsd=gsd)
     pts = field_points(field, cfg.dense.spacing, cfg.dense.min_score)
-    nadir = int(torch.argmax(-cams.camtoworlds[:, 2, 2]))  # camera z axis closest to straight down
     info = {
         "done": True,
         "resolution_m": field.resolution,
@@ -886,7 +885,7 @@ def _dense_points(
         "cells": list(field.heights.shape),
         "median_score": float(np.median(field.score)),
         "points": int(len(pts)),
-        "colour_view": train_idx[nadir],
+        "colour_view": train_idx[nadir_view(cams)],
         "seconds": round(time.perf_counter() - t0, 1),
     }
     return info, pts
