@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from skyfall.data.cameras import Cameras, look_at
 from skyfall.errors import ConfigError
-from skyfall.prepare.dense import DenseConfig, dense_heights, field_points, sgm, winner
+from skyfall.prepare.dense import DenseConfig, DenseHeights, dense_heights, field_points, sgm, winner
 
 F64 = torch.float64
 SIDE, GSD, PX = 48.0, 0.5, 96  # metres, metres/px, pixels
@@ -172,7 +172,8 @@ def test_points_keep_trusted_cells_on_the_spacing_grid(block_views) -> None:
     valid[:, :, : PX // 2] = False  # the western half has no data in any view
     half = SIDE / 2 - 4
     field = dense_heights(grey, valid, cams, (-half, half, -half, half), (-2.0, 10.0), DenseConfig(), gsd=GSD)
-    pts = field_points(field, 2.0, 0.3)
+    pts, ground = field_points(field, 2.0, 0.3)
+    assert len(ground) == 0  # no layer unless asked for
     assert 100 < len(pts) < 20 * 20 / 2 + 20
     assert pts[:, 0].min() > -6.0  # nothing where no view has data
     truth = _height(torch.from_numpy(pts[:, 0]), torch.from_numpy(pts[:, 1])).numpy()
@@ -182,8 +183,34 @@ def test_points_keep_trusted_cells_on_the_spacing_grid(block_views) -> None:
 @pytest.mark.parametrize(
     ("kw", "what"),
     [({"window": 4}, "window"), ({"shift": 0}, "shift"), ({"p1": 1.0, "p2": 0.5}, "p2"),
-     ({"spacing": 0.0}, "spacing"), ({"step": -1.0}, "step")],
+     ({"spacing": 0.0}, "spacing"), ({"step": -1.0}, "step"), ({"ground_window": -1.0}, "ground_window"),
+     ({"ground_rise": 0.0}, "ground_rise")],
 )  # fmt: skip
 def test_bad_options_name_the_option(kw: dict, what: str) -> None:
     with pytest.raises(ConfigError, match=what):
         DenseConfig(**kw).check()
+
+
+def test_ground_layer_lies_under_raised_cells_at_the_local_ground() -> None:
+    # A 40 m square of 0.5 m cells: ground sloping 0.05 m/m, a 10 m block and one untrusted cell.
+    n, res = 80, 0.5
+    x = (np.arange(n) + 0.5) * res
+    ground = np.broadcast_to(0.05 * x, (n, n)).copy()
+    heights = ground.copy()
+    heights[20:40, 32:52] += 10.0  # rows 20..39, columns 32..51: 10 m x 10 m, on whole 2 m blocks
+    score = np.full((n, n), 0.9)
+    score[60:64, 60:64] = 0.0
+    field = DenseHeights(heights, score, 0.0, n * res, res, res / 2, 40)
+    top, low = field_points(field, 2.0, 0.3, ground_window=22.0, ground_rise=2.0)
+    assert len(top) == 20 * 20 - 1  # every 2 m block but the untrusted one
+    assert len(low) == 5 * 5  # one under each block of the 10 m square
+    under = (low[:, 0] > 16) & (low[:, 0] < 26) & (low[:, 1] > 20) & (low[:, 1] < 30)
+    assert under.all()
+    # Each at about the ground around it: the 10th percentile of an 11-block window on the slope.
+    assert np.abs(low[:, 2] - 0.05 * low[:, 0]).max() < 0.05 * 10 + 0.1
+    raised = top[top[:, 2] - 0.05 * top[:, 0] > 5]
+    assert np.allclose(np.sort(raised[:, :2], 0), np.sort(low[:, :2], 0))
+    # No layer when the window is 0, nor where nothing rises above the ground.
+    assert len(field_points(field, 2.0, 0.3, ground_window=0.0)[1]) == 0
+    flat = DenseHeights(ground, score, 0.0, n * res, res, res / 2, 40)
+    assert len(field_points(flat, 2.0, 0.3, ground_window=22.0)[1]) == 0

@@ -40,6 +40,9 @@ class PrepareOptions:
     points3D.txt, instead of the matched points alone (a few seconds to a minute per 512² cells)."""
     dense_spacing: float = 2.0
     """Spacing (metres) of the points3D.txt grid taken from the dense heights."""
+    dense_ground: float = 22.0
+    """Window (metres) of the local ground under which raised dense points get a ground-layer point
+    in points3D.txt, so that Stage 1 can show the floor where the heights read roof (0: no layer)."""
     test_views: str = "auto"
     """Held-out views for transforms_test.json: 'auto' (one in eight, at least one from 4 views,
     none below 4; with `prepare --dfc`, the dataset's test.txt when it has one), 'none', or indices
@@ -67,7 +70,7 @@ class PrepareOptions:
             test_views=self.test_views,
             alt_margin=self.alt_margin,
             matcher=MatchConfig(cell=self.match_cell),
-            dense=DenseConfig(enabled=self.dense, spacing=self.dense_spacing),
+            dense=DenseConfig(enabled=self.dense, spacing=self.dense_spacing, ground_window=self.dense_ground),
             **kwargs,
         )
 

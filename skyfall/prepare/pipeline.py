@@ -400,6 +400,7 @@ def prepare_tile(
             method = (
                 f"dense heights (plane sweep + SGM over {len(train_idx)} training views, {dense['resolution_m']:.2f} m "
                 f"cells, {dense['planes']} planes) on a {cfg.dense.spacing:g} m grid"
+                + (f", {dense['ground_points']} of them a ground layer" if dense.get("ground_points") else "")
                 + (f"; cameras from {method}" if method and not method.startswith("plane fallback") else "")
             )
         else:
@@ -876,7 +877,10 @@ def _dense_points(
     px_per_m = 0.5 * ((uv[:, 1] - uv[:, 0]).norm(dim=-1) + (uv[:, 2] - uv[:, 0]).norm(dim=-1))
     gsd = float((1.0 / px_per_m).min())
     field = dense_heights(grey, valid, cams, (-half, half, -half, half), z_range, cfg.dense, gsd=gsd)
-    pts = field_points(field, cfg.dense.spacing, cfg.dense.min_score)
+    top, ground = field_points(
+        field, cfg.dense.spacing, cfg.dense.min_score, cfg.dense.ground_window, cfg.dense.ground_rise
+    )
+    pts = np.concatenate([top, ground])
     info = {
         "done": True,
         "resolution_m": field.resolution,
@@ -884,7 +888,8 @@ def _dense_points(
         "planes": field.planes,
         "cells": list(field.heights.shape),
         "median_score": float(np.median(field.score)),
-        "points": int(len(pts)),
+        "points": int(len(top)),
+        "ground_points": int(len(ground)),
         "colour_view": train_idx[nadir_view(cams)],
         "seconds": round(time.perf_counter() - t0, 1),
     }
