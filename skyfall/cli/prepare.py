@@ -70,7 +70,9 @@ class PrepareOptions:
             test_views=self.test_views,
             alt_margin=self.alt_margin,
             matcher=MatchConfig(cell=self.match_cell),
-            dense=DenseConfig(enabled=self.dense, spacing=self.dense_spacing, ground_window=self.dense_ground),
+            dense=DenseConfig(
+                enabled=self.dense, spacing=self.dense_spacing, ground_window=self.dense_ground
+            ),
             **kwargs,
         )
 
