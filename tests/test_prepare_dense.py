@@ -214,3 +214,14 @@ def test_ground_layer_lies_under_raised_cells_at_the_local_ground() -> None:
     assert len(field_points(field, 2.0, 0.3, ground_window=0.0)[1]) == 0
     flat = DenseHeights(ground, score, 0.0, n * res, res, res / 2, 40)
     assert len(field_points(flat, 2.0, 0.3, ground_window=22.0)[1]) == 0
+    # A smooth hill as tall as the block (slopes up to 0.6) rises above the local ground too, but in
+    # no step: no layer.
+    r2 = (x[None, :] - 20.0) ** 2 + (x[:, None] - 20.0) ** 2
+    hill = DenseHeights(ground + 10.0 * np.exp(-r2 / (2 * 10.0**2)), score, 0.0, n * res, res, res / 2, 40)
+    hill_top, hill_low = field_points(hill, 2.0, 0.3, ground_window=22.0, ground_rise=2.0)
+    assert (hill_top[:, 2] - 0.05 * hill_top[:, 0]).max() > 9.0 and len(hill_low) == 0
+    # The same hill with the block on its flank: the block's part gets its layer, the hill still none.
+    both = hill.heights.copy()
+    both[20:40, 32:52] += 10.0
+    _, both_low = field_points(DenseHeights(both, score, 0.0, n * res, res, res / 2, 40), 2.0, 0.3, 22.0)
+    assert len(both_low) >= 25

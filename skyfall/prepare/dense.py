@@ -89,8 +89,9 @@ class DenseConfig:
     """Cells whose winning NCC is below this write no point (no texture, no agreeing views)."""
     ground_window: float = 22.0
     """Ground layer (``--dense-ground``): under every point more than ``ground_rise`` above the local
-    ground (the 10th percentile of the trusted heights within this window, metres) a second point is
-    put at that ground height (0: no layer). Why: alleys and the margins of buildings narrower than
+    ground (the 10th percentile of the trusted heights within this window, metres), in a raised part
+    that some wall bounds (a step of more than ``ground_rise`` between neighbouring points; a hill's
+    slope gets none), a second point is put at that ground height (0: no layer). Why: alleys and the margins of buildings narrower than
     the NCC support come out at roof height, and Stage 1 started from the top surface alone has
     nothing to show where the roof should not be; with a ground layer beneath, it fades the wrong
     roof and shows the floor. Chain DSM MAE (`real`, 5-view synthetic RPC cities, tuning / held-out /
@@ -345,7 +346,8 @@ def field_points(
     """Points [N, 3] on a ``spacing`` grid of the field (each the median height of its cells) where
     the median score reaches ``min_score``, and the ground-layer points [M, 3] beneath those that rise
     more than ``ground_rise`` above the 10th percentile of the trusted heights within ``ground_window``
-    metres (none when ``ground_window`` is 0; see ``DenseConfig.ground_window``)."""
+    metres in a part that a step bounds (none when ``ground_window`` is 0; see
+    ``DenseConfig.ground_window``)."""
     k = max(1, int(round(spacing / field.resolution)))
     h, w = field.heights.shape
     hh, ww = h // k * k, w // k * k
@@ -366,7 +368,18 @@ def field_points(
         return top, np.zeros((0, 3))
     from scipy.ndimage import percentile_filter
 
+    from scipy.ndimage import label
+
     # Untrusted cells count as high, so that they never pull the local ground down.
-    low = percentile_filter(np.where(ok, z, z[ok].max()), 10, size=size, mode="nearest")
-    up = ok & (z - low > ground_rise)
+    zt = np.where(ok, z, z[ok].max())
+    low = percentile_filter(zt, 10, size=size, mode="nearest")
+    raised = ok & (z - low > ground_rise)
+    # Only what rises in a step (a wall: more than ground_rise between neighbouring points of the
+    # grid, i.e. steeper than ground_rise / spacing) stands on the ground; a hill's slope is its own
+    # surface, with nothing beneath to show.
+    zn = np.pad(np.where(ok, z, np.inf), 1, constant_values=np.inf)
+    below = np.min([zn[1:-1, :-2], zn[1:-1, 2:], zn[:-2, 1:-1], zn[2:, 1:-1]], 0)
+    steep = raised & (z - below > ground_rise)
+    parts, _ = label(raised, structure=np.ones((3, 3)))
+    up = raised & np.isin(parts, np.unique(parts[steep]))
     return top, np.stack([cx[up], cy[up], low[up]], 1)
