@@ -366,9 +366,7 @@ def field_points(
     size = int(round(ground_window / (k * field.resolution))) | 1
     if ground_window <= 0 or not ok.any() or size < 3:
         return top, np.zeros((0, 3))
-    from scipy.ndimage import percentile_filter
-
-    from scipy.ndimage import label
+    from scipy.ndimage import label, percentile_filter
 
     # Untrusted cells count as high, so that they never pull the local ground down.
     zt = np.where(ok, z, z[ok].max())
