@@ -59,9 +59,7 @@ def _render(K: torch.Tensor, c2w: torch.Tensor) -> torch.Tensor:
     surface = _height(p[..., 0], p[..., 1])
     top = surface <= hit_z + 0.03
     ground = 0.6 * _sample(_texture(1), p[..., 0], p[..., 1], SIDE)
-    roof = 0.4 + 0.6 * _sample(
-        _texture(3), p[..., 0], p[..., 1], SIDE
-    )  # brighter than the ground, as roofs are
+    roof = 0.4 + 0.6 * _sample(_texture(3), p[..., 0], p[..., 1], SIDE)  # brighter, as roofs are
     wall = _sample(_texture(2), p[..., 0] + p[..., 1], 4 * hit_z - 20, SIDE)
     return torch.where(top, torch.where(surface > 0, roof, ground), wall).float()
 

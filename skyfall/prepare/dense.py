@@ -91,10 +91,10 @@ class DenseConfig:
     """Ground layer (``--dense-ground``): under every point more than ``ground_rise`` above the local
     ground (the 10th percentile of the trusted heights within this window, metres), in a raised part
     that some wall bounds (a step of more than ``ground_rise`` between neighbouring points; a hill's
-    slope gets none), a second point is put at that ground height (0: no layer). Why: alleys and the margins of buildings narrower than
-    the NCC support come out at roof height, and Stage 1 started from the top surface alone has
-    nothing to show where the roof should not be; with a ground layer beneath, it fades the wrong
-    roof and shows the floor. Chain DSM MAE (`real`, 5-view synthetic RPC cities, tuning / held-out /
+    slope gets none), a second point is put at that ground height (0: no layer). Why: alleys and
+    the margins of buildings narrower than the NCC support come out at roof height, and Stage 1
+    started from the top surface alone has nothing to show where the roof should not be; with a
+    ground layer beneath, it fades the wrong roof and shows the floor. Chain DSM MAE (`real`, 5-view synthetic RPC cities, tuning / held-out /
     unseen): 3.00 / 1.77 / 1.55 m without, 2.21 / 1.53 / 1.40 m with (22 m and 2 m are the first
     values tried, not tuned)."""
     ground_rise: float = 2.0
