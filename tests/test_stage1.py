@@ -270,9 +270,10 @@ def test_real_preset_needs_no_download_and_no_synthetic_truth(tiny_tile: Path, t
     )  # no densification
     logged = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     by_step = {r["step"]: r for r in logged if "loss" in r}
-    # the multi-view term joins the loss from its start (the opacity term is the rest)
-    rest = {k: by_step[k]["loss"] - by_step[k]["l_rgb"] for k in (8, 9, 10)}
-    assert abs(rest[9] - rest[8]) < 0.01 and rest[10] - rest[9] > 0.05
+    # No multi-view term (it pulled the dense start's alleys back to roof height): from the step it
+    # would join (10), the loss is still the photometric term plus the small opacity term.
+    rest = {k: by_step[k]["loss"] - by_step[k]["l_rgb"] for k in (8, 9, 10, 11)}
+    assert max(rest.values()) - min(rest.values()) < 0.01
 
 
 def test_a_crop_is_the_same_camera_with_a_moved_principal_point(tiny_tile: Path, tmp_path: Path, tiny_config):
