@@ -146,7 +146,8 @@ class MultiViewConfig:
 
     Each step's view is lifted to 3D at its rendered depth and compared, window by window (NCC), with
     the other satellite views at the same points (``skyfall.losses.multiview_ncc_loss``): the stereo
-    cue, inside training. Few views and sparse starting points (real tiles) leave geometry to it."""
+    cue, inside training, for few views and sparse starting points. On the dense heights that
+    `skyfall prepare` writes it pulls alleys back to roof height, so the `real` preset leaves it off."""
 
     weight: float = 0.0
     """Loss weight (0 = off, as the reference)."""

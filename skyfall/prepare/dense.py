@@ -94,9 +94,10 @@ class DenseConfig:
     slope gets none), a second point is put at that ground height (0: no layer). Why: alleys and
     the margins of buildings narrower than the NCC support come out at roof height, and Stage 1
     started from the top surface alone has nothing to show where the roof should not be; with a
-    ground layer beneath, it fades the wrong roof and shows the floor. Chain DSM MAE (`real`, 5-view synthetic RPC cities, tuning / held-out /
-    unseen): 3.00 / 1.77 / 1.55 m without, 2.21 / 1.53 / 1.40 m with (22 m and 2 m are the first
-    values tried, not tuned)."""
+    ground layer beneath, it fades the wrong roof and shows the floor. Chain DSM MAE (`real` with
+    its multi-view term then on, 5-view synthetic RPC cities, tuning / held-out / unseen): 3.00 /
+    1.77 / 1.55 m without, 2.21 / 1.53 / 1.40 m with (22 m and 2 m are the first values tried, not
+    tuned)."""
     ground_rise: float = 2.0
     """Height (metres) above the local ground from which a point gets a ground-layer point beneath."""
 
