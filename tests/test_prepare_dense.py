@@ -11,7 +11,15 @@ import torch.nn.functional as F
 
 from skyfall.data.cameras import Cameras, look_at
 from skyfall.errors import ConfigError
-from skyfall.prepare.dense import DenseConfig, DenseHeights, dense_heights, field_points, sgm, winner
+from skyfall.prepare.dense import (
+    DenseConfig,
+    DenseHeights,
+    block_cells,
+    dense_heights,
+    field_points,
+    sgm,
+    winner,
+)
 
 F64 = torch.float64
 SIDE, GSD, PX = 48.0, 0.5, 96  # metres, metres/px, pixels
@@ -172,6 +180,10 @@ def test_points_keep_trusted_cells_on_the_spacing_grid(block_views) -> None:
     field = dense_heights(grey, valid, cams, (-half, half, -half, half), (-2.0, 10.0), DenseConfig(), gsd=GSD)
     pts, ground = field_points(field, 2.0, 0.3)
     assert len(ground) == 0  # no layer unless asked for
+    # the grid is the spacing rounded to whole cells
+    k = block_cells(2.0, field.resolution)
+    assert k == round(2.0 / field.resolution) and block_cells(0.1, field.resolution) == 1
+    assert np.allclose(np.diff(np.unique(pts[:, 0].round(6))).min(), k * field.resolution)
     assert 100 < len(pts) < 20 * 20 / 2 + 20
     assert pts[:, 0].min() > -6.0  # nothing where no view has data
     truth = _height(torch.from_numpy(pts[:, 0]), torch.from_numpy(pts[:, 1])).numpy()

@@ -193,6 +193,9 @@ def test_dense_heights_cover_the_aoi_on_the_terrain(
         d["done"] and d["planes"] > 100 and 0.45 < d["resolution_m"] < 0.55 and d["colour_view"] in (0, 1, 3)
     )
     assert s["points3D"]["method"].startswith("dense heights (plane sweep + SGM over 3 training views")
+    # the grid actually used (--dense-spacing 2 rounded to whole cells) is what the report names
+    assert d["spacing_m"] == pytest.approx(round(2.0 / d["resolution_m"]) * d["resolution_m"])
+    assert f"on a {d['spacing_m']:.2f} m grid" in s["points3D"]["method"]
     # An 80 m AOI on a 2 m grid: (80 / 2)² points, all of them trusted on this textured terrain.
     assert s["points3D"]["count"] == d["points"] and d["points"] > 0.95 * 40 * 40
     dense_dz = _terrain_offsets(out, s)

@@ -84,7 +84,8 @@ class DenseConfig:
     max_planes: int = 320
     """Cap of the number of height planes; a taller range gets larger steps."""
     spacing: float = 2.0
-    """Spacing (metres) of the points written from the height field."""
+    """Spacing (metres) of the points written from the height field, rounded to whole cells
+    (prepare.json's dense.spacing_m is the one used)."""
     min_score: float = 0.3
     """Cells whose winning NCC is below this write no point (no texture, no agreeing views)."""
     ground_window: float = 22.0
@@ -337,6 +338,12 @@ def dense_heights(
     return DenseHeights(z, score.numpy(), x0, y1, res, step, len(heights))
 
 
+def block_cells(spacing: float, resolution: float) -> int:
+    """Cells per side of the blocks that ``field_points`` turns into one point each: ``spacing``
+    rounded to whole cells of ``resolution`` (so the grid used is this times ``resolution``)."""
+    return max(1, int(round(spacing / resolution)))
+
+
 def field_points(
     field: DenseHeights,
     spacing: float,
@@ -349,7 +356,7 @@ def field_points(
     more than ``ground_rise`` above the 10th percentile of the trusted heights within ``ground_window``
     metres in a part that a step bounds (none when ``ground_window`` is 0; see
     ``DenseConfig.ground_window``)."""
-    k = max(1, int(round(spacing / field.resolution)))
+    k = block_cells(spacing, field.resolution)
     h, w = field.heights.shape
     hh, ww = h // k * k, w // k * k
     if hh == 0 or ww == 0:

@@ -399,7 +399,7 @@ def prepare_tile(
             colors = _sample(cv.rgb, cv.fit.project(points))  # type: ignore[arg-type, union-attr]
             method = (
                 f"dense heights (plane sweep + SGM over {len(train_idx)} training views, {dense['resolution_m']:.2f} m "
-                f"cells, {dense['planes']} planes) on a {cfg.dense.spacing:g} m grid"
+                f"cells, {dense['planes']} planes) on a {dense['spacing_m']:.2f} m grid"
                 + (f", {dense['ground_points']} of them a ground layer" if dense.get("ground_points") else "")
                 + (f"; cameras from {method}" if method and not method.startswith("plane fallback") else "")
             )
@@ -858,7 +858,7 @@ def _dense_points(
     import torch
 
     from skyfall.data.cameras import Cameras
-    from skyfall.prepare.dense import dense_heights, field_points, nadir_view
+    from skyfall.prepare.dense import block_cells, dense_heights, field_points, nadir_view
 
     t0 = time.perf_counter()
     tv = [views[i] for i in train_idx]
@@ -887,6 +887,8 @@ def _dense_points(
         "step_m": field.step,
         "planes": field.planes,
         "cells": list(field.heights.shape),
+        # the point grid actually used: --dense-spacing rounded to whole cells
+        "spacing_m": block_cells(cfg.dense.spacing, field.resolution) * field.resolution,
         "median_score": float(np.median(field.score)),
         "points": int(len(top)),
         "ground_points": int(len(ground)),
