@@ -18,6 +18,7 @@ from skyfall.prepare.dense import (
     dense_heights,
     field_points,
     sgm,
+    sweep_cost,
     winner,
 )
 
@@ -161,6 +162,29 @@ def test_sgm_recovers_a_smooth_surface_from_noisy_costs() -> None:
     raw = (cost.argmin(0) == truth).float().mean()
     agg = (sgm(cost, 0.1, 1.0).argmin(0) == truth).float().mean()
     assert raw < 0.6 and agg > 0.93
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_three_views_average_two_pairs_not_the_best_one(seed: int) -> None:
+    # Three views give three pairs; the best pair alone is a maximum over chance correlations.
+    grey, cams = _views([(3.0, 40.0), (18.0, 200.0), (22.0, 300.0)])
+    g = torch.Generator().manual_seed(seed)
+    noisy = grey + 0.2 * torch.randn(grey.shape, generator=g)
+    valid = torch.ones_like(grey, dtype=torch.bool)
+    half = SIDE / 2 - 4
+    n = int(2 * half / GSD)
+    field = DenseHeights(np.zeros((n, n)), np.zeros((n, n)), -half, half, GSD, 0.25, 0)
+    xy = field.centres()
+    heights = np.arange(-2.0, 10.0 + 1e-9, 0.25)
+    truth = _truth(field)
+
+    def wta_error(**kw) -> float:
+        cost = sweep_cost(noisy, valid, cams, xy, heights, 5, **kw)
+        return float(np.abs(heights[cost.argmin(0).numpy()] - truth).mean())
+
+    default, best_pair = wta_error(), wta_error(keep=1)
+    assert default < 0.85 * best_pair
+    assert wta_error(keep=2) == default
 
 
 def test_winner_interpolates_the_minimum_of_a_parabola() -> None:

@@ -172,6 +172,7 @@ def sweep_cost(
     xy: tuple[np.ndarray, np.ndarray],
     heights: np.ndarray,
     window: int,
+    keep: int | None = None,
 ) -> Tensor:
     """Plane-sweep matching cost [D, H, W] (0 = the views agree perfectly, 2 = anti-correlated).
 
@@ -182,6 +183,10 @@ def sweep_cost(
         xy: grid cell centres (x, y), each [H, W] (ENU metres).
         heights: [D] plane heights (ENU z).
         window: NCC window (odd).
+        keep: how many of the pairs' NCCs (the best) are averaged per cell and height; default the
+            better half, rounded up. Rounded down, three views would keep one pair: a maximum over
+            three pairs' chance correlations, which picks wrong heights on weak texture (chain DSM
+            MAE, 3-view RPC city: 2.19 m with one pair, 2.10 m with two).
     """
     n = grey.shape[0]
     if n < 2:
@@ -191,7 +196,7 @@ def sweep_cost(
     img = grey[:, None].float()
     msk = valid[:, None].float()
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    keep = max(1, len(pairs) // 2)
+    keep = max(1, (len(pairs) + 1) // 2) if keep is None else max(1, min(keep, len(pairs)))
     cost = torch.empty(len(heights), gh, gw)
     for d, z in enumerate(heights):
         pts[:, 2] = float(z)
