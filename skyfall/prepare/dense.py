@@ -11,7 +11,7 @@ How (all views at once, in the tile's ENU frame, no rectification):
 1. **Cost volume**: for every height plane z_d of the AOI's range and every cell (x, y) of a
    north-up grid, every view is sampled at the projection of (x, y, z_d) (bilinear, the views'
    pinholes in float64) and each pair of views is compared by the NCC of ``window``² patches on the
-   grid; the cost is 1 minus the mean of the better half of the pairs' NCC, so that views that
+   grid; the cost is 1 minus the mean of the better half (rounded up) of the pairs' NCC, so that views that
    see a wall or another roof at that cell (occlusion) do not veto the others. Shiftable windows
    (the minimum cost over the ``shift``² cells around) keep a height edge from spreading half a window
    into the lower side (foreground fattening).
