@@ -28,10 +28,12 @@ BLOCK = (-8.0, 8.0, -6.0, 10.0, 7.0)  # x0, x1, y0, y1, height
 FAR = 600e3
 
 
-def _height(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    x0, x1, y0, y1, h = BLOCK
-    inside = (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
-    return torch.where(inside, torch.tensor(h, dtype=x.dtype), torch.zeros_like(x))
+def _height(x: torch.Tensor, y: torch.Tensor, blocks: tuple = (BLOCK,)) -> torch.Tensor:
+    z = torch.zeros_like(x)
+    for x0, x1, y0, y1, h in blocks:
+        inside = (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
+        z = torch.where(inside, torch.tensor(h, dtype=x.dtype), z)
+    return z
 
 
 def _texture(seed: int, n: int = 48) -> torch.Tensor:
@@ -50,22 +52,22 @@ def _camera(off_nadir_deg: float, azimuth_deg: float) -> torch.Tensor:
     return look_at(eye, torch.zeros(3, dtype=F64), torch.tensor([0.0, 1.0, 0.0], dtype=F64))
 
 
-def _render(K: torch.Tensor, c2w: torch.Tensor) -> torch.Tensor:
+def _render(K: torch.Tensor, c2w: torch.Tensor, blocks: tuple = (BLOCK,)) -> torch.Tensor:
     """The height field's image by ray marching: roof and ground textured in x-y, walls in (x + y, z)."""
     v, u = torch.meshgrid(torch.arange(PX, dtype=F64) + 0.5, torch.arange(PX, dtype=F64) + 0.5, indexing="ij")
     d = (torch.stack([u, v, torch.ones_like(u)], -1) @ torch.linalg.inv(K).T) @ c2w[:3, :3].T
     c = c2w[:3, 3]
     hit_z = torch.zeros(PX, PX, dtype=F64)
     found = torch.zeros(PX, PX, dtype=torch.bool)
-    for z in torch.arange(BLOCK[4] + 0.5, -0.001, -0.02, dtype=F64):
+    for z in torch.arange(max(b[4] for b in blocks) + 0.5, -0.001, -0.02, dtype=F64):
         t = (z - c[2]) / d[..., 2]
         p = c + t[..., None] * d
-        hit = ~found & (_height(p[..., 0], p[..., 1]) >= z)
+        hit = ~found & (_height(p[..., 0], p[..., 1], blocks) >= z)
         hit_z = torch.where(hit, z, hit_z)
         found |= hit
     t = (hit_z - c[2]) / d[..., 2]
     p = c + t[..., None] * d
-    surface = _height(p[..., 0], p[..., 1])
+    surface = _height(p[..., 0], p[..., 1], blocks)
     top = surface <= hit_z + 0.03
     ground = 0.6 * _sample(_texture(1), p[..., 0], p[..., 1], SIDE)
     roof = 0.4 + 0.6 * _sample(_texture(3), p[..., 0], p[..., 1], SIDE)  # brighter, as roofs are
@@ -73,11 +75,11 @@ def _render(K: torch.Tensor, c2w: torch.Tensor) -> torch.Tensor:
     return torch.where(top, torch.where(surface > 0, roof, ground), wall).float()
 
 
-def _views(angles: list[tuple[float, float]]) -> tuple[torch.Tensor, Cameras]:
+def _views(angles: list[tuple[float, float]], blocks: tuple = (BLOCK,)) -> tuple[torch.Tensor, Cameras]:
     f = FAR / GSD
     K = torch.tensor([[f, 0, PX / 2], [0, f, PX / 2], [0, 0, 1]], dtype=F64)
     c2w = torch.stack([_camera(*a) for a in angles])
-    grey = torch.stack([_render(K, c) for c in c2w])
+    grey = torch.stack([_render(K, c, blocks) for c in c2w])
     return grey, Cameras(c2w, K, PX, PX)
 
 
@@ -130,6 +132,29 @@ def test_shiftable_windows_and_sgm_reduce_errors_at_the_edges(block_views) -> No
     plain = mae(shift=1, p1=0.0, p2=0.0)
     full = mae()
     assert full < 0.8 * plain
+
+
+def test_small_windows_find_the_ground_of_an_alley() -> None:
+    """A 3 m alley between two 7 m blocks: a 5-cell window around an alley cell always reaches into
+    a roof, so the sweep lifts the alley to roof height; the default 3-cell window finds its ground."""
+    gap = 3.0
+    blocks = ((-12.0, -gap / 2, -8.0, 10.0, 7.0), (gap / 2, 12.0, -8.0, 10.0, 7.0))
+    grey, cams = _views([(3.0, 40.0), (18.0, 200.0), (22.0, 300.0), (15.0, 100.0)], blocks)
+    valid = torch.ones_like(grey, dtype=torch.bool)
+    half = SIDE / 2 - 4
+
+    def errors(**kw) -> tuple[float, float]:
+        f = dense_heights(
+            grey, valid, cams, (-half, half, -half, half), (-2.0, 10.0), DenseConfig(**kw), gsd=GSD
+        )
+        x, y = f.centres()
+        err = np.abs(f.heights - _height(torch.from_numpy(x), torch.from_numpy(y), blocks).numpy())
+        alley = (np.abs(x) < gap / 2) & (y > -6.0) & (y < 8.0)
+        return float(err[alley].mean()), float(err.mean())
+
+    (alley_small, all_small), (alley_wide, all_wide) = errors(), errors(window=5, shift=5)
+    assert alley_wide > 5.0  # roof height: the failure this default avoids
+    assert alley_small < 0.7 * alley_wide and all_small < all_wide
 
 
 def test_edge_aware_penalty_keeps_the_block_outline(block_views) -> None:
@@ -218,7 +243,7 @@ def test_points_keep_trusted_cells_on_the_spacing_grid(block_views) -> None:
     ("kw", "what"),
     [({"window": 4}, "window"), ({"shift": 0}, "shift"), ({"p1": 1.0, "p2": 0.5}, "p2"),
      ({"spacing": 0.0}, "spacing"), ({"step": -1.0}, "step"), ({"ground_window": -1.0}, "ground_window"),
-     ({"ground_rise": 0.0}, "ground_rise")],
+     ({"ground_rise": 0.0}, "ground_rise"), ({"window": 3, "shift": 5}, "shift")],
 )  # fmt: skip
 def test_bad_options_name_the_option(kw: dict, what: str) -> None:
     with pytest.raises(ConfigError, match=what):

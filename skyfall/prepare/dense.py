@@ -56,10 +56,14 @@ class DenseConfig:
     """Grid cell (metres); 0: the views' ground sampling distance (the AOI side / the image side)."""
     step: float = 0.0
     """Height step between planes (metres); 0: half a cell."""
-    window: int = 5
-    """NCC window (cells, odd)."""
-    shift: int = 5
-    """Shiftable-window neighbourhood (cells, odd; 1: off)."""
+    window: int = 3
+    """NCC window (cells, odd). Small: a wider window reaches across a height edge into the roof
+    beside it and lifts the ground there (alleys between buildings came out metres high), which
+    shiftable windows and SGM only partly undo. Window and shift 3 rather than 5 and 5 on the 5-view
+    tuning city (seed 0): the chain DSM MAE of ``real`` 1.90 -> 1.70 m."""
+    shift: int = 3
+    """Shiftable-window neighbourhood (cells, odd; 1: off; at most ``window``, so that every window
+    tried still contains its cell)."""
     refine: int = 2
     """After SGM, each cell's height moves to the best centred-window cost within this many planes
     (0: off): shiftable windows pull cells on slopes towards their neighbours' heights."""
@@ -114,6 +118,11 @@ class DenseConfig:
                 raise ConfigError(f"dense.{name} must be >= 0, got {value:g}.")
         if self.p2 < self.p1:
             raise ConfigError(f"dense.p2 ({self.p2:g}) must be >= dense.p1 ({self.p1:g}).")
+        if self.shift > self.window:
+            raise ConfigError(
+                f"dense.shift ({self.shift}) must be <= dense.window ({self.window}): a shifted window "
+                "must still contain its cell."
+            )
         if not (math.isfinite(self.spacing) and self.spacing > 0):
             raise ConfigError(f"--dense-spacing must be > 0, got {self.spacing:g}.")
         if not (math.isfinite(self.ground_window) and self.ground_window >= 0):
