@@ -135,8 +135,8 @@ def test_shiftable_windows_and_sgm_reduce_errors_at_the_edges(block_views) -> No
 
 
 def test_small_windows_find_the_ground_of_an_alley() -> None:
-    """A 3 m alley between two 7 m blocks: the default 5-cell window around an alley cell always
-    reaches into a roof, so the sweep lifts the alley to roof height; a 3-cell window finds its ground
+    """A 3 m alley between two 7 m blocks: the 5-cell window around an alley cell always reaches into
+    a roof, so the sweep lifts the alley to roof height; a 3-cell window finds its ground
     (``DenseConfig.window``: the price is chance matches on weak texture)."""
     gap = 3.0
     blocks = ((-12.0, -gap / 2, -8.0, 10.0, 7.0), (gap / 2, 12.0, -8.0, 10.0, 7.0))
@@ -153,9 +153,43 @@ def test_small_windows_find_the_ground_of_an_alley() -> None:
         alley = (np.abs(x) < gap / 2) & (y > -6.0) & (y < 8.0)
         return float(err[alley].mean()), float(err.mean())
 
-    (alley_small, all_small), (alley_wide, all_wide) = errors(window=3, shift=3), errors()
+    (alley_small, all_small), (alley_wide, all_wide) = errors(window=3, shift=3), errors(rematch_window=0)
     assert alley_wide > 5.0  # roof height
     assert alley_small < 0.7 * alley_wide and all_small < all_wide
+
+
+def test_rematch_takes_the_small_window_only_where_it_finds_lower_ground(block_views) -> None:
+    """``rematch_window``: the small window's height replaces the wide one's only where it is lower
+    and agreed on, so the alley gets most of the small window's gain while noisy views keep the
+    wide window's robustness (where the small window alone goes wrong)."""
+    gap = 3.0
+    blocks = ((-12.0, -gap / 2, -8.0, 10.0, 7.0), (gap / 2, 12.0, -8.0, 10.0, 7.0))
+    grey, cams = _views([(3.0, 40.0), (18.0, 200.0), (22.0, 300.0), (15.0, 100.0)], blocks)
+    valid = torch.ones_like(grey, dtype=torch.bool)
+    half = SIDE / 2 - 4
+
+    def alley_error(**kw) -> float:
+        f = dense_heights(
+            grey, valid, cams, (-half, half, -half, half), (-2.0, 10.0), DenseConfig(**kw), gsd=GSD
+        )
+        x, y = f.centres()
+        err = np.abs(f.heights - _height(torch.from_numpy(x), torch.from_numpy(y), blocks).numpy())
+        return float(err[(np.abs(x) < gap / 2) & (y > -6.0) & (y < 8.0)].mean())
+
+    assert alley_error() < 0.75 * alley_error(rematch_window=0)  # the default rematches with 3 cells
+
+    block_grey, block_cams = block_views
+    noisy = block_grey + 0.2 * torch.randn(block_grey.shape, generator=torch.Generator().manual_seed(0))
+
+    def noisy_error(**kw) -> float:
+        f = dense_heights(
+            noisy, valid, block_cams, (-half, half, -half, half), (-2.0, 10.0), DenseConfig(**kw), gsd=GSD
+        )
+        return float(np.abs(f.heights - _truth(f)).mean())
+
+    wide, small, both = noisy_error(rematch_window=0), noisy_error(window=3, shift=3), noisy_error()
+    assert small > 1.15 * wide  # the small window alone matches the noise
+    assert both < 1.05 * wide
 
 
 def test_edge_aware_penalty_keeps_the_block_outline(block_views) -> None:
@@ -244,7 +278,8 @@ def test_points_keep_trusted_cells_on_the_spacing_grid(block_views) -> None:
     ("kw", "what"),
     [({"window": 4}, "window"), ({"shift": 0}, "shift"), ({"p1": 1.0, "p2": 0.5}, "p2"),
      ({"spacing": 0.0}, "spacing"), ({"step": -1.0}, "step"), ({"ground_window": -1.0}, "ground_window"),
-     ({"ground_rise": 0.0}, "ground_rise"), ({"window": 3, "shift": 5}, "shift")],
+     ({"ground_rise": 0.0}, "ground_rise"), ({"window": 3, "shift": 5}, "shift"),
+     ({"rematch_window": 2}, "rematch_window"), ({"rematch_drop": -1.0}, "rematch_drop")],
 )  # fmt: skip
 def test_bad_options_name_the_option(kw: dict, what: str) -> None:
     with pytest.raises(ConfigError, match=what):

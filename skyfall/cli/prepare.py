@@ -43,6 +43,10 @@ class PrepareOptions:
     dense_ground: float = 22.0
     """Window (metres) of the local ground under which raised dense points get a ground-layer point
     in points3D.txt, so that Stage 1 can show the floor where the heights read roof (0: no layer)."""
+    dense_rematch: int = 3
+    """Second dense match with this smaller NCC window (cells, odd), whose heights replace the main
+    ones only where they are clearly lower and well matched: the alleys a 5-cell window lifts to the
+    roof beside them (0: off; the dense step then takes half as long)."""
     test_views: str = "auto"
     """Held-out views for transforms_test.json: 'auto' (one in eight, at least one from 4 views,
     none below 4; with `prepare --dfc`, the dataset's test.txt when it has one), 'none', or indices
@@ -71,7 +75,10 @@ class PrepareOptions:
             alt_margin=self.alt_margin,
             matcher=MatchConfig(cell=self.match_cell),
             dense=DenseConfig(
-                enabled=self.dense, spacing=self.dense_spacing, ground_window=self.dense_ground
+                enabled=self.dense,
+                spacing=self.dense_spacing,
+                ground_window=self.dense_ground,
+                rematch_window=self.dense_rematch,
             ),
             **kwargs,
         )

@@ -23,6 +23,8 @@ How (all views at once, in the tile's ENU frame, no rectification):
    ``refine`` planes (shiftable windows pull cells on slopes towards their neighbours' heights),
    with a parabola through the three costs around it (sub-step heights); ``score`` is the winning
    height's better-half NCC, for choosing which cells to trust.
+4. **Rematch** with a smaller window (``rematch_window``): a cell takes its height where that is
+   clearly lower and well matched — the alleys that the wide window lifted to the roof beside them.
 
 The points written from the field (``field_points``) are the trusted cells on a coarser grid, plus a
 ground layer under the raised ones (``DenseConfig.ground_window``).
@@ -67,6 +69,22 @@ class DenseConfig:
     shift: int = 5
     """Shiftable-window neighbourhood (cells, odd; 1: off; at most ``window``, so that every window
     tried still contains its cell)."""
+    rematch_window: int = 3
+    """A second match with this smaller window (cells, odd; 0: off; ``--dense-rematch``): where it
+    finds the surface more than ``rematch_drop`` metres lower than the main window does, with a score
+    of at least ``rematch_score``, the cell takes that height. Why: a wide window lifts the ground
+    beside a wall to the roof (foreground fattening only ever raises a cell), while a small one finds
+    a narrow alley's floor but matches weak texture by chance; taking the small window's answer only
+    where it is lower and agreed on keeps the first and not the second (see ``window`` for the small
+    window alone). Chain DSM MAE of ``real``, off -> on, 5 views (tuning / held-out
+    mixed / unseen suburb): 1.82 -> 1.59, 1.38 -> 1.25, 1.38 -> 1.33 m; 3 views: 2.00 -> 1.88,
+    2.31 -> 2.13, 1.78 -> 1.75 m. The dense step takes about twice as
+    long. 1 m and 0.5 are the second values tried (2 m and 0.7 took 3.5 % of the tuning city's cells
+    instead of 12 % and lowered the field's own error less: 2.60 -> 2.48 m rather than 2.41 m)."""
+    rematch_drop: float = 1.0
+    """How much lower (metres) the small window's height must be to replace the main one."""
+    rematch_score: float = 0.5
+    """Score (better-half NCC) the small window's height must reach to replace the main one."""
     refine: int = 2
     """After SGM, each cell's height moves to the best centred-window cost within this many planes
     (0: off): shiftable windows pull cells on slopes towards their neighbours' heights."""
@@ -115,12 +133,16 @@ class DenseConfig:
                 raise ConfigError(f"dense.{name} must be an odd number >= 1, got {value}.")
         for name, value in (
             ("resolution", self.resolution), ("step", self.step), ("p1", self.p1), ("p2", self.p2),
-            ("edge_tau", self.edge_tau),
+            ("edge_tau", self.edge_tau), ("rematch_drop", self.rematch_drop),
         ):  # fmt: skip
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"dense.{name} must be >= 0, got {value:g}.")
         if self.p2 < self.p1:
             raise ConfigError(f"dense.p2 ({self.p2:g}) must be >= dense.p1 ({self.p1:g}).")
+        if self.rematch_window < 0 or (self.rematch_window > 0 and self.rematch_window % 2 == 0):
+            raise ConfigError(
+                f"--dense-rematch (dense.rematch_window) must be 0 or an odd number, got {self.rematch_window}."
+            )
         if self.shift > self.window:
             raise ConfigError(
                 f"dense.shift ({self.shift}) must be <= dense.window ({self.window}): a shifted window "
@@ -343,16 +365,41 @@ def dense_heights(
     heights = z0 + step * np.arange(int(math.floor((z1 - z0) / step + 1e-9)) + 1)
     xy = _centres(x0, y1, res, w, h)
     with torch.no_grad():
-        cost = sweep_cost(grey, valid, cameras, xy, heights, cfg.window)
-        shifted = shiftable(cost, cfg.shift)
         guide = ortho_guide(grey, cameras, xy, 0.5 * (z0 + z1)) if cfg.edge_tau > 0 else None
-        agg = sgm(shifted, cfg.p1, cfg.p2, guide, cfg.edge_tau) if cfg.p2 > 0 else shifted
-        idx, pos = winner(agg)
-        if cfg.refine > 0:
-            pos = refine(cost, idx, cfg.refine)
-        score = 1 - cost.gather(0, pos.round().long()[None])[0]
+        pos, score = _match(grey, valid, cameras, xy, heights, guide, cfg, cfg.window, cfg.shift)
+        if cfg.rematch_window > 0:
+            small = min(cfg.rematch_window, cfg.window)
+            pos_s, score_s = _match(
+                grey, valid, cameras, xy, heights, guide, cfg, small, min(cfg.shift, small)
+            )
+            lower = (pos - pos_s) * step > cfg.rematch_drop
+            take = lower & (score_s >= cfg.rematch_score)
+            pos, score = torch.where(take, pos_s, pos), torch.where(take, score_s, score)
     z = heights[0] + pos.numpy() * step
     return DenseHeights(z, score.numpy(), x0, y1, res, step, len(heights))
+
+
+def _match(
+    grey: Tensor,
+    valid: Tensor,
+    cameras: Cameras,
+    xy: tuple[np.ndarray, np.ndarray],
+    heights: np.ndarray,
+    guide: Tensor | None,
+    cfg: DenseConfig,
+    window: int,
+    shift: int,
+) -> tuple[Tensor, Tensor]:
+    """Sweep, shiftable windows, SGM, winner and refinement with one window: per cell the sub-step
+    plane position [H, W] (float64) and the score (better-half NCC at that height) [H, W]."""
+    cost = sweep_cost(grey, valid, cameras, xy, heights, window)
+    shifted = shiftable(cost, shift)
+    agg = sgm(shifted, cfg.p1, cfg.p2, guide, cfg.edge_tau) if cfg.p2 > 0 else shifted
+    idx, pos = winner(agg)
+    if cfg.refine > 0:
+        pos = refine(cost, idx, cfg.refine)
+    score = 1 - cost.gather(0, pos.round().long()[None])[0]
+    return pos, score.double()
 
 
 def block_cells(spacing: float, resolution: float) -> int:
