@@ -134,52 +134,48 @@ def test_shiftable_windows_and_sgm_reduce_errors_at_the_edges(block_views) -> No
     assert full < 0.8 * plain
 
 
-def test_small_windows_find_the_ground_of_an_alley() -> None:
+ALLEY = 3.0  # metres between two 7 m blocks
+
+
+@pytest.fixture(scope="module")
+def alley_views() -> tuple[torch.Tensor, Cameras]:
+    blocks = ((-12.0, -ALLEY / 2, -8.0, 10.0, 7.0), (ALLEY / 2, 12.0, -8.0, 10.0, 7.0))
+    return _views([(3.0, 40.0), (18.0, 200.0), (22.0, 300.0), (15.0, 100.0)], blocks), blocks
+
+
+def _alley_errors(alley_views, **kw) -> tuple[float, float]:
+    """Mean height error in the alley and over the whole grid."""
+    (grey, cams), blocks = alley_views
+    valid = torch.ones_like(grey, dtype=torch.bool)
+    half = SIDE / 2 - 4
+    f = dense_heights(grey, valid, cams, (-half, half, -half, half), (-2.0, 10.0), DenseConfig(**kw), gsd=GSD)
+    x, y = f.centres()
+    err = np.abs(f.heights - _height(torch.from_numpy(x), torch.from_numpy(y), blocks).numpy())
+    alley = (np.abs(x) < ALLEY / 2) & (y > -6.0) & (y < 8.0)
+    return float(err[alley].mean()), float(err.mean())
+
+
+def test_small_windows_find_the_ground_of_an_alley(alley_views) -> None:
     """A 3 m alley between two 7 m blocks: the 5-cell window around an alley cell always reaches into
     a roof, so the sweep lifts the alley to roof height; a 3-cell window finds its ground
     (``DenseConfig.window``: the price is chance matches on weak texture)."""
-    gap = 3.0
-    blocks = ((-12.0, -gap / 2, -8.0, 10.0, 7.0), (gap / 2, 12.0, -8.0, 10.0, 7.0))
-    grey, cams = _views([(3.0, 40.0), (18.0, 200.0), (22.0, 300.0), (15.0, 100.0)], blocks)
-    valid = torch.ones_like(grey, dtype=torch.bool)
-    half = SIDE / 2 - 4
-
-    def errors(**kw) -> tuple[float, float]:
-        f = dense_heights(
-            grey, valid, cams, (-half, half, -half, half), (-2.0, 10.0), DenseConfig(**kw), gsd=GSD
-        )
-        x, y = f.centres()
-        err = np.abs(f.heights - _height(torch.from_numpy(x), torch.from_numpy(y), blocks).numpy())
-        alley = (np.abs(x) < gap / 2) & (y > -6.0) & (y < 8.0)
-        return float(err[alley].mean()), float(err.mean())
-
-    (alley_small, all_small), (alley_wide, all_wide) = errors(window=3, shift=3), errors(rematch_window=0)
+    alley_small, all_small = _alley_errors(alley_views, window=3, shift=3)
+    alley_wide, all_wide = _alley_errors(alley_views, rematch_window=0)
     assert alley_wide > 5.0  # roof height
     assert alley_small < 0.7 * alley_wide and all_small < all_wide
 
 
-def test_rematch_takes_the_small_window_only_where_it_finds_lower_ground(block_views) -> None:
+def test_rematch_takes_the_small_window_only_where_it_finds_lower_ground(alley_views, block_views) -> None:
     """``rematch_window``: the small window's height replaces the wide one's only where it is lower
     and agreed on, so the alley gets most of the small window's gain while noisy views keep the
     wide window's robustness (where the small window alone goes wrong)."""
-    gap = 3.0
-    blocks = ((-12.0, -gap / 2, -8.0, 10.0, 7.0), (gap / 2, 12.0, -8.0, 10.0, 7.0))
-    grey, cams = _views([(3.0, 40.0), (18.0, 200.0), (22.0, 300.0), (15.0, 100.0)], blocks)
-    valid = torch.ones_like(grey, dtype=torch.bool)
-    half = SIDE / 2 - 4
-
-    def alley_error(**kw) -> float:
-        f = dense_heights(
-            grey, valid, cams, (-half, half, -half, half), (-2.0, 10.0), DenseConfig(**kw), gsd=GSD
-        )
-        x, y = f.centres()
-        err = np.abs(f.heights - _height(torch.from_numpy(x), torch.from_numpy(y), blocks).numpy())
-        return float(err[(np.abs(x) < gap / 2) & (y > -6.0) & (y < 8.0)].mean())
-
-    assert alley_error() < 0.75 * alley_error(rematch_window=0)  # the default rematches with 3 cells
+    # the default rematches with 3 cells
+    assert _alley_errors(alley_views)[0] < 0.75 * _alley_errors(alley_views, rematch_window=0)[0]
 
     block_grey, block_cams = block_views
     noisy = block_grey + 0.2 * torch.randn(block_grey.shape, generator=torch.Generator().manual_seed(0))
+    valid = torch.ones_like(noisy, dtype=torch.bool)
+    half = SIDE / 2 - 4
 
     def noisy_error(**kw) -> float:
         f = dense_heights(

@@ -70,7 +70,8 @@ class DenseConfig:
     """Shiftable-window neighbourhood (cells, odd; 1: off; at most ``window``, so that every window
     tried still contains its cell)."""
     rematch_window: int = 3
-    """A second match with this smaller window (cells, odd; 0: off; ``--dense-rematch``): where it
+    """A second match with this smaller window (cells, odd; 0 or not below ``window``: off;
+    ``--dense-rematch``): where it
     finds the surface more than ``rematch_drop`` metres lower than the main window does, with a score
     of at least ``rematch_score``, the cell takes that height. Why: a wide window lifts the ground
     beside a wall to the roof (foreground fattening only ever raises a cell), while a small one finds
@@ -367,8 +368,8 @@ def dense_heights(
     with torch.no_grad():
         guide = ortho_guide(grey, cameras, xy, 0.5 * (z0 + z1)) if cfg.edge_tau > 0 else None
         pos, score = _match(grey, valid, cameras, xy, heights, guide, cfg, cfg.window, cfg.shift)
-        if cfg.rematch_window > 0:
-            small = min(cfg.rematch_window, cfg.window)
+        if 0 < cfg.rematch_window < cfg.window:  # a window as wide as the main one finds the same heights
+            small = cfg.rematch_window
             pos_s, score_s = _match(
                 grey, valid, cameras, xy, heights, guide, cfg, small, min(cfg.shift, small)
             )
