@@ -19,6 +19,7 @@ from skyfall.prepare.dense import (
     field_points,
     sgm,
     sweep_cost,
+    sweep_costs,
     winner,
 )
 
@@ -243,6 +244,21 @@ def test_three_views_average_two_pairs_not_the_best_one(seed: int) -> None:
     assert wta_error(keep=2) == default
 
 
+def test_one_sweep_for_two_windows_gives_each_window_its_own_cost() -> None:
+    """The rematch's sweep shares the sampling with the main one: the same costs as two sweeps."""
+    grey, cams = _views([(3.0, 40.0), (18.0, 200.0), (22.0, 300.0)])
+    valid = torch.ones_like(grey, dtype=torch.bool)
+    valid[1, :, :20] = False  # a view without data somewhere: the masks are shared too
+    half = SIDE / 2 - 4
+    n = int(2 * half / GSD)
+    xy = DenseHeights(np.zeros((n, n)), np.zeros((n, n)), -half, half, GSD, 0.25, 0).centres()
+    heights = np.arange(-2.0, 10.0 + 1e-9, 0.5)
+    five, three = sweep_costs(grey, valid, cams, xy, heights, (5, 3))
+    assert torch.equal(five, sweep_cost(grey, valid, cams, xy, heights, 5))
+    assert torch.equal(three, sweep_cost(grey, valid, cams, xy, heights, 3))
+    assert not torch.equal(five, three)
+
+
 def test_winner_interpolates_the_minimum_of_a_parabola() -> None:
     pos = torch.tensor([3.3, 5.7, 1.0])
     d = torch.arange(10, dtype=torch.float32)[:, None, None]
@@ -275,7 +291,8 @@ def test_points_keep_trusted_cells_on_the_spacing_grid(block_views) -> None:
     [({"window": 4}, "window"), ({"shift": 0}, "shift"), ({"p1": 1.0, "p2": 0.5}, "p2"),
      ({"spacing": 0.0}, "spacing"), ({"step": -1.0}, "step"), ({"ground_window": -1.0}, "ground_window"),
      ({"ground_rise": 0.0}, "ground_rise"), ({"window": 3, "shift": 5}, "shift"),
-     ({"rematch_window": 2}, "rematch_window"), ({"rematch_drop": -1.0}, "rematch_drop")],
+     ({"rematch_window": 2}, "rematch_window"), ({"rematch_drop": -1.0}, "rematch_drop"),
+     ({"rematch_score": 1.5}, "rematch_score"), ({"rematch_score": float("nan")}, "rematch_score")],
 )  # fmt: skip
 def test_bad_options_name_the_option(kw: dict, what: str) -> None:
     with pytest.raises(ConfigError, match=what):
