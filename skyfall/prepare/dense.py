@@ -203,6 +203,8 @@ def _sample_grid(uv: Tensor, cameras: Cameras, shape: tuple[int, int]) -> Tensor
 
 
 def _box(x: Tensor, k: int) -> Tensor:
+    """Mean over the ``k`` x ``k`` window around each cell, cells outside the grid not counted (on a
+    CPU one 2-D pooling is faster than two 1-D ones, and a float32 running sum loses the variance)."""
     return F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
 
 
@@ -253,6 +255,7 @@ def sweep_costs(
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     keep = max(1, (len(pairs) + 1) // 2) if keep is None else max(1, min(keep, len(pairs)))
     costs = [torch.empty(len(heights), gh, gw) for _ in windows]
+    ii, jj = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
     for d, z in enumerate(heights):
         pts[:, 2] = float(z)
         uv, depth = cameras.project(pts)  # [C, N, 2] float64
@@ -260,19 +263,15 @@ def sweep_costs(
         s = F.grid_sample(img, g, mode="bilinear", padding_mode="zeros", align_corners=False)
         m = F.grid_sample(msk, g, mode="nearest", padding_mode="zeros", align_corners=False) > 0.5
         m &= (depth > 0).view(n, 1, gh, gw)
+        both = (m[ii] & m[jj])[:, 0]  # [P, H, W]
+        # Every box mean a window needs (per view: mean, mean square; per pair: mean product) in one call.
+        terms = torch.cat([s, s * s, s[ii] * s[jj]])
         for cost, window in zip(costs, windows, strict=True):
-            mu = _box(s, window)
-            sd = (_box(s * s, window) - mu * mu).clamp_min(1e-6).sqrt()
-            nccs = torch.stack(
-                [
-                    torch.where(
-                        m[i] & m[j],
-                        (_box(s[i] * s[j], window) - mu[i] * mu[j]) / (sd[i] * sd[j]),
-                        torch.tensor(-1.0),
-                    )[0]
-                    for i, j in pairs
-                ]
-            )
+            box = _box(terms, window)[:, 0]
+            mu, sq, cross = box[:n], box[n : 2 * n], box[2 * n :]
+            sd = (sq - mu * mu).clamp_min(1e-6).sqrt()
+            ncc = (cross - mu[ii] * mu[jj]) / (sd[ii] * sd[jj])
+            nccs = torch.where(both, ncc, torch.tensor(-1.0))
             cost[d] = 1 - nccs.topk(keep, dim=0).values.mean(0)
     return costs
 
