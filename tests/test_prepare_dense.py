@@ -292,11 +292,33 @@ def test_points_keep_trusted_cells_on_the_spacing_grid(block_views) -> None:
      ({"spacing": 0.0}, "spacing"), ({"step": -1.0}, "step"), ({"ground_window": -1.0}, "ground_window"),
      ({"ground_rise": 0.0}, "ground_rise"), ({"window": 3, "shift": 5}, "shift"),
      ({"rematch_window": 2}, "rematch_window"), ({"rematch_drop": -1.0}, "rematch_drop"),
-     ({"rematch_score": 1.5}, "rematch_score"), ({"rematch_score": float("nan")}, "rematch_score")],
+     ({"rematch_score": 1.5}, "rematch_score"), ({"rematch_score": float("nan")}, "rematch_score"),
+     ({"point_quantile": 1.2}, "dense-quantile")],
 )  # fmt: skip
 def test_bad_options_name_the_option(kw: dict, what: str) -> None:
     with pytest.raises(ConfigError, match=what):
         DenseConfig(**kw).check()
+
+
+def test_points_take_the_chosen_quantile_of_a_block_that_straddles_an_outline() -> None:
+    """A 10 m step whose edge cuts 2 m blocks a third of the way in: the median point of such a block
+    stands on the roof, the 0.35 quantile on the ground; blocks off the edge are the same either way."""
+    n, res = 24, 0.5
+    heights = np.zeros((n, n))
+    heights[:, 10:] = 10.0  # columns 10.. are roof: the block of columns 8..11 is half roof, half ground
+    heights[:, 9] = 10.0  # ... and 3 of its 4 columns are roof
+    field = DenseHeights(heights, np.full((n, n), 0.9), 0.0, n * res, res, res / 2, 40)
+    med, _ = field_points(field, 2.0, 0.3)
+    low, _ = field_points(field, 2.0, 0.3, quantile=0.35)
+    edge = np.abs(med[:, 0] - 5.0) < 0.01  # the straddling blocks' centres, x = 4..6 m
+    assert edge.sum() == 6
+    assert np.allclose(med[edge, 2], 10.0)  # 12 of 16 cells at 10 m: the median is roof
+    assert np.allclose(low[edge, 2], 10.0)  # the 0.35 quantile too (a quarter of the cells is ground)
+    heights[:, 9] = 0.0  # now half and half: the median is the mean of the two middle cells
+    med, _ = field_points(field, 2.0, 0.3)
+    low, _ = field_points(field, 2.0, 0.3, quantile=0.35)
+    assert np.allclose(med[edge, 2], 5.0) and np.allclose(low[edge, 2], 0.0)
+    assert np.allclose(med[~edge], low[~edge])
 
 
 def test_ground_layer_lies_under_raised_cells_at_the_local_ground() -> None:

@@ -46,7 +46,10 @@ class PrepareOptions:
     dense_rematch: int = 3
     """Second dense match with this smaller NCC window (cells, odd), whose heights replace the main
     ones only where they are clearly lower and well matched: the alleys a 5-cell window lifts to the
-    roof beside them (0: off; the dense step then takes half as long)."""
+    roof beside them (0: off; the dense step then takes about two thirds as long)."""
+    dense_quantile: float = 0.35
+    """Height of each points3D.txt point from the dense heights: this quantile of the cells it
+    stands for (0.5: their median; lower keeps fewer roofs spread over the ground beside them)."""
     test_views: str = "auto"
     """Held-out views for transforms_test.json: 'auto' (one in eight, at least one from 4 views,
     none below 4; with `prepare --dfc`, the dataset's test.txt when it has one), 'none', or indices
@@ -79,6 +82,7 @@ class PrepareOptions:
                 spacing=self.dense_spacing,
                 ground_window=self.dense_ground,
                 rematch_window=self.dense_rematch,
+                point_quantile=self.dense_quantile,
             ),
             **kwargs,
         )

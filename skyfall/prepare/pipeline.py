@@ -878,7 +878,12 @@ def _dense_points(
     gsd = float((1.0 / px_per_m).min())
     field = dense_heights(grey, valid, cams, (-half, half, -half, half), z_range, cfg.dense, gsd=gsd)
     top, ground = field_points(
-        field, cfg.dense.spacing, cfg.dense.min_score, cfg.dense.ground_window, cfg.dense.ground_rise
+        field,
+        cfg.dense.spacing,
+        cfg.dense.min_score,
+        cfg.dense.ground_window,
+        cfg.dense.ground_rise,
+        cfg.dense.point_quantile,
     )
     pts = np.concatenate([top, ground])
     info = {
