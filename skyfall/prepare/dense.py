@@ -125,7 +125,7 @@ class DenseConfig:
     2.05 / 1.88 / 1.83 m, 3-view held-out mixed city 2.42 / 2.13 / 1.98 m (the two tried on); then
     0.5 / 0.35 on cities not used to choose: 3-view suburb 1.75 / 1.75 m, 5-view tuning 1.59 / 1.54 m,
     5-view held-out mixed 1.25 / 1.28 m, 5-view suburb 1.33 / 1.33 m: a gain where it was chosen and
-    about even elsewhere; 0.35 is the second value tried below the median."""
+    about even elsewhere; 0.35 is the only value tried below the median."""
     ground_window: float = 22.0
     """Ground layer (``--dense-ground``): under every point more than ``ground_rise`` above the local
     ground (the 10th percentile of the trusted heights within this window, metres), in a raised part
