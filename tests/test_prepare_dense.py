@@ -104,11 +104,26 @@ def _edge_distance(field) -> np.ndarray:
     return np.where(outside > 0, outside, inside)
 
 
+HALF = SIDE / 2 - 4  # the dense grid's half side: 4 m inside the rendered square
+
+
+def _dense(grey: torch.Tensor, cams: Cameras, valid: torch.Tensor | None = None, **kw) -> DenseHeights:
+    """``dense_heights`` over the test grid and the -2..10 m height range (``kw``: DenseConfig)."""
+    valid = torch.ones_like(grey, dtype=torch.bool) if valid is None else valid
+    return dense_heights(
+        grey, valid, cams, (-HALF, HALF, -HALF, HALF), (-2.0, 10.0), DenseConfig(**kw), gsd=GSD
+    )
+
+
+def _empty_field() -> DenseHeights:
+    """A field of zeros on the test grid, for its cell centres and the truth there."""
+    n = int(2 * HALF / GSD)
+    return DenseHeights(np.zeros((n, n)), np.zeros((n, n)), -HALF, HALF, GSD, 0.25, 0)
+
+
 def test_heights_of_block_and_ground_are_recovered(block_views) -> None:
     grey, cams = block_views
-    valid = torch.ones_like(grey, dtype=torch.bool)
-    half = SIDE / 2 - 4
-    field = dense_heights(grey, valid, cams, (-half, half, -half, half), (-2.0, 10.0), DenseConfig(), gsd=GSD)
+    field = _dense(grey, cams)
     assert field.heights.shape == (80, 80) and field.resolution == pytest.approx(GSD)
     err = np.abs(field.heights - _truth(field))
     far_from_edges = np.abs(_edge_distance(field)) >= 2.0
@@ -122,12 +137,9 @@ def test_heights_of_block_and_ground_are_recovered(block_views) -> None:
 
 def test_shiftable_windows_and_sgm_reduce_errors_at_the_edges(block_views) -> None:
     grey, cams = block_views
-    valid = torch.ones_like(grey, dtype=torch.bool)
-    half = SIDE / 2 - 4
 
     def mae(**kw) -> float:
-        cfg = DenseConfig(**kw)
-        f = dense_heights(grey, valid, cams, (-half, half, -half, half), (-2.0, 10.0), cfg, gsd=GSD)
+        f = _dense(grey, cams, **kw)
         return float(np.abs(f.heights - _truth(f)).mean())
 
     plain = mae(shift=1, p1=0.0, p2=0.0)
@@ -139,7 +151,7 @@ ALLEY = 3.0  # metres between two 7 m blocks
 
 
 @pytest.fixture(scope="module")
-def alley_views() -> tuple[torch.Tensor, Cameras]:
+def alley_views() -> tuple[tuple[torch.Tensor, Cameras], tuple]:
     blocks = ((-12.0, -ALLEY / 2, -8.0, 10.0, 7.0), (ALLEY / 2, 12.0, -8.0, 10.0, 7.0))
     return _views([(3.0, 40.0), (18.0, 200.0), (22.0, 300.0), (15.0, 100.0)], blocks), blocks
 
@@ -147,9 +159,7 @@ def alley_views() -> tuple[torch.Tensor, Cameras]:
 def _alley_errors(alley_views, **kw) -> tuple[float, float]:
     """Mean height error in the alley and over the whole grid."""
     (grey, cams), blocks = alley_views
-    valid = torch.ones_like(grey, dtype=torch.bool)
-    half = SIDE / 2 - 4
-    f = dense_heights(grey, valid, cams, (-half, half, -half, half), (-2.0, 10.0), DenseConfig(**kw), gsd=GSD)
+    f = _dense(grey, cams, **kw)
     x, y = f.centres()
     err = np.abs(f.heights - _height(torch.from_numpy(x), torch.from_numpy(y), blocks).numpy())
     alley = (np.abs(x) < ALLEY / 2) & (y > -6.0) & (y < 8.0)
@@ -175,13 +185,9 @@ def test_rematch_takes_the_small_window_only_where_it_finds_lower_ground(alley_v
 
     block_grey, block_cams = block_views
     noisy = block_grey + 0.2 * torch.randn(block_grey.shape, generator=torch.Generator().manual_seed(0))
-    valid = torch.ones_like(noisy, dtype=torch.bool)
-    half = SIDE / 2 - 4
 
     def noisy_error(**kw) -> float:
-        f = dense_heights(
-            noisy, valid, block_cams, (-half, half, -half, half), (-2.0, 10.0), DenseConfig(**kw), gsd=GSD
-        )
+        f = _dense(noisy, block_cams, **kw)
         return float(np.abs(f.heights - _truth(f)).mean())
 
     wide, small, both = noisy_error(rematch_window=0), noisy_error(window=3, shift=3), noisy_error()
@@ -193,13 +199,9 @@ def test_edge_aware_penalty_keeps_the_block_outline(block_views) -> None:
     """The large-jump penalty that noisy cities need would round the block's outline off; following
     the near-nadir view's edges keeps it."""
     grey, cams = block_views
-    valid = torch.ones_like(grey, dtype=torch.bool)
-    half = SIDE / 2 - 4
 
     def near_edge_ok(**kw) -> float:
-        f = dense_heights(
-            grey, valid, cams, (-half, half, -half, half), (-2.0, 10.0), DenseConfig(**kw), gsd=GSD
-        )
+        f = _dense(grey, cams, **kw)
         near = np.abs(_edge_distance(f)) < 2.0
         return float(np.mean(np.abs(f.heights - _truth(f))[near] < 1.0))
 
@@ -228,9 +230,7 @@ def test_three_views_average_two_pairs_not_the_best_one(seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     noisy = grey + 0.2 * torch.randn(grey.shape, generator=g)
     valid = torch.ones_like(grey, dtype=torch.bool)
-    half = SIDE / 2 - 4
-    n = int(2 * half / GSD)
-    field = DenseHeights(np.zeros((n, n)), np.zeros((n, n)), -half, half, GSD, 0.25, 0)
+    field = _empty_field()
     xy = field.centres()
     heights = np.arange(-2.0, 10.0 + 1e-9, 0.25)
     truth = _truth(field)
@@ -249,9 +249,7 @@ def test_one_sweep_for_two_windows_gives_each_window_its_own_cost() -> None:
     grey, cams = _views([(3.0, 40.0), (18.0, 200.0), (22.0, 300.0)])
     valid = torch.ones_like(grey, dtype=torch.bool)
     valid[1, :, :20] = False  # a view without data somewhere: the masks are shared too
-    half = SIDE / 2 - 4
-    n = int(2 * half / GSD)
-    xy = DenseHeights(np.zeros((n, n)), np.zeros((n, n)), -half, half, GSD, 0.25, 0).centres()
+    xy = _empty_field().centres()
     heights = np.arange(-2.0, 10.0 + 1e-9, 0.5)
     five, three = sweep_costs(grey, valid, cams, xy, heights, (5, 3))
     assert torch.equal(five, sweep_cost(grey, valid, cams, xy, heights, 5))
@@ -272,8 +270,7 @@ def test_points_keep_trusted_cells_on_the_spacing_grid(block_views) -> None:
     grey, cams = block_views
     valid = torch.ones_like(grey, dtype=torch.bool)
     valid[:, :, : PX // 2] = False  # the western half has no data in any view
-    half = SIDE / 2 - 4
-    field = dense_heights(grey, valid, cams, (-half, half, -half, half), (-2.0, 10.0), DenseConfig(), gsd=GSD)
+    field = _dense(grey, cams, valid)
     pts, ground = field_points(field, 2.0, 0.3)
     assert len(ground) == 0  # no layer unless asked for
     # the grid is the spacing rounded to whole cells
@@ -301,12 +298,13 @@ def test_bad_options_name_the_option(kw: dict, what: str) -> None:
 
 
 def test_points_take_the_chosen_quantile_of_a_block_that_straddles_an_outline() -> None:
-    """A 10 m step whose edge cuts 2 m blocks a third of the way in: the median point of such a block
-    stands on the roof, the 0.35 quantile on the ground; blocks off the edge are the same either way."""
+    """A 10 m step through a column of 2 m blocks (4 x 4 cells): with three of a block's four columns
+    on the roof both the median and the 0.35 quantile stand on the roof; with two, the median is
+    halfway up (the mean of the middle cells) and the 0.35 quantile on the ground. Blocks off the
+    edge are the same either way."""
     n, res = 24, 0.5
     heights = np.zeros((n, n))
-    heights[:, 10:] = 10.0  # columns 10.. are roof: the block of columns 8..11 is half roof, half ground
-    heights[:, 9] = 10.0  # ... and 3 of its 4 columns are roof
+    heights[:, 9:] = 10.0  # the blocks of columns 8..11 straddle the edge: columns 9, 10, 11 are roof
     field = DenseHeights(heights, np.full((n, n), 0.9), 0.0, n * res, res, res / 2, 40)
     med, _ = field_points(field, 2.0, 0.3)
     low, _ = field_points(field, 2.0, 0.3, quantile=0.35)
@@ -314,7 +312,7 @@ def test_points_take_the_chosen_quantile_of_a_block_that_straddles_an_outline() 
     assert edge.sum() == 6
     assert np.allclose(med[edge, 2], 10.0)  # 12 of 16 cells at 10 m: the median is roof
     assert np.allclose(low[edge, 2], 10.0)  # the 0.35 quantile too (a quarter of the cells is ground)
-    heights[:, 9] = 0.0  # now half and half: the median is the mean of the two middle cells
+    heights[:, 9] = 0.0  # now columns 10, 11 only: half and half
     med, _ = field_points(field, 2.0, 0.3)
     low, _ = field_points(field, 2.0, 0.3, quantile=0.35)
     assert np.allclose(med[edge, 2], 5.0) and np.allclose(low[edge, 2], 0.0)
