@@ -883,7 +883,7 @@ def _dense_points(
         cfg.dense.min_score,
         cfg.dense.ground_window,
         cfg.dense.ground_rise,
-        cfg.dense.point_quantile,
+        quantile=cfg.dense.point_quantile,
     )
     pts = np.concatenate([top, ground])
     info = {
