@@ -18,6 +18,7 @@ from skyfall.prepare.dense import (
     dense_heights,
     field_points,
     sgm,
+    shiftable,
     sweep_cost,
     sweep_costs,
     winner,
@@ -53,8 +54,11 @@ def _camera(off_nadir_deg: float, azimuth_deg: float) -> torch.Tensor:
     return look_at(eye, torch.zeros(3, dtype=F64), torch.tensor([0.0, 1.0, 0.0], dtype=F64))
 
 
-def _render(K: torch.Tensor, c2w: torch.Tensor, blocks: tuple = (BLOCK,)) -> torch.Tensor:
-    """The height field's image by ray marching: roof and ground textured in x-y, walls in (x + y, z)."""
+def _render(
+    K: torch.Tensor, c2w: torch.Tensor, blocks: tuple = (BLOCK,), plain_roof: bool = False
+) -> torch.Tensor:
+    """The height field's image by ray marching: roof and ground textured in x-y, walls in (x + y, z)
+    (``plain_roof``: the roofs one grey)."""
     v, u = torch.meshgrid(torch.arange(PX, dtype=F64) + 0.5, torch.arange(PX, dtype=F64) + 0.5, indexing="ij")
     d = (torch.stack([u, v, torch.ones_like(u)], -1) @ torch.linalg.inv(K).T) @ c2w[:3, :3].T
     c = c2w[:3, 3]
@@ -72,15 +76,19 @@ def _render(K: torch.Tensor, c2w: torch.Tensor, blocks: tuple = (BLOCK,)) -> tor
     top = surface <= hit_z + 0.03
     ground = 0.6 * _sample(_texture(1), p[..., 0], p[..., 1], SIDE)
     roof = 0.4 + 0.6 * _sample(_texture(3), p[..., 0], p[..., 1], SIDE)  # brighter, as roofs are
+    if plain_roof:
+        roof = torch.full_like(roof, 0.7)
     wall = _sample(_texture(2), p[..., 0] + p[..., 1], 4 * hit_z - 20, SIDE)
     return torch.where(top, torch.where(surface > 0, roof, ground), wall).float()
 
 
-def _views(angles: list[tuple[float, float]], blocks: tuple = (BLOCK,)) -> tuple[torch.Tensor, Cameras]:
+def _views(
+    angles: list[tuple[float, float]], blocks: tuple = (BLOCK,), plain_roof: bool = False
+) -> tuple[torch.Tensor, Cameras]:
     f = FAR / GSD
     K = torch.tensor([[f, 0, PX / 2], [0, f, PX / 2], [0, 0, 1]], dtype=F64)
     c2w = torch.stack([_camera(*a) for a in angles])
-    grey = torch.stack([_render(K, c, blocks) for c in c2w])
+    grey = torch.stack([_render(K, c, blocks, plain_roof) for c in c2w])
     return grey, Cameras(c2w, K, PX, PX)
 
 
@@ -170,8 +178,9 @@ def test_small_windows_find_the_ground_of_an_alley(alley_views) -> None:
     """A 3 m alley between two 7 m blocks: the 5-cell window around an alley cell always reaches into
     a roof, so the sweep lifts the alley to roof height; a 3-cell window finds its ground
     (``DenseConfig.window``: the price is chance matches on weak texture)."""
-    alley_small, all_small = _alley_errors(alley_views, window=3, shift=3)
-    alley_wide, all_wide = _alley_errors(alley_views, rematch_window=0)
+    # Without the colour term, which keeps some alley cells to windows on the alley's own grey.
+    alley_small, all_small = _alley_errors(alley_views, window=3, shift=3, shift_colour=0.0)
+    alley_wide, all_wide = _alley_errors(alley_views, rematch_window=0, shift_colour=0.0)
     assert alley_wide > 5.0  # roof height
     assert alley_small < 0.7 * alley_wide and all_small < all_wide
 
@@ -193,6 +202,22 @@ def test_rematch_takes_the_small_window_only_where_it_finds_lower_ground(alley_v
     wide, small, both = noisy_error(rematch_window=0), noisy_error(window=3, shift=3), noisy_error()
     assert small > 1.15 * wide  # the small window alone matches the noise
     assert both < 1.05 * wide
+
+
+def test_colour_term_keeps_a_plain_roof_off_the_ground() -> None:
+    """A roof of one grey on textured ground: the best-matching shifted window of a roof cell is one
+    that reaches onto the ground, whose height it then takes; with the colour term it keeps to
+    windows on the roof (``DenseConfig.shift_colour``)."""
+    grey, cams = _views([(3.0, 40.0), (18.0, 200.0), (22.0, 300.0), (15.0, 100.0)], plain_roof=True)
+
+    def errors(**kw) -> tuple[float, float]:
+        f = _dense(grey, cams, **kw)
+        truth = _truth(f)
+        err = np.abs(f.heights - truth)
+        return float(err[truth > 0].mean()), float(err.mean())
+
+    (roof, whole), (roof_off, whole_off) = errors(), errors(shift_colour=0.0)
+    assert roof < 0.75 * roof_off and whole < 0.8 * whole_off
 
 
 def test_edge_aware_penalty_keeps_the_block_outline(block_views) -> None:
@@ -251,10 +276,13 @@ def test_one_sweep_for_two_windows_gives_each_window_its_own_cost() -> None:
     valid[1, :, :20] = False  # a view without data somewhere: the masks are shared too
     xy = _empty_field().centres()
     heights = np.arange(-2.0, 10.0 + 1e-9, 0.5)
-    five, three = sweep_costs(grey, valid, cams, xy, heights, (5, 3))
-    assert torch.equal(five, sweep_cost(grey, valid, cams, xy, heights, 5))
-    assert torch.equal(three, sweep_cost(grey, valid, cams, xy, heights, 3))
-    assert not torch.equal(five, three)
+    five, three = sweep_costs(grey, valid, cams, xy, heights, (5, 3), shifts=(5, 3))
+    assert torch.equal(five.centred, sweep_cost(grey, valid, cams, xy, heights, 5))
+    assert torch.equal(three.centred, sweep_cost(grey, valid, cams, xy, heights, 3))
+    assert not torch.equal(five.centred, three.centred)
+    # Without the colour term the shifted cost is the neighbourhood's minimum of the centred one.
+    assert torch.equal(five.shifted, shiftable(five.centred, 5))
+    assert torch.equal(three.shifted, shiftable(three.centred, 3))
 
 
 def test_winner_interpolates_the_minimum_of_a_parabola() -> None:
@@ -290,7 +318,7 @@ def test_points_keep_trusted_cells_on_the_spacing_grid(block_views) -> None:
      ({"ground_rise": 0.0}, "ground_rise"), ({"window": 3, "shift": 5}, "shift"),
      ({"rematch_window": 2}, "rematch_window"), ({"rematch_drop": -1.0}, "rematch_drop"),
      ({"rematch_score": 1.5}, "rematch_score"), ({"rematch_score": float("nan")}, "rematch_score"),
-     ({"point_quantile": 1.2}, "dense-quantile")],
+     ({"point_quantile": 1.2}, "dense-quantile"), ({"shift_colour": -1.0}, "shift_colour")],
 )  # fmt: skip
 def test_bad_options_name_the_option(kw: dict, what: str) -> None:
     with pytest.raises(ConfigError, match=what):

@@ -47,6 +47,9 @@ class PrepareOptions:
     """Second dense match with this smaller NCC window (cells, odd), whose heights replace the main
     ones only where they are clearly lower and well matched: the alleys a 5-cell window lifts to the
     roof beside them (0: off; the dense step then takes about two thirds as long)."""
+    dense_colour: float = 2.5
+    """Colour weight of the dense match's shiftable windows: a cell prefers windows whose mean grey is
+    its own, so a plain roof or crown does not take the height of the textured ground beside it (0: off)."""
     dense_quantile: float = 0.35
     """Height of each points3D.txt point from the dense heights: this quantile of the cells it
     stands for (0.5: their median; lower keeps fewer roofs spread over the ground beside them)."""
@@ -83,6 +86,7 @@ class PrepareOptions:
                 ground_window=self.dense_ground,
                 rematch_window=self.dense_rematch,
                 point_quantile=self.dense_quantile,
+                shift_colour=self.dense_colour,
             ),
             **kwargs,
         )
