@@ -318,7 +318,8 @@ def test_points_keep_trusted_cells_on_the_spacing_grid(block_views) -> None:
      ({"ground_rise": 0.0}, "ground_rise"), ({"window": 3, "shift": 5}, "shift"),
      ({"rematch_window": 2}, "rematch_window"), ({"rematch_drop": -1.0}, "rematch_drop"),
      ({"rematch_score": 1.5}, "rematch_score"), ({"rematch_score": float("nan")}, "rematch_score"),
-     ({"point_quantile": 1.2}, "dense-quantile"), ({"shift_colour": -1.0}, "shift_colour")],
+     ({"point_quantile": 1.2}, "dense-quantile"), ({"shift_colour": -1.0}, "shift_colour"),
+     ({"step_jump": -1.0}, "step_jump")],
 )  # fmt: skip
 def test_bad_options_name_the_option(kw: dict, what: str) -> None:
     with pytest.raises(ConfigError, match=what):
@@ -345,6 +346,26 @@ def test_points_take_the_chosen_quantile_of_a_block_that_straddles_an_outline() 
     low, _ = field_points(field, 2.0, 0.3, quantile=0.35)
     assert np.allclose(med[edge, 2], 5.0) and np.allclose(low[edge, 2], 0.0)
     assert np.allclose(med[~edge], low[~edge])
+
+
+def test_a_smooth_slope_keeps_its_median_and_only_blocks_with_a_step_go_low() -> None:
+    """The low quantile is for blocks that an outline cuts; on a slope (0.8 m/m, 0.4 m between
+    neighbouring cells) it would put every point below the surface."""
+    n, res = 24, 0.5
+    x = (np.arange(n) + 0.5) * res
+    heights = np.broadcast_to(0.8 * x, (n, n)).copy()
+    field = DenseHeights(heights, np.full((n, n), 0.9), 0.0, n * res, res, res / 2, 40)
+    low, _ = field_points(field, 2.0, 0.3, quantile=0.15)
+    assert np.allclose(low[:, 2], 0.8 * low[:, 0])  # the median: the slope at each block's centre
+    heights[:, 10:] += 3.0  # a 3 m wall across the slope, inside the blocks of columns 8..11
+    low, _ = field_points(field, 2.0, 0.3, quantile=0.15)
+    edge = np.abs(low[:, 0] - 5.0) < 0.01
+    want = np.quantile(heights[:4, 8:12], 0.15)
+    assert edge.sum() == 6 and np.allclose(low[edge, 2], want) and want < 0.8 * 5.0 - 0.5
+    assert np.allclose(low[~edge, 2], 0.8 * low[~edge, 0] + 3.0 * (low[~edge, 0] > 5.0))
+    # A lower jump threshold than the slope's steps: the slope goes low too.
+    lower, _ = field_points(field, 2.0, 0.3, quantile=0.15, step_jump=0.3)
+    assert (lower[~edge, 2] < low[~edge, 2] - 0.2).all()
 
 
 def test_ground_layer_lies_under_raised_cells_at_the_local_ground() -> None:

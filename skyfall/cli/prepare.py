@@ -50,7 +50,7 @@ class PrepareOptions:
     dense_colour: float = 2.5
     """Colour weight of the dense match's shiftable windows: a cell prefers windows whose mean grey is
     its own, so a plain roof or crown does not take the height of the textured ground beside it (0: off)."""
-    dense_quantile: float = 0.35
+    dense_quantile: float = 0.15
     """Height of each points3D.txt point from the dense heights: this quantile of the cells it
     stands for (0.5: their median; lower keeps fewer roofs spread over the ground beside them)."""
     test_views: str = "auto"

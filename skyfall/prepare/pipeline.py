@@ -884,6 +884,7 @@ def _dense_points(
         cfg.dense.ground_window,
         cfg.dense.ground_rise,
         quantile=cfg.dense.point_quantile,
+        step_jump=cfg.dense.step_jump,
     )
     pts = np.concatenate([top, ground])
     info = {
