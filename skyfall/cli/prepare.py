@@ -51,8 +51,9 @@ class PrepareOptions:
     """Colour weight of the dense match's shiftable windows: a cell prefers windows whose mean grey is
     its own, so a plain roof or crown does not take the height of the textured ground beside it (0: off)."""
     dense_quantile: float = 0.15
-    """Height of each points3D.txt point from the dense heights: this quantile of the cells it
-    stands for (0.5: their median; lower keeps fewer roofs spread over the ground beside them)."""
+    """Height of each points3D.txt point from the dense heights where the cells it stands for hold a
+    step (an outline): this quantile of them (0.5: their median, which the other points take; lower
+    keeps fewer roofs spread over the ground beside them)."""
     test_views: str = "auto"
     """Held-out views for transforms_test.json: 'auto' (one in eight, at least one from 4 views,
     none below 4; with `prepare --dfc`, the dataset's test.txt when it has one), 'none', or indices

@@ -81,7 +81,8 @@ class DenseConfig:
     3-view tuning city, weight 0 / 1 / 2 / 3 / 6 / 15: 2.57 / 2.47 / 2.43 / 2.42 / 2.49 / 2.77 m
     (larger weights match textured open ground worse); 2.5 on the 3-view held-out mixed city: 2.36
     -> 2.32 m. Chain DSM MAE of ``real``, off -> 2.5: 3-view tuning 1.77 -> 1.70 m and held-out
-    mixed 1.78 -> 1.75 m (points at the 0.15 quantile), 5-view held-out mixed 1.28 -> 1.25 m (0.35).
+    mixed 1.78 -> 1.75 m (points at the 0.15 quantile in every block), 5-view held-out mixed 1.28 ->
+    1.25 m (0.35).
     The dense step takes as long (27 s with 3 views); the shifted costs are kept, one more cost
     volume per window."""
     rematch_window: int = 3
