@@ -147,7 +147,7 @@ class DenseConfig:
     5-view held-out mixed 1.25 / 1.30 / 1.40 m, 5-view unseen suburb - / 1.30 / 1.35 m: lower helps
     the tuning cities and three views and costs the 5-view held-out city, whose many views leave
     less of its ground unseen; 0.15 is the compromise. Only in blocks with a step (the default):
-    3-view tuning / held-out mixed / unseen suburb 1.71 / 1.75 / 1.72 m, 5-view held-out mixed 1.32 m."""
+    3-view tuning / held-out mixed / unseen suburb 1.71 / 1.75 / 1.72 m, 5 views 1.42 / 1.32 / 1.30 m."""
     step_jump: float = 1.0
     """Only blocks that hold a step take ``point_quantile``: two neighbouring cells more than this
     apart (metres; steeper than about 60 degrees at 0.58 m cells); the others take their median, so
