@@ -318,6 +318,7 @@ def sweep_costs(
         centred = torch.empty(len(heights), gh, gw)
         out.append(WindowCost(centred, torch.empty_like(centred) if shift > 1 else centred))
     ii, jj = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+    coloured = colour > 0 and max(shifts) > 1
     for d, z in enumerate(heights):
         pts[:, 2] = float(z)
         uv, depth = cameras.project(pts)  # [C, N, 2] float64
@@ -326,20 +327,23 @@ def sweep_costs(
         m = F.grid_sample(msk, g, mode="nearest", padding_mode="zeros", align_corners=False) > 0.5
         m &= (depth > 0).view(n, 1, gh, gw)
         both = (m[ii] & m[jj])[:, 0]  # [P, H, W]
-        # The cell's grey at this height: the mean of the views that have data there.
-        centre = (s * m).sum(0, keepdim=True) / m.sum(0, keepdim=True).clamp_min(1)
-        # Every box mean a window needs (per view: mean, mean square; per pair: mean product; the
-        # cells' grey) in one call.
-        terms = torch.cat([s, s * s, s[ii] * s[jj], centre])
+        # Every box mean a window needs (per view: mean, mean square; per pair: mean product; with
+        # the colour term, the cells' grey: the mean of the views that have data there) in one call.
+        terms, centre = [s, s * s, s[ii] * s[jj]], None
+        if coloured:
+            centre = (s * m).sum(0) / m.sum(0).clamp_min(1)  # [1, H, W]
+            terms.append(centre[None])
+        terms = torch.cat(terms)
         for wc, window, shift in zip(out, windows, shifts, strict=True):
             box = _box(terms, window)[:, 0]
-            mu, sq, cross = box[:n], box[n : 2 * n], box[2 * n : -1]
+            mu, sq, cross = box[:n], box[n : 2 * n], box[2 * n : 2 * n + len(pairs)]
             sd = (sq - mu * mu).clamp_min(1e-6).sqrt()
             ncc = (cross - mu[ii] * mu[jj]) / (sd[ii] * sd[jj])
             nccs = torch.where(both, ncc, torch.tensor(-1.0))
             wc.centred[d] = 1 - nccs.topk(keep, dim=0).values.mean(0)
             if shift > 1:
-                wc.shifted[d] = shiftable(wc.centred[d : d + 1], shift, box[-1:], centre[0], colour)[0]
+                mean = box[-1:] if coloured else None
+                wc.shifted[d] = shiftable(wc.centred[d : d + 1], shift, mean, centre, colour)[0]
     return out
 
 
