@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from skyfall.cli.prepare import PrepareOptions
 from skyfall.data.cameras import Cameras, look_at
 from skyfall.errors import ConfigError
 from skyfall.prepare.dense import (
@@ -402,3 +403,9 @@ def test_ground_layer_lies_under_raised_cells_at_the_local_ground() -> None:
     both[20:40, 32:52] += 10.0
     _, both_low = field_points(DenseHeights(both, score, 0.0, n * res, res, res / 2, 40), 2.0, 0.3, 22.0)
     assert len(both_low) >= 25
+
+
+def test_prepare_options_default_to_the_dense_config() -> None:
+    """`skyfall prepare`'s dense options repeat DenseConfig's defaults (the CLI module must not import
+    torch, so it cannot read them): they must not drift apart."""
+    assert PrepareOptions().config().dense == DenseConfig()
