@@ -18,10 +18,15 @@ from skyfall.prepare.dense import (
     block_cells,
     dense_heights,
     field_points,
+    free_space_ceiling,
+    lower_to_ceiling,
+    pair_ncc,
+    seen_by,
     sgm,
     shiftable,
     sweep_cost,
     sweep_costs,
+    view_slopes,
     winner,
 )
 
@@ -190,8 +195,11 @@ def test_rematch_takes_the_small_window_only_where_it_finds_lower_ground(alley_v
     """``rematch_window``: the small window's height replaces the wide one's only where it is lower
     and agreed on, so the alley gets most of the small window's gain while noisy views keep the
     wide window's robustness (where the small window alone goes wrong)."""
-    # the default rematches with 3 cells
-    assert _alley_errors(alley_views)[0] < 0.75 * _alley_errors(alley_views, rematch_window=0)[0]
+    # the default rematches with 3 cells (free space off: it lowers the alley too, see below)
+    assert (
+        _alley_errors(alley_views, free_space=0.0)[0]
+        < 0.75 * _alley_errors(alley_views, rematch_window=0, free_space=0.0)[0]
+    )
 
     block_grey, block_cams = block_views
     noisy = block_grey + 0.2 * torch.randn(block_grey.shape, generator=torch.Generator().manual_seed(0))
@@ -203,6 +211,13 @@ def test_rematch_takes_the_small_window_only_where_it_finds_lower_ground(alley_v
     wide, small, both = noisy_error(rematch_window=0), noisy_error(window=3, shift=3), noisy_error()
     assert small > 1.15 * wide  # the small window alone matches the noise
     assert both < 1.05 * wide
+
+
+def test_free_space_lowers_the_alley_that_the_matches_lift(alley_views) -> None:
+    """Rays from the ground that the oblique views see beyond the blocks pass under the alley cells
+    read at roof height (``DenseConfig.free_space``), with or without the rematch."""
+    for kw in ({}, {"rematch_window": 0}):
+        assert _alley_errors(alley_views, **kw)[0] < 0.9 * _alley_errors(alley_views, free_space=0.0, **kw)[0]
 
 
 def test_colour_term_keeps_a_plain_roof_off_the_ground() -> None:
@@ -320,7 +335,9 @@ def test_points_keep_trusted_cells_on_the_spacing_grid(block_views) -> None:
      ({"rematch_window": 2}, "rematch_window"), ({"rematch_drop": -1.0}, "rematch_drop"),
      ({"rematch_score": 1.5}, "rematch_score"), ({"rematch_score": float("nan")}, "rematch_score"),
      ({"point_quantile": 1.2}, "dense-quantile"), ({"shift_colour": -1.0}, "shift_colour"),
-     ({"step_jump": -1.0}, "step_jump")],
+     ({"step_jump": -1.0}, "step_jump"), ({"free_space": 1.5}, "free_space"),
+     ({"free_space_keep": -2.0}, "free_space_keep"), ({"free_space_margin": -1.0}, "free_space_margin"),
+     ({"free_space_drop": float("nan")}, "free_space_drop")],
 )  # fmt: skip
 def test_bad_options_name_the_option(kw: dict, what: str) -> None:
     with pytest.raises(ConfigError, match=what):
@@ -409,3 +426,86 @@ def test_prepare_options_default_to_the_dense_config() -> None:
     """`skyfall prepare`'s dense options repeat DenseConfig's defaults (the CLI module must not import
     torch, so it cannot read them): they must not drift apart."""
     assert PrepareOptions().config().dense == DenseConfig()
+
+
+def test_free_space_ceiling_rises_along_each_seen_cells_ray() -> None:
+    """A ray from a seen cell to its view rises 1 / run metres per metre (run: metres sideways per
+    metre up), and the cells it passes over may stand at most ``margin`` above it."""
+    z = np.zeros((12, 30))
+    z[0, 29] = 12.0  # a ray that has risen above the highest cell limits nothing: 12.5 m of reach
+    seen = np.zeros((2, 12, 30), bool)
+    seen[0, :, 5] = True  # view 0, towards the east, sees column 5
+    seen[1, 8, :] = True  # view 1, towards the north, sees row 8
+    slopes = np.array([[0.5, 0.0], [0.0, 0.25]])
+    c = free_space_ceiling(z, seen, slopes, 1.0, 0.5)
+    # east of column 5 along view 0's rays: 0.5 + 2 m per cell; its own column and the west unlimited
+    # there except where view 1's rays from row 8 pass (4 m per cell northwards)
+    row = 10  # south of row 8: only view 0 limits it
+    assert np.allclose(c[row, 6:13], 0.5 + 2.0 * np.arange(1, 8))
+    assert np.isinf(c[row, :6]).all() and np.isinf(c[row, 13:]).all()  # 12.5 m of height = 6.25 cells
+    col = 2  # west of column 5: only view 1 limits it, north of row 8
+    assert np.allclose(c[4:8, col], 0.5 + 4.0 * np.array([4, 3, 2, 1]))
+    assert np.isinf(c[8:, col]).all() and np.isinf(c[:4, col]).all()
+    assert c[7, 6] == min(0.5 + 2.0, 0.5 + 4.0)
+    # a nadir view (no run) limits nothing
+    assert np.isinf(free_space_ceiling(z, seen[:1], np.array([[0.0, 0.0]]), 1.0, 0.5)).all()
+    # a trusted 20 m wall 3 cells east of column 5 hides it from view 0 (its ray is 6 m up there), so
+    # column 5 limits nothing; an untrusted wall does not count
+    walled = z.copy()
+    walled[:, 8] = 20.0
+    trusted = np.zeros_like(seen[0])
+    trusted[:, 8] = True
+    assert np.isinf(free_space_ceiling(walled, seen[:1], slopes[:1], 1.0, 0.5, trusted)[row, 6:8]).all()
+    assert np.allclose(free_space_ceiling(walled, seen[:1], slopes[:1], 1.0, 0.5)[row, 6:8], [2.5, 4.5])
+
+
+def test_lowering_takes_unsure_cells_to_their_ceiling_or_the_local_ground() -> None:
+    z = np.full((20, 20), 10.0)
+    z[:, :10] = 0.0  # ground west, a roof east
+    score = np.full(z.shape, 0.9)
+    ceiling = np.full(z.shape, np.inf)
+    ceiling[:, 10] = 10.3  # just under the roof: within the margin already, nothing to lower
+    ceiling[:, 11] = 9.6  # a little under: to the ceiling
+    ceiling[:, 12] = 4.0  # far under: to the local ground
+    score[:, 11:13] = 0.5
+    cfg = DenseConfig()
+    out, cut = lower_to_ceiling(z, score, ceiling, cfg, 1.0)
+    assert (out[:, 10] == 10.0).all() and np.allclose(out[:, 11], 9.6) and np.allclose(out[:, 12], 0.0)
+    assert cut[:, 11:13].all() and cut.sum() == 40
+    # a well-matched cell keeps its height whatever the rays say
+    score[:, 12] = 0.8
+    out, _ = lower_to_ceiling(z, score, ceiling, cfg, 1.0)
+    assert (out[:, 12] == 10.0).all()
+    # without a ground window the far cells stop at the ceiling
+    out, _ = lower_to_ceiling(z, np.full(z.shape, 0.5), ceiling, DenseConfig(ground_window=0.0), 1.0)
+    assert np.allclose(out[:, 12], 4.0)
+
+
+def test_free_space_lowers_a_band_beside_a_wall_that_the_oblique_view_sees_past() -> None:
+    """Rendered views, a 7 m block, and a height field that carries the roof 5 m south over the
+    ground (what semi-global matching does where only one view sees the ground beside the wall).
+    The northern view sees the ground beyond the wall's 3.3 m blind strip, and its rays from there
+    pass under the far part of the band: that part comes down to the ground, the blind strip (no
+    view but the near-nadir one sees it) and the roof stay."""
+    grey, cams = _views([(3.0, 40.0), (25.0, 0.0), (20.0, 60.0)])
+    valid = torch.ones_like(grey, dtype=torch.bool)
+    field = _empty_field()
+    x, y = field.centres()
+    truth = _truth(field)
+    x0, x1, y0, y1, h = BLOCK
+    band = (x > x0 + 1) & (x < x1 - 1) & (y < y0) & (y > y0 - 5.0)
+    z = np.where(band, h, truth)
+    score = np.where(band, 0.4, 0.9)
+    xy = (x, y)
+    seen = seen_by(pair_ncc(grey, valid, cams, xy, z, 5), 3, 0.6).numpy()
+    slopes = view_slopes(cams, xy, z)
+    assert np.allclose(np.hypot(*slopes.T), np.tan(np.radians([3.0, 25.0, 20.0])), rtol=0.02)
+    assert slopes[1, 1] > 0 and abs(slopes[1, 0]) < 1e-3  # towards the north
+    assert seen[:, truth > 0].mean() > 0.8  # the textured roof is seen by every view
+    ceiling = free_space_ceiling(z, seen, slopes, GSD, 0.5, score >= DenseConfig().free_space_keep)
+    out, cut = lower_to_ceiling(z, score, ceiling, DenseConfig(), GSD)
+    d = y0 - y  # distance south of the wall
+    far, blind = band & (d > 4.0), band & (d < 2.5)
+    assert np.mean(out[far] < 1.0) > 0.8
+    assert np.mean(out[blind] > h - 0.5) > 0.8
+    assert not cut[truth > 0].any()

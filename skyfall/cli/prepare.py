@@ -54,6 +54,10 @@ class PrepareOptions:
     """Height of each points3D.txt point from the dense heights where the cells it stands for hold a
     step (an outline): this quantile of them (0.5: their median, which the other points take; lower
     keeps fewer roofs spread over the ground beside them)."""
+    dense_free_space: float = 0.6
+    """Free-space carving of the dense heights: the NCC at which a view counts as seeing a cell, whose
+    ray to that view then lowers every uncertain cell it passes under (the ground beside a wall that
+    only one view sees, read at roof height; 0: off)."""
     test_views: str = "auto"
     """Held-out views for transforms_test.json: 'auto' (one in eight, at least one from 4 views,
     none below 4; with `prepare --dfc`, the dataset's test.txt when it has one), 'none', or indices
@@ -88,6 +92,7 @@ class PrepareOptions:
                 rematch_window=self.dense_rematch,
                 point_quantile=self.dense_quantile,
                 shift_colour=self.dense_colour,
+                free_space=self.dense_free_space,
             ),
             **kwargs,
         )
@@ -221,6 +226,7 @@ def format_summary(s: dict, out: Path) -> str:
         lines.append(
             f"  dense heights: {d['cells'][1]}x{d['cells'][0]} cells of {d['resolution_m']:.2f} m, {d['planes']} planes "
             f"of {d['step_m']:.2f} m, median NCC {d['median_score']:.2f}, {d['seconds']:g} s"
+            + (f"; free space lowered {d['free_space_lowered']:.1%} of the cells" if d.get("free_space_lowered") else "")
             + (f" ({d['note']})" if d.get("note") else "")
         )
     lines.append(f"  points3D.txt: {s['points3D']['count']} points, {s['points3D']['method']}")

@@ -896,6 +896,7 @@ def _dense_points(
         # the point grid actually used: --dense-spacing rounded to whole cells
         "spacing_m": block_cells(cfg.dense.spacing, field.resolution) * field.resolution,
         "median_score": float(np.median(field.score)),
+        "free_space_lowered": round(field.lowered, 4),
         "points": int(len(top)),
         "ground_points": int(len(ground)),
         "colour_view": train_idx[nadir_view(cams)],
