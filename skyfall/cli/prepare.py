@@ -226,7 +226,11 @@ def format_summary(s: dict, out: Path) -> str:
         lines.append(
             f"  dense heights: {d['cells'][1]}x{d['cells'][0]} cells of {d['resolution_m']:.2f} m, {d['planes']} planes "
             f"of {d['step_m']:.2f} m, median NCC {d['median_score']:.2f}, {d['seconds']:g} s"
-            + (f"; free space lowered {d['free_space_lowered']:.1%} of the cells" if d.get("free_space_lowered") else "")
+            + (
+                f"; free space lowered {d['free_space_lowered']:.1%} of the cells"
+                if d.get("free_space_lowered")
+                else ""
+            )
             + (f" ({d['note']})" if d.get("note") else "")
         )
     lines.append(f"  points3D.txt: {s['points3D']['count']} points, {s['points3D']['method']}")
