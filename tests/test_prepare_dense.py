@@ -336,7 +336,7 @@ def test_points_keep_trusted_cells_on_the_spacing_grid(block_views) -> None:
      ({"rematch_score": 1.5}, "rematch_score"), ({"rematch_score": float("nan")}, "rematch_score"),
      ({"point_quantile": 1.2}, "dense-quantile"), ({"shift_colour": -1.0}, "shift_colour"),
      ({"step_jump": -1.0}, "step_jump"), ({"free_space": 1.5}, "free_space"),
-     ({"free_space_keep": -2.0}, "free_space_keep"), ({"free_space_margin": -1.0}, "free_space_margin"),
+     ({"free_space_trust": -2.0}, "free_space_trust"), ({"free_space_margin": -1.0}, "free_space_margin"),
      ({"free_space_drop": float("nan")}, "free_space_drop")],
 )  # fmt: skip
 def test_bad_options_name_the_option(kw: dict, what: str) -> None:
@@ -464,7 +464,7 @@ def test_lowering_takes_unsure_cells_to_their_ceiling_or_the_local_ground() -> N
     z[:, :10] = 0.0  # ground west, a roof east
     score = np.full(z.shape, 0.9)
     ceiling = np.full(z.shape, np.inf)
-    ceiling[:, 10] = 10.3  # just under the roof: within the margin already, nothing to lower
+    ceiling[:, 10] = 10.3  # above the roof (the margin is in the ceiling): nothing to lower
     ceiling[:, 11] = 9.6  # a little under: to the ceiling
     ceiling[:, 12] = 4.0  # far under: to the local ground
     score[:, 11:13] = 0.5
@@ -472,8 +472,8 @@ def test_lowering_takes_unsure_cells_to_their_ceiling_or_the_local_ground() -> N
     out, cut = lower_to_ceiling(z, score, ceiling, cfg, 1.0)
     assert (out[:, 10] == 10.0).all() and np.allclose(out[:, 11], 9.6) and np.allclose(out[:, 12], 0.0)
     assert cut[:, 11:13].all() and cut.sum() == 40
-    # a well-matched cell keeps its height whatever the rays say
-    score[:, 12] = 0.8
+    # a trusted cell keeps its height whatever the rays say
+    score[:, 12] = DenseConfig().free_space_trust
     out, _ = lower_to_ceiling(z, score, ceiling, cfg, 1.0)
     assert (out[:, 12] == 10.0).all()
     # without a ground window the far cells stop at the ceiling
@@ -502,7 +502,7 @@ def test_free_space_lowers_a_band_beside_a_wall_that_the_oblique_view_sees_past(
     assert np.allclose(np.hypot(*slopes.T), np.tan(np.radians([3.0, 25.0, 20.0])), rtol=0.02)
     assert slopes[1, 1] > 0 and abs(slopes[1, 0]) < 1e-3  # towards the north
     assert seen[:, truth > 0].mean() > 0.8  # the textured roof is seen by every view
-    ceiling = free_space_ceiling(z, seen, slopes, GSD, 0.5, score >= DenseConfig().free_space_keep)
+    ceiling = free_space_ceiling(z, seen, slopes, GSD, 0.5, score >= DenseConfig().free_space_trust)
     out, cut = lower_to_ceiling(z, score, ceiling, DenseConfig(), GSD)
     d = y0 - y  # distance south of the wall
     far, blind = band & (d > 4.0), band & (d < 2.5)

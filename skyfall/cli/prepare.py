@@ -54,9 +54,9 @@ class PrepareOptions:
     """Height of each points3D.txt point from the dense heights where the cells it stands for hold a
     step (an outline): this quantile of them (0.5: their median, which the other points take; lower
     keeps fewer roofs spread over the ground beside them)."""
-    dense_free_space: float = 0.6
+    dense_free_space: float = 0.5
     """Free-space carving of the dense heights: the NCC at which a view counts as seeing a cell, whose
-    ray to that view then lowers every uncertain cell it passes under (the ground beside a wall that
+    ray to that view then lowers every untrusted cell it passes under (the ground beside a wall that
     only one view sees, read at roof height; 0: off)."""
     test_views: str = "auto"
     """Held-out views for transforms_test.json: 'auto' (one in eight, at least one from 4 views,
