@@ -195,8 +195,9 @@ class DenseConfig:
     default) / 0.9, and NCC 0.6 with trust 0.7: 3 views, tuning 1.71 -> 1.67 / 1.67 / 1.70 m,
     held-out mixed 1.75 -> 1.50 / 1.47 / 1.53 m, unseen suburb 1.72 -> 1.73 / 1.73 / 1.73 m; 5 views,
     tuning 1.42 -> 1.37 / 1.36 / 1.39 m, held-out mixed 1.32 -> 1.40 / 1.45 / - m, suburb 1.30 ->
-    1.31 / 1.33 / - m. More trust lets more of a roof be cut where four views give chance matches
-    more chances (the 5-view held-out city's field: buildings 0.46 -> 0.49 m at 0.8, 0.53 m at 0.9)."""
+    1.31 / 1.33 / - m. A higher threshold trusts fewer cells, and where four views give chance
+    matches more chances more of a roof is cut (the 5-view held-out city's field: buildings 0.46 ->
+    0.49 m at 0.8, 0.53 m at 0.9)."""
     free_space_drop: float = 1.0
     """Cells more than this (metres) above their free-space ceiling go to the local ground beneath it."""
 
