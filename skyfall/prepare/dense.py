@@ -289,6 +289,27 @@ def _box(x: Tensor, k: int) -> Tensor:
     return F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
 
 
+def _sample_views(
+    img: Tensor, msk: Tensor, cameras: Cameras, pts: Tensor, shape: tuple[int, int]
+) -> tuple[Tensor, Tensor]:
+    """Every view sampled at the world points ``pts`` [N, 3] laid out as a grid of ``shape``: grey
+    [C, 1, H, W] (bilinear; ``img`` [C, 1, h, w]) and where it has data in front of the camera
+    [C, 1, H, W] bool (``msk`` [C, 1, h, w] float)."""
+    uv, depth = cameras.project(pts)  # [C, N, 2] float64
+    g = _sample_grid(uv, cameras, shape)
+    s = F.grid_sample(img, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+    m = F.grid_sample(msk, g, mode="nearest", padding_mode="zeros", align_corners=False) > 0.5
+    return s, m & (depth > 0).view(len(img), 1, *shape)
+
+
+def _pair_ncc(box: Tensor, n: int, ii: Tensor, jj: Tensor, both: Tensor) -> Tensor:
+    """Pairs' NCC [P, H, W] from the box means ``box`` of [s (n), s² (n), s_i s_j (P), ...]; -1 where
+    ``both`` [P, H, W] is False (one of the two views has no data)."""
+    mu, sq, cross = box[:n], box[n : 2 * n], box[2 * n : 2 * n + len(ii)]
+    sd = (sq - mu * mu).clamp_min(1e-6).sqrt()
+    return torch.where(both, (cross - mu[ii] * mu[jj]) / (sd[ii] * sd[jj]), torch.tensor(-1.0))
+
+
 @dataclass
 class WindowCost:
     """One window's plane-sweep costs, each [D, H, W] (0 = the views agree perfectly, 2 =
@@ -360,11 +381,7 @@ def sweep_costs(
     coloured = colour > 0 and max(shifts) > 1
     for d, z in enumerate(heights):
         pts[:, 2] = float(z)
-        uv, depth = cameras.project(pts)  # [C, N, 2] float64
-        g = _sample_grid(uv, cameras, (gh, gw))
-        s = F.grid_sample(img, g, mode="bilinear", padding_mode="zeros", align_corners=False)
-        m = F.grid_sample(msk, g, mode="nearest", padding_mode="zeros", align_corners=False) > 0.5
-        m &= (depth > 0).view(n, 1, gh, gw)
+        s, m = _sample_views(img, msk, cameras, pts, (gh, gw))
         both = (m[ii] & m[jj])[:, 0]  # [P, H, W]
         # Every box mean a window needs (per view: mean, mean square; per pair: mean product; with
         # the colour term, the cells' grey: the mean of the views that have data there) in one call.
@@ -375,10 +392,7 @@ def sweep_costs(
         terms = torch.cat(terms)
         for wc, window, shift in zip(out, windows, shifts, strict=True):
             box = _box(terms, window)[:, 0]
-            mu, sq, cross = box[:n], box[n : 2 * n], box[2 * n : 2 * n + len(pairs)]
-            sd = (sq - mu * mu).clamp_min(1e-6).sqrt()
-            ncc = (cross - mu[ii] * mu[jj]) / (sd[ii] * sd[jj])
-            nccs = torch.where(both, ncc, torch.tensor(-1.0))
+            nccs = _pair_ncc(box, n, ii, jj, both)
             wc.centred[d] = 1 - nccs.topk(keep, dim=0).values.mean(0)
             if shift > 1:
                 mean = box[-1:] if coloured else None
@@ -558,22 +572,11 @@ def pair_ncc(
     """Each pair's NCC [P, H, W] of ``window``² patches at the cells' own heights ``z`` [H, W] (pairs
     in the order (0, 1), (0, 2), ..., (1, 2), ...; -1 where one of the two views has no data)."""
     n = grey.shape[0]
-    gh, gw = z.shape
     pts = torch.from_numpy(np.stack([xy[0].ravel(), xy[1].ravel(), z.ravel()], 1))
-    uv, depth = cameras.project(pts)
-    g = _sample_grid(uv, cameras, (gh, gw))
-    s = F.grid_sample(grey[:, None].float(), g, mode="bilinear", padding_mode="zeros", align_corners=False)
-    m = (
-        F.grid_sample(valid[:, None].float(), g, mode="nearest", padding_mode="zeros", align_corners=False)
-        > 0.5
-    )
-    m &= (depth > 0).view(n, 1, gh, gw)
+    s, m = _sample_views(grey[:, None].float(), valid[:, None].float(), cameras, pts, z.shape)
     ii, jj = torch.triu_indices(n, n, 1)
     box = _box(torch.cat([s, s * s, s[ii] * s[jj]]), window)[:, 0]
-    mu, sq, cross = box[:n], box[n : 2 * n], box[2 * n :]
-    sd = (sq - mu * mu).clamp_min(1e-6).sqrt()
-    ncc = (cross - mu[ii] * mu[jj]) / (sd[ii] * sd[jj])
-    return torch.where((m[ii] & m[jj])[:, 0], ncc, torch.tensor(-1.0))
+    return _pair_ncc(box, n, ii, jj, (m[ii] & m[jj])[:, 0])
 
 
 def seen_by(ncc: Tensor, n: int, threshold: float) -> Tensor:
