@@ -371,13 +371,12 @@ def sweep_costs(
     pts = torch.from_numpy(np.stack([xy[0].ravel(), xy[1].ravel(), np.zeros(xy[0].size)], 1))
     img = grey[:, None].float()
     msk = valid[:, None].float()
-    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    keep = max(1, (len(pairs) + 1) // 2) if keep is None else max(1, min(keep, len(pairs)))
+    ii, jj = torch.triu_indices(n, n, 1)  # the pairs (0, 1), (0, 2), ..., (1, 2), ... as pair_ncc's
+    keep = max(1, (len(ii) + 1) // 2) if keep is None else max(1, min(keep, len(ii)))
     out = []
     for shift in shifts:
         centred = torch.empty(len(heights), gh, gw)
         out.append(WindowCost(centred, torch.empty_like(centred) if shift > 1 else centred))
-    ii, jj = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
     coloured = colour > 0 and max(shifts) > 1
     for d, z in enumerate(heights):
         pts[:, 2] = float(z)
