@@ -439,6 +439,17 @@ def enu_footprint(
     return enu[..., 0], enu[..., 1]
 
 
+def inside_extent(
+    grid: DsmGrid, frame: ENUFrame | None, crs: Any, extent: tuple[float, float, float, float]
+) -> np.ndarray:
+    """Cells of a map grid whose centres fall inside an ENU extent (x_min, x_max, y_min, y_max): the
+    cells a tile covers, for completeness (the corners of a UTM bounding box around a rotated AOI are
+    outside it by construction)."""
+    fx, fy = enu_footprint(grid, frame, crs)
+    x0, x1, y0, y1 = extent
+    return (fx >= x0) & (fx <= x1) & (fy >= y0) & (fy <= y1)
+
+
 def render_on_map_grid(
     render_enu: Callable[[DsmGrid], np.ndarray],
     grid: DsmGrid,

@@ -27,7 +27,7 @@ import numpy as np
 from skyfall.dsm import (
     DsmGrid,
     TileFrame,
-    enu_footprint,
+    inside_extent,
     render_dsm,
     render_on_map_grid,
     scene_extent,
@@ -138,7 +138,7 @@ def export_dsm(
     preview = write_preview(path.with_suffix(".png"), heights)
     # Completeness over the cells the tile covers: the UTM bounding box's corners outside a rotated
     # AOI are no-data by construction and do not count.
-    inside = _inside_extent(grid, frame, crs, extent)
+    inside = inside_extent(grid, frame.enu, None if frame.enu is None else crs, extent)
     completeness = float(np.isfinite(heights)[inside].mean()) if inside.any() else 0.0
     seconds = time.perf_counter() - t0
     meta = {
@@ -161,11 +161,3 @@ def export_dsm(
     meta_path = path.with_suffix(".json")
     atomic_write_text(meta_path, json.dumps(meta, indent=1))
     return DsmExport(path, preview, meta_path, crs, grid, completeness, seconds)
-
-
-def _inside_extent(
-    grid: DsmGrid, frame: TileFrame, crs: str, extent: tuple[float, float, float, float]
-) -> np.ndarray:
-    fx, fy = enu_footprint(grid, frame.enu, None if frame.enu is None else crs)
-    x0, x1, y0, y1 = extent
-    return (fx >= x0) & (fx <= x1) & (fy >= y0) & (fy <= y1)
