@@ -32,6 +32,7 @@ pyproj = pytest.importorskip("pyproj")
 
 FRAME = ENUFrame(ANCHOR.lon, ANCHOR.lat, ANCHOR.h)
 N_VIEWS = 5
+MAE_STEREO_MAX = 99.0
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +172,8 @@ def test_dsm_geotiff_is_utm_and_exact(rpc_tile: Path, meta: dict) -> None:
         assert abs(p[2] - top) < 1e-3 and abs(city.height_at(p[0], p[1]) - top) < 1e-9
 
 
-def test_prepare_recovers_the_exact_cameras(rpc_tile: Path, meta: dict, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def prepared(rpc_tile: Path, meta: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     from skyfall.prepare import PrepareConfig, prepare_tile
     from skyfall.prepare.pipeline import parse_aoi, parse_range
 
@@ -179,10 +181,16 @@ def test_prepare_recovers_the_exact_cameras(rpc_tile: Path, meta: dict, tmp_path
         aoi=parse_aoi(meta["prepare"]["aoi"]),
         alt_range=parse_range(meta["prepare"]["alt_range"], "x"),
         match=False,
+        truth_dsm=rpc_tile / "rpc" / "dsm.tif",
     )
     images = [rpc_tile / "rpc" / v["image"] for v in meta["views"]]
-    summary = prepare_tile(images, tmp_path / "prep", cfg)
-    prep = load_tile(tmp_path / "prep")
+    out = tmp_path_factory.mktemp("prep") / "prep"
+    return out, prepare_tile(images, out, cfg)
+
+
+def test_prepare_recovers_the_exact_cameras(rpc_tile: Path, meta: dict, prepared: tuple[Path, dict]) -> None:
+    out, summary = prepared
+    prep = load_tile(out)
     # prepare's ENU frame shares the anchor's tangent plane, its origin lower by dz along the normal.
     dz = ANCHOR.h - summary["enu_origin"]["alt"]
     assert dz == pytest.approx(25.0)
@@ -193,6 +201,39 @@ def test_prepare_recovers_the_exact_cameras(rpc_tile: Path, meta: dict, tmp_path
         want = project_pinhole(K, c2w, xyz) + np.array(view["bias_px"]) - np.array(vs["crop_file_px"][:2])
         got = project_pinhole(K2, c2w2, xyz + [0.0, 0.0, dz])
         assert np.abs(got - want).max() < 1e-4
+
+
+def test_prepare_writes_a_stereo_dsm_scored_against_the_truth(
+    rpc_tile: Path, prepared: tuple[Path, dict]
+) -> None:
+    """The dense heights come out as a UTM DSM on the truth's own 0.5 m lattice, scored in
+    prepare.json like `eval --dsm-truth` would; the truth is recorded as eval's default."""
+    from skyfall.cli.prepare import format_summary
+    from skyfall.dsm import read_geotiff, tile_frame
+    from skyfall.eval.geometry import dsm_metrics
+
+    out, summary = prepared
+    d = summary["dense"]["dsm"]
+    assert d["written"] and d["file"] == "dense/dsm.tif" and d["completeness"] > 0.99
+    dsm = read_geotiff(out / d["file"])
+    truth = read_geotiff(rpc_tile / "rpc" / "dsm.tif")
+    assert "UTM zone 17N" in dsm.crs and dsm.grid.resolution == 0.5
+    t = d["truth"]
+    # 64² views (4 m pixels) are too coarse for the heights to mean much (the README chain's 442²
+    # ones: 1.5-2.2 m); what is checked here is that the figure is the file's.
+    assert t["dsm_completeness"] > 0.95 and t["n_truth_cells"] > 0.9 * dsm.heights.size
+    assert tile_frame(out).truth_dsm == (rpc_tile / "rpc" / "dsm.tif").resolve()
+    # The written file against the truth cell for cell (both on 0.5 m UTM grids with edges on
+    # multiples of 0.5 m): no ENU frame in between, the same figure.
+    assert truth.grid.resolution == dsm.grid.resolution == t["resolution_m"]
+    r = dsm.grid.resolution
+    c0, r0 = round((dsm.grid.x_min - truth.grid.x_min) / r), round((truth.grid.y_max - dsm.grid.y_max) / r)
+    assert c0 >= 0 and r0 >= 0
+    gt = truth.heights[r0 : r0 + dsm.grid.height, c0 : c0 + dsm.grid.width]
+    direct = dsm_metrics(dsm.heights[: gt.shape[0], : gt.shape[1]], gt, radius=5, pyramid=False)
+    assert direct["dsm_mae_m"] == pytest.approx(t["dsm_mae_m"], abs=0.02)
+    line = format_summary(summary, out)
+    assert f"stereo DSM: {out / 'dense/dsm.tif'}" in line and f"MAE {t['dsm_mae_m']:.3f} m" in line
 
 
 def test_cli_rejects_bad_rpc_options_before_rendering(tmp_path: Path) -> None:

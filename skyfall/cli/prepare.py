@@ -58,6 +58,10 @@ class PrepareOptions:
     """Free-space carving of the dense heights: the NCC at which a view counts as seeing a cell, whose
     ray to that view then lowers every untrusted cell it passes under (the ground beside a wall that
     only one view sees, read at roof height; 0: off)."""
+    dense_dsm: float = 0.5
+    """Cell (metres) of the stereo DSM written from the dense heights: OUT/dense/dsm.tif (heights above
+    the WGS84 ellipsoid in the tile's UTM zone, the grid of `export --format dsm`), score.tif (match
+    score per cell), dsm.png, dsm.json (0: not written; needs skyfall[geo])."""
     test_views: str = "auto"
     """Held-out views for transforms_test.json: 'auto' (one in eight, at least one from 4 views,
     none below 4; with `prepare --dfc`, the dataset's test.txt when it has one), 'none', or indices
@@ -93,6 +97,7 @@ class PrepareOptions:
                 point_quantile=self.dense_quantile,
                 shift_colour=self.dense_colour,
                 free_space=self.dense_free_space,
+                dsm_resolution=self.dense_dsm,
             ),
             **kwargs,
         )
@@ -129,6 +134,10 @@ class Prepare:
     ROOT/truth/AOI_DSM.tif) as the truth DSM recorded in prepare.json. Needs --aoi-name."""
     aoi_name: str | None = None
     """Area name in the --dfc layout, e.g. JAX_068."""
+    dsm_truth: Path | None = None
+    """Ground-truth DSM GeoTIFF of the area (any CRS, heights above the WGS84 ellipsoid): recorded in
+    prepare.json as `eval`'s default --dsm-truth, and the stereo DSM is scored against it (MAE after
+    the DFC2019 registration). Overrides the truth --dfc finds."""
     overwrite: bool = False
     """Write into a non-empty OUT."""
     tile: Annotated[PrepareOptions, tyro.conf.OmitArgPrefixes] = field(default_factory=PrepareOptions)
@@ -142,6 +151,7 @@ class Prepare:
             aoi=parse_aoi(self.aoi) if self.aoi is not None else None,
             geojson=self.geojson,
             max_aoi=self.max_aoi,
+            truth_dsm=self.dsm_truth,
         )
         images, rpcs, extra = list(self.images), self.rpc or None, None
         if self.dfc is not None or self.aoi_name is not None:
@@ -233,7 +243,25 @@ def format_summary(s: dict, out: Path) -> str:
             )
             + (f" ({d['note']})" if d.get("note") else "")
         )
+    if d.get("dsm"):
+        lines.append("  " + _dsm_line(d["dsm"], out))
     lines.append(f"  points3D.txt: {s['points3D']['count']} points, {s['points3D']['method']}")
     if s.get("truth_dsm"):
         lines.append(f"  truth DSM: {s['truth_dsm']}")
     return "\n".join(lines)
+
+
+def _dsm_line(dsm: dict, out: Path) -> str:
+    """The report's line on the stereo DSM (and its truth scores)."""
+    if not dsm.get("written"):
+        return f"stereo DSM not written: {dsm.get('reason')}"
+    line = f"stereo DSM: {out / dsm['file']} ({dsm['resolution_m']:g} m cells, completeness {dsm['completeness']:.3f})"
+    t = dsm.get("truth")
+    if t and "error" in t:
+        return line + f"; not scored against {t['file']}: {t['error']}"
+    if t:
+        line += (
+            f"; against the truth DSM: MAE {t['dsm_mae_m']:.3f} m, RMSE {t['dsm_rmse_m']:.3f} m, completeness "
+            f"{t['dsm_completeness']:.3f} (shift {t['shift_e_m']:+.2f} m E, {t['shift_n_m']:+.2f} m N, dz {t['dz_m']:+.2f} m)"
+        )
+    return line

@@ -200,6 +200,10 @@ class DenseConfig:
     0.49 m at 0.8, 0.53 m at 0.9)."""
     free_space_drop: float = 1.0
     """Cells more than this (metres) above their free-space ceiling go to the local ground beneath it."""
+    dsm_resolution: float = 0.5
+    """Cell (metres) of the stereo DSM written from the dense heights, ``TILE/dense/dsm.tif`` in the
+    tile's UTM zone (:mod:`skyfall.prepare.stereo_dsm`; 0: not written). 0.5 m like ``export
+    --format dsm``, so the two compare cell for cell."""
 
     def check(self) -> None:
         for name, value in (("window", self.window), ("shift", self.shift)):
@@ -209,7 +213,7 @@ class DenseConfig:
             ("resolution", self.resolution), ("step", self.step), ("p1", self.p1), ("p2", self.p2),
             ("edge_tau", self.edge_tau), ("rematch_drop", self.rematch_drop), ("shift_colour", self.shift_colour),
             ("step_jump", self.step_jump), ("free_space_margin", self.free_space_margin),
-            ("free_space_drop", self.free_space_drop),
+            ("free_space_drop", self.free_space_drop), ("dsm_resolution", self.dsm_resolution),
         ):  # fmt: skip
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"dense.{name} must be >= 0, got {value:g}.")

@@ -144,6 +144,9 @@ class PrepareConfig:
     """Matcher settings."""
     dense: DenseConfig = field(default_factory=DenseConfig)
     """Dense heights (plane sweep + semi-global matching over the training views) for points3D.txt."""
+    truth_dsm: Path | None = None
+    """A ground-truth DSM GeoTIFF of the area (any CRS, heights above the WGS84 ellipsoid): recorded in
+    ``prepare.json`` (``skyfall eval``'s default ``--dsm-truth``) and scored against the stereo DSM."""
     shared_frame: SharedFrame | None = None
     """Prepare in a frame shared with other tiles (a city's) instead of one at the AOI centre; the
     AOI is then the frame's square (``aoi`` and ``geojson`` must be None)."""
@@ -284,6 +287,9 @@ def prepare_tile(
     if cfg.shared_frame is not None and (cfg.aoi is not None or cfg.geojson is not None):
         raise ConfigError("a tile in a shared frame takes its AOI from the frame: give no --aoi/--geojson.")
     test_idx, test_rule = parse_test_views(cfg.test_views, len(images))
+    extra = dict(extra or {})
+    if cfg.truth_dsm is not None:
+        extra["truth_dsm"] = str(_checked_truth(cfg.truth_dsm))
 
     sats = [
         p
@@ -392,7 +398,11 @@ def prepare_tile(
         method = f"plane fallback: {reason}"
     dense: dict[str, Any] = {"done": False}
     if cfg.dense.enabled and len(train_idx) >= 2:
-        dense, dense_pts = _dense_points(views, train_idx, width, height, half, (z_lo, z_hi), cfg)
+        dense, dense_pts, field = _dense_points(views, train_idx, width, height, half, (z_lo, z_hi), cfg)
+        if cfg.dense.dsm_resolution > 0:
+            dense["dsm"] = _stereo_dsm(
+                out, field, frame, half, cfg.dense.dsm_resolution, extra.get("truth_dsm")
+            )
         if len(dense_pts) >= cfg.min_points:
             points, errors = dense_pts, np.zeros(len(dense_pts))
             cv = views[dense["colour_view"]]
@@ -446,7 +456,7 @@ def prepare_tile(
         "points3D": {"count": int(len(points)), "method": method},
         "dense": dense,
         "config": _config_dict(cfg),
-        **(extra or {}),
+        **extra,
     }
     _write_tile(out, views, width, height, points, colors, errors, summary, test_idx)  # type: ignore[arg-type]
     return summary
@@ -840,6 +850,31 @@ def _to_output(v: _View, frame: ENUFrame, xyz: np.ndarray, r: int) -> np.ndarray
     return (uv - np.array([v.x0, v.y0])) / r
 
 
+def _checked_truth(path: Path) -> Path:
+    """The truth DSM's absolute path, once it is known to read as a GeoTIFF (before the long steps)."""
+    from skyfall.eval.truth import load_truth
+
+    load_truth(path)
+    return Path(path).resolve()
+
+
+def _stereo_dsm(
+    out: Path, field: Any, frame: ENUFrame, half: float, resolution: float, truth: str | None
+) -> dict[str, Any]:
+    """Write ``out/dense/dsm.tif`` (:mod:`skyfall.prepare.stereo_dsm`); what prepare.json says of it."""
+    from skyfall.errors import MissingDependencyError
+    from skyfall.prepare.stereo_dsm import DSM_DIR, write_stereo_dsm
+
+    try:
+        meta = write_stereo_dsm(
+            out, field, frame, (-half, half, -half, half), resolution=resolution, truth=truth
+        )
+    except MissingDependencyError as e:  # rasterio / pyproj are optional; the tile does not need them
+        return {"written": False, "reason": str(e)}
+    return {"written": True, "file": f"{DSM_DIR}/dsm.tif", "resolution_m": resolution,
+            "completeness": round(meta["completeness"], 4), "truth": meta.get("truth")}  # fmt: skip
+
+
 def _dense_points(
     views: list[_View],
     train_idx: list[int],
@@ -848,8 +883,9 @@ def _dense_points(
     half: float,
     z_range: tuple[float, float],
     cfg: PrepareConfig,
-) -> tuple[dict[str, Any], np.ndarray]:
-    """Dense heights over the AOI from the (adjusted) training views and the points they give.
+) -> tuple[dict[str, Any], np.ndarray, Any]:
+    """Dense heights over the AOI from the (adjusted) training views, the points they give and the
+    field itself (``DenseHeights``).
 
     Only training views take part, so the held-out views stay unseen by the start of Stage 1. The
     points are coloured from the view closest to nadir (it sees the most of the ground)."""
@@ -902,7 +938,7 @@ def _dense_points(
         "colour_view": train_idx[nadir_view(cams)],
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    return info, pts
+    return info, pts, field
 
 
 def _sample(rgb: np.ndarray, uv: np.ndarray) -> np.ndarray:
