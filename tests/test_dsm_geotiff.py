@@ -296,3 +296,35 @@ def test_eval_uses_the_truth_dsm_of_prepare_json_and_recovers_a_known_shift(
     assert t["dsm_completeness"] > 0.98
     diff = read_geotiff(next(out.glob("dsm_truth_diff_*.tif")))
     assert diff.crs is not None and "32617" in diff.crs
+
+
+def test_eval_scores_the_tiles_stereo_dsm_beside_the_checkpoint(
+    tiny_run: Path, tiny_tile: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    """A tile whose dense heights (dense/field.npz) are the exact DSM: eval's stereo row recovers the
+    truth's known shift and offset with no error left, on the same truth as the checkpoint's row."""
+    from skyfall.prepare.dense import DenseHeights
+    from skyfall.prepare.stereo_dsm import save_field
+
+    tile = tmp_path / "tile"
+    shutil.copytree(tiny_tile, tile)
+    dsm = np.load(tile / "gt" / "dsm.npy").astype(np.float64)
+    g = DsmGrid.from_json(json.loads((tile / "gt" / "dsm.json").read_text()))
+    save_field(
+        tile / "dense" / "field.npz",
+        DenseHeights(dsm, np.ones_like(dsm), g.x_min, g.y_max, g.resolution, 0.1, 9),
+    )
+    truth = write_geotiff(tmp_path / "truth.tif", shift_image(dsm, 2, -3) + 1.5, g)
+    out = tmp_path / "eval"
+    # one ENU sample per truth cell: the field is then read at its own cells, without blending
+    args = ["eval", str(tiny_run), "--data", str(tile), "--dsm-truth", str(truth), "--dsm-oversample", "1"]
+    code, printed, err = _cli([*args, "--out", str(out), *EVAL_FAST], capsys)
+    assert code == 0, err
+    doc = json.loads((out / "eval.json").read_text())
+    s = doc["stereo_dsm"]
+    assert s["file"] == str(truth) and "stereo DSM" in s["protocol"]
+    assert (s["shift_rows"], s["shift_cols"]) == (2, -3) and s["dz_m"] == pytest.approx(1.5, abs=1e-6)
+    assert s["dsm_mae_m"] < 1e-6 and s["dsm_completeness"] > 0.95
+    assert doc["checkpoints"][0]["geometry"]["truth"]["dsm_mae_m"] > 10 * s["dsm_mae_m"]
+    assert "| prepare | geometry | dsm_stereo |" in printed
+    assert "prepare,geometry,dsm_stereo" in (out / "summary.csv").read_text()

@@ -68,6 +68,8 @@ def eval_dsm_protocol(source: str, *, geometry_views: int = 0, shift_radius: int
         "nadir_expected": "expected (alpha-blended) depth seen straight down",
         "views": f"depth of {geometry_views} training views flattened (plyflatten r=1)",
         "truth": f"median depth resampled onto the truth grid, shift within +-{shift_radius} cells",
+        "stereo": "the tile's stereo DSM (prepare's dense heights, before any training) resampled onto the "
+        f"truth grid, shift within +-{shift_radius} cells",
     }.get(source, source)
     return f"{what}, {REGISTERED}"
 
@@ -112,6 +114,8 @@ def summary_rows(doc: dict) -> list[dict]:
             rows.append({"ckpt": ck["label"], "kind": "all", "group": "gt_views", **allg})
         for src, vals in ck["geometry"].items():
             rows.append({"ckpt": ck["label"], "kind": "geometry", "group": f"dsm_{src}", **vals})
+    if doc.get("stereo_dsm"):
+        rows.append({"ckpt": "prepare", "kind": "geometry", "group": "dsm_stereo", **doc["stereo_dsm"]})
     return rows
 
 

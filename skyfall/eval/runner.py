@@ -359,6 +359,7 @@ def evaluate_run(opts: EvalOptions, *, progress: bool = True) -> dict:
                 dreamsim_model,
             )
         )
+    stereo = _stereo_score(opts, data, truth) if truth is not None and data is not None else None
     models = {k: e.name for k, e in embedders.items()}
     if dreamsim_model is not None:
         models["dreamsim"] = dreamsim_model.name
@@ -398,6 +399,7 @@ def evaluate_run(opts: EvalOptions, *, progress: bool = True) -> dict:
             ),
         },
         "checkpoints": results,
+        "stereo_dsm": stereo,
         "wall_s": time.perf_counter() - t_start,
     }
     write_outputs(out_dir, doc)
@@ -610,6 +612,23 @@ def _load_truth(opts: EvalOptions, data: Path | None) -> tuple | None:
             )
         extent = (g.x_min, g.x_max, g.y_min, g.y_max)
     return truth, frame, extent
+
+
+def _stereo_score(opts: EvalOptions, data: Path, truth: tuple) -> dict | None:
+    """The tile's stereo DSM (``prepare``'s dense heights) scored like the checkpoints against the same
+    truth: what training added over matching alone. None when the tile has no dense heights."""
+    from skyfall.prepare.stereo_dsm import field_sampler, load_field
+
+    field = load_field(data)
+    if field is None:
+        return None
+    from skyfall.eval.truth import score_truth
+
+    raster, frame, extent = truth
+    s = score_truth(field_sampler(field), raster, frame, extent=extent, oversample=opts.dsm_oversample,
+                    radius=opts.dsm_shift_radius)  # fmt: skip
+    return {**s.metrics, "file": str(raster.path),
+            "protocol": eval_dsm_protocol("stereo", shift_radius=opts.dsm_shift_radius)}  # fmt: skip
 
 
 def _geometry_cameras(opts: EvalOptions) -> Cameras | None:
