@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python scripts/bench_step.py --preset tiny
     OMP_NUM_THREADS=1 python scripts/bench_step.py --preset demo --tile TILE --start 200 --steps 100
-    python scripts/bench_step.py --preset paper-jax --tile TILE --start 1000 --steps 300   # GPU
+    python scripts/bench_step.py --preset paper-jax --tile TILE --start 1000 --steps 300 --depth random-large  # GPU
 
 Trains ``--start`` steps through ``Trainer.train`` (warm-up, not measured), runs the next
 ``--count-steps`` under `skyfall.train.syncs.SyncCounter` (a CPU stands in for a GPU there; the mode
@@ -72,6 +72,26 @@ def run_window(trainer, phase, end: int, on_step=None) -> None:  # noqa: ANN001
         trainer.__dict__.pop("train_step", None)
 
 
+def _random_depth(device: str):  # noqa: ANN202
+    """Depth Anything V2 Large with random weights (scripts/bench_flowedit.py's), float32 on ``device``."""
+    import importlib.util
+
+    import torch
+
+    from skyfall.devices import resolve_device
+    from skyfall.priors.depth_backends import DepthAnythingDepth
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_flowedit", Path(__file__).with_name("bench_flowedit.py")
+    )
+    bf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bf)  # type: ignore[union-attr]
+    dev = resolve_device(device)
+    with torch.device(dev):  # the default init of 335 M parameters takes seconds on a CPU
+        net, _ = bf.build_depth_net(bf.build_parser().parse_args(["--random-weights"]))
+    return DepthAnythingDepth.from_module(net, device=str(dev))
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
@@ -82,6 +102,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default=None, help="override the preset's device")
     ap.add_argument("--profile", type=int, default=0, help="profile this many more steps (torch.profiler)")
     ap.add_argument("--json", type=Path, help="also write the result here")
+    ap.add_argument(
+        "--depth",
+        choices=("preset", "random-large", "ground-truth"),
+        default="preset",
+        help="pseudo-depth prior: the preset's estimator (weights from the local cache), Depth Anything V2 "
+        "Large with random weights (the paper's cost without a download; scripts/bench_flowedit.py's "
+        "network), or the synthetic tile's exact depth",
+    )
     args = ap.parse_args(argv)
 
     import dataclasses
@@ -99,6 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = dataclasses.replace(cfg, steps=max(cfg.steps, total))
     if args.device:
         cfg = dataclasses.replace(cfg, device=args.device)
+    if args.depth == "ground-truth":
+        cfg = dataclasses.replace(cfg, pseudo=dataclasses.replace(cfg.pseudo, estimator="ground-truth"))
+    estimator = _random_depth(cfg.device) if args.depth == "random-large" else None
     with tempfile.TemporaryDirectory() as tmp:
         tile = args.tile
         if tile is None:
@@ -107,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
             tile = write_synthetic_tile(
                 Path(tmp) / "tile", preset="tiny" if args.preset == "tiny" else "default", seed=0
             )
-        trainer = Trainer(cfg, tile, Path(tmp) / "run", progress=False)
+        trainer = Trainer(cfg, tile, Path(tmp) / "run", depth_estimator=estimator, progress=False)
         trainer.run_dir.create()
         trainer.init_from_points()
         phase = stage1_phase(trainer)
