@@ -395,3 +395,43 @@ def test_prepared_city_trains_on_ray_and_exports_a_utm_mosaic(
     assert r.grid.width * r.grid.resolution >= 0.95 * (x1 - x0)
     assert r.grid.height * r.grid.resolution >= 0.95 * (y1 - y0)
     assert np.isfinite(r.heights).mean() > 0.9
+
+
+def test_stereo_mosaic_joins_the_tiles_stereo_dsms(city: tuple[Path, CityManifest]) -> None:
+    """CITY/stereo/dsm.tif holds, on the cells each core owns, what that tile's own dense/dsm.tif holds
+    there (one field, one resampling), and covers the city without holes."""
+    from skyfall.city.merge import in_core
+    from skyfall.dsm import enu_footprint, read_geotiff
+
+    out, m = city
+    doc = json.loads((out / "city_prepare.json").read_text())
+    assert doc["stereo_dsm"]["written"] and doc["stereo_dsm"]["file"] == "stereo/dsm.tif"
+    mosaic = read_geotiff(out / "stereo" / "dsm.tif")
+    meta = json.loads((out / "stereo" / "dsm.json").read_text())
+    assert (
+        "UTM zone 17N" in mosaic.crs
+        and meta["missing"] == {}
+        and set(meta["cells"]) == {c.name for c in m.cells}
+    )
+    frame = ENUFrame(*m.origin_lon_lat_h)
+    fx, fy = enu_footprint(mosaic.grid, frame, mosaic.crs)
+    inside = in_core(fx, fy, m.bounds, m.bounds)
+    assert np.isfinite(mosaic.heights[inside]).mean() > 0.999
+    g = mosaic.grid
+    for cell in m.cells:
+        own = in_core(fx, fy, cell.core, m.bounds)
+        tile = read_geotiff(out / "tiles" / cell.name / "dense" / "dsm.tif")
+        r0 = round((tile.grid.y_max - g.y_max) / -g.resolution)
+        c0 = round((tile.grid.x_min - g.x_min) / g.resolution)
+        # the tile's grid is on the mosaic's lattice (edges on multiples of 0.5 m in one UTM zone)
+        assert (
+            tile.grid.x_min == g.x_min + c0 * g.resolution and tile.grid.y_max == g.y_max - r0 * g.resolution
+        )
+        rows, cols = np.nonzero(own)
+        sel = (rows >= r0) & (rows < r0 + tile.grid.height) & (cols >= c0) & (cols < c0 + tile.grid.width)
+        assert sel.mean() > 0.99, cell.name  # a tile covers its core
+        a = mosaic.heights[rows[sel], cols[sel]]
+        b = tile.heights[rows[sel] - r0, cols[sel] - c0]
+        ok = np.isfinite(a) & np.isfinite(b)
+        assert ok.mean() > 0.999
+        assert np.abs(a[ok] - b[ok]).max() < 1e-4, cell.name  # float32 rounding of the files

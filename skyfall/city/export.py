@@ -86,7 +86,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -367,7 +369,7 @@ def export_city(
     if dsm:
         from skyfall.dsm import require_pyproj, require_rasterio
 
-        georef = _georeference(manifest)
+        georef = georeference(manifest)
         require_rasterio()  # before hours of baking, not after
         if georef is not None:
             require_pyproj()
@@ -390,7 +392,7 @@ def export_city(
     chunk_dir = out / "chunks"
     chunk_dir.mkdir(parents=True, exist_ok=True)
     ext = FORMATS[fmt]
-    dsm_state = _DsmMosaic(manifest, dsm_resolution, georef, dsm_oversample) if dsm else None
+    dsm_state = DsmMosaic(manifest, dsm_resolution, georef, dsm_oversample) if dsm else None
 
     counts: dict[str, int] = {}
     dropped: dict[str, int] = {}
@@ -446,7 +448,7 @@ def export_city(
         else:
             kept = None  # over single_max: free what was kept, the single file is skipped
         if dsm_state is not None:
-            dsm_state.add(cell, loaded.scene)
+            dsm_state.add(cell, partial(_render_heights, loaded.scene))
         del loaded
     bar.close()
     if total == 0:
@@ -586,7 +588,13 @@ def _union(boxes: list[dict[str, list[float]]]) -> dict[str, list[float]] | None
 # ------------------------------------------------------------------------------------ DSM mosaic
 
 
-def _georeference(manifest: CityManifest) -> tuple[float, float, float] | None:
+def _render_heights(scene: Any, g: DsmGrid) -> np.ndarray:
+    from skyfall.dsm import render_dsm
+
+    return render_dsm(scene, g).astype(np.float64)
+
+
+def georeference(manifest: CityManifest) -> tuple[float, float, float] | None:
     """The city's geodetic origin when its frame is georeferenced, None for a local frame."""
     if manifest.origin_lon_lat_h is not None:
         return manifest.origin_lon_lat_h
@@ -611,8 +619,9 @@ def core_window(grid: DsmGrid, cell: CityCell, bounds: Bounds) -> tuple[int, int
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
-class _DsmMosaic:
-    """Collects per-cell DSM parts while the export walks the cells (each model is loaded once)."""
+class DsmMosaic:
+    """Collects per-cell DSM parts while the export walks the cells (each model is loaded once); the
+    parts come from any tile-frame height function (a model's render, or a tile's stereo heights)."""
 
     def __init__(
         self,
@@ -643,16 +652,15 @@ class _DsmMosaic:
             self.fx, self.fy = enu_footprint(self.grid, self.frame, self.crs)
             self.heights = np.full((self.grid.height, self.grid.width), np.nan)
 
-    def add(self, cell: CityCell, scene: Any) -> None:
-        from skyfall.dsm import render_dsm
-
+    def add(self, cell: CityCell, render_tile: Callable[[DsmGrid], np.ndarray]) -> None:
+        """The cell's part: ``render_tile(g)`` gives tile-frame ENU heights on a tile-frame grid."""
         t0 = time.perf_counter()
         ox, oy, oz = cell.origin
 
         def render_city(g: DsmGrid) -> np.ndarray:
-            """City-frame ENU heights on a city-frame grid, from the tile's model (tile -> city: + origin)."""
+            """City-frame ENU heights on a city-frame grid (tile -> city: + origin)."""
             g_tile = DsmGrid(g.x_min - ox, g.y_max - oy, g.resolution, g.width, g.height)
-            return render_dsm(scene, g_tile).astype(np.float64) + oz
+            return render_tile(g_tile) + oz
 
         if self.frame is None:
             win = core_window(self.grid, cell, self.bounds)
@@ -707,11 +715,12 @@ class _DsmMosaic:
         completeness = float(np.isfinite(h)[inside].mean()) if inside.any() else 0.0
         return CityDsm(h, self.grid, self.crs, completeness, dict(self.cells))
 
-    def write(self, out: Path, extra: dict[str, Any]) -> CityDsm:
+    def write(self, out: Path, extra: dict[str, Any], stem: str = "dsm") -> CityDsm:
+        """``out/<stem>.tif``, ``.png`` and ``.json``."""
         from skyfall.dsm import write_geotiff, write_preview
 
         m = self.mosaic()
-        path = out / "dsm.tif"
+        path = out / f"{stem}.tif"
         if self.frame is None:
             crs_label = "local ENU"
             vertical = "metres, ENU z of the city's local frame"
@@ -723,9 +732,9 @@ class _DsmMosaic:
             tags["SKYFALL_ENU_ORIGIN"] = json.dumps(self.frame.to_dict())
         write_geotiff(path, m.heights, m.grid, self.crs, tags=tags)
         # PIL writes in place: write a temporary PNG and rename it, as every other file here
-        tmp = out / ".dsm.png.tmp.png"
+        tmp = out / f".{stem}.png.tmp.png"
         write_preview(tmp, m.heights)
-        os.replace(tmp, out / "dsm.png")
+        os.replace(tmp, out / f"{stem}.png")
         meta = {
             "file": path.name,
             **m.grid.to_json(),
@@ -742,9 +751,9 @@ class _DsmMosaic:
             "oversample": self.oversample if self.frame is not None else 1,
             "render_seconds": self.t,
         }
-        meta_path = out / "dsm.json"
+        meta_path = out / f"{stem}.json"
         atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
-        m.path, m.preview, m.meta = path, out / "dsm.png", meta_path
+        m.path, m.preview, m.meta = path, out / f"{stem}.png", meta_path
         return m
 
 

@@ -294,9 +294,31 @@ def prepare_city(
         cells_doc[cell.name] = entry
         _write_summary(folder, doc, t_start)
         say(f"{cell.name}: {_cell_line(entry)}")
+    if cfg.dense.enabled and cfg.dense.dsm_resolution > 0:
+        doc["stereo_dsm"] = _stereo_mosaic(folder, cfg.dense.dsm_resolution, say)
     doc["seconds"] = time.perf_counter() - t_start
     _write_summary(folder, doc, t_start)
     return manifest
+
+
+def _stereo_mosaic(folder: CityFolder, resolution: float, say: Callable[[str], None]) -> dict[str, Any]:
+    """``CITY/stereo/dsm.tif`` from the tiles' dense heights (:mod:`skyfall.city.stereo`); its summary."""
+    from skyfall.city.stereo import stereo_mosaic
+    from skyfall.errors import MissingDependencyError
+
+    try:
+        m = stereo_mosaic(folder, resolution=resolution)
+    except MissingDependencyError as e:  # the tiles stand without it
+        say(f"stereo DSM mosaic not written: {e}")
+        return {"written": False, "reason": str(e)}
+    if m is None:
+        say("stereo DSM mosaic not written: no tile has dense heights")
+        return {"written": False, "reason": "no tile has dense heights"}
+    say(
+        f"stereo DSM mosaic: {m.path} ({m.grid.width}x{m.grid.height} cells of {m.grid.resolution:g} m, "
+        f"{m.crs or 'local ENU'}, completeness {m.completeness:.3f})"
+    )
+    return {"written": True, "file": str(m.path.relative_to(folder.root)), "completeness": m.completeness}
 
 
 def _prepare_tile(sats: list[SatelliteImage], tile: Path, cfg: PrepareConfig, extra: dict) -> dict[str, Any]:
