@@ -173,6 +173,6 @@ def test_prepare_without_the_geo_extra_keeps_the_tile_and_says_why(monkeypatch, 
     monkeypatch.setattr(sd, "write_stereo_dsm", missing)
     got = _stereo_dsm(tmp_path, _field(), FRAME, HALF, 0.5, None)
     assert got == {"written": False, "reason": 'GeoTIFF output needs rasterio: pip install "skyfall[geo]"'}
-    from skyfall.cli.prepare import _dsm_line
+    from skyfall.cli.prepare import dsm_summary
 
-    assert _dsm_line(got, tmp_path) == f"stereo DSM not written: {got['reason']}"
+    assert dsm_summary(got, tmp_path) == f"not written: {got['reason']}"

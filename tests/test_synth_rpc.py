@@ -259,3 +259,15 @@ def test_missing_geo_extra_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setitem(sys.modules, "rasterio", None)
     with pytest.raises(MissingDependencyError, match=r'pip install "skyfall\[geo\]"'):
         check_rpc_options("tiny", 3, 2.0)
+
+
+def test_info_reports_what_prepare_made(prepared: tuple[Path, dict]) -> None:
+    from skyfall.cli.info import summarize
+
+    out, summary = prepared
+    lines = summarize(load_tile(out))
+    a = summary["aoi"]
+    assert f"prepared     AOI {a['lon']:.6f},{a['lat']:.6f} {a['size_m']:g} m, heights" in "\n".join(lines)
+    t = summary["dense"]["dsm"]["truth"]
+    assert f"stereo DSM   {out / 'dense/dsm.tif'} (0.5 m cells" in "\n".join(lines)
+    assert f"MAE {t['dsm_mae_m']:.3f} m" in lines[-2] and lines[-1] == f"truth DSM    {summary['truth_dsm']}"

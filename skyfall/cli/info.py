@@ -77,6 +77,32 @@ def summarize(tile: Tile) -> list[str]:
         lines.append(f"normalised   yes (R/T present): scale {norm['scale']:.6g}, z_min {norm['z_min']:.6g}")
     if tile.meta:
         lines.append(f"synthetic    {_fmt_meta(tile.meta)}")
+    return lines + _prepared(Path(tile.root))
+
+
+def _prepared(root: Path) -> list[str]:
+    """What ``prepare.json`` says of a tile made by ``skyfall prepare``: AOI, heights, stereo DSM, truth."""
+    import json
+
+    from skyfall.cli.prepare import dsm_summary
+
+    path = root / "prepare.json"
+    if not path.is_file():
+        return []
+    try:
+        doc = json.loads(path.read_text())
+        a = doc["aoi"]
+        lines = [
+            f"prepared     AOI {a['lon']:.6f},{a['lat']:.6f} {a['size_m']:g} m, heights "
+            f"{a['alt_range'][0]:g}..{a['alt_range'][1]:g} m above the WGS84 ellipsoid ({path.name})"
+        ]
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        return [f"prepared     {path}: unreadable ({type(e).__name__}: {e})"]
+    dsm = (doc.get("dense") or {}).get("dsm")
+    if isinstance(dsm, dict):
+        lines.append(f"stereo DSM   {dsm_summary(dsm, root)}")
+    if doc.get("truth_dsm"):
+        lines.append(f"truth DSM    {doc['truth_dsm']}")
     return lines
 
 

@@ -244,18 +244,18 @@ def format_summary(s: dict, out: Path) -> str:
             + (f" ({d['note']})" if d.get("note") else "")
         )
     if d.get("dsm"):
-        lines.append("  " + _dsm_line(d["dsm"], out))
+        lines.append("  stereo DSM: " + dsm_summary(d["dsm"], out))
     lines.append(f"  points3D.txt: {s['points3D']['count']} points, {s['points3D']['method']}")
     if s.get("truth_dsm"):
         lines.append(f"  truth DSM: {s['truth_dsm']}")
     return "\n".join(lines)
 
 
-def _dsm_line(dsm: dict, out: Path) -> str:
-    """The report's line on the stereo DSM (and its truth scores)."""
+def dsm_summary(dsm: dict, out: Path) -> str:
+    """What the report says of the stereo DSM (and its truth scores), after 'stereo DSM'."""
     if not dsm.get("written"):
-        return f"stereo DSM not written: {dsm.get('reason')}"
-    line = f"stereo DSM: {out / dsm['file']} ({dsm['resolution_m']:g} m cells, completeness {dsm['completeness']:.3f})"
+        return f"not written: {dsm.get('reason')}"
+    line = f"{out / dsm['file']} ({dsm['resolution_m']:g} m cells, completeness {dsm['completeness']:.3f})"
     t = dsm.get("truth")
     if t and "error" in t:
         return line + f"; not scored against {t['file']}: {t['error']}"
