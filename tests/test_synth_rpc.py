@@ -271,3 +271,24 @@ def test_info_reports_what_prepare_made(prepared: tuple[Path, dict]) -> None:
     t = summary["dense"]["dsm"]["truth"]
     assert f"stereo DSM   {out / 'dense/dsm.tif'} (0.5 m cells" in "\n".join(lines)
     assert f"MAE {t['dsm_mae_m']:.3f} m" in lines[-2] and lines[-1] == f"truth DSM    {summary['truth_dsm']}"
+
+
+def test_overwriting_without_dense_heights_leaves_no_stale_stereo_dsm(
+    rpc_tile: Path, meta: dict, prepared: tuple[Path, dict], tmp_path: Path
+) -> None:
+    from skyfall.prepare import PrepareConfig, prepare_tile
+    from skyfall.prepare.dense import DenseConfig
+    from skyfall.prepare.pipeline import parse_aoi, parse_range
+    from skyfall.prepare.stereo_dsm import load_field
+
+    out = tmp_path / "tile"
+    shutil.copytree(prepared[0], out)
+    assert load_field(out) is not None
+    cfg = PrepareConfig(
+        aoi=parse_aoi(meta["prepare"]["aoi"]),
+        alt_range=parse_range(meta["prepare"]["alt_range"], "x"),
+        match=False,
+        dense=DenseConfig(enabled=False),
+    )
+    summary = prepare_tile([rpc_tile / "rpc" / v["image"] for v in meta["views"]], out, cfg, overwrite=True)
+    assert summary["dense"] == {"done": False} and not (out / "dense").exists() and load_field(out) is None

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -397,6 +398,9 @@ def prepare_tile(
         adjustment = {"done": False, "reason": reason}
         method = f"plane fallback: {reason}"
     dense: dict[str, Any] = {"done": False}
+    # dense/ is written by this step alone: an earlier tile's stereo DSM must not outlive it (eval would
+    # score it as this tile's)
+    shutil.rmtree(out / "dense", ignore_errors=True)
     if cfg.dense.enabled and len(train_idx) >= 2:
         dense, dense_pts, field = _dense_points(views, train_idx, width, height, half, (z_lo, z_hi), cfg)
         if cfg.dense.dsm_resolution > 0:
