@@ -328,3 +328,27 @@ def test_eval_scores_the_tiles_stereo_dsm_beside_the_checkpoint(
     assert doc["checkpoints"][0]["geometry"]["truth"]["dsm_mae_m"] > 10 * s["dsm_mae_m"]
     assert "| prepare | geometry | dsm_stereo |" in printed
     assert "prepare,geometry,dsm_stereo" in (out / "summary.csv").read_text()
+
+
+def test_dsm_figure_cuts_to_the_common_cells_and_refuses_another_lattice(tmp_path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "dsm_figure", Path(__file__).resolve().parents[1] / "scripts" / "dsm_figure.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    g = DsmGrid(500000.0, 3350000.0, 0.5, 80, 60)
+    h = field(*g.centres())
+    truth = write_geotiff(tmp_path / "t.tif", h, g, "EPSG:32617")
+    inner = g.window(5, 55, 10, 70)  # 50 x 60 cells, on the same lattice
+    pred = write_geotiff(tmp_path / "p.tif", field(*inner.centres()) + 2.0, inner, "EPSG:32617")
+    cut = mod.common_window([read_geotiff(truth), read_geotiff(pred)])
+    assert [c.shape for c in cut] == [(50, 60), (50, 60)]
+    np.testing.assert_allclose(cut[1] - cut[0], 2.0, atol=1e-4)
+    img = mod.figure(truth, [pred], ["p"])
+    assert img.shape == (2 * 50 + 4, 2 * 60 + 4, 3) and img.dtype == np.uint8
+    off = DsmGrid(inner.x_min + 0.25, inner.y_max, 0.5, 60, 50)
+    bad = write_geotiff(tmp_path / "b.tif", field(*off.centres()), off, "EPSG:32617")
+    with pytest.raises(SystemExit, match="not on the grid"):
+        mod.common_window([read_geotiff(truth), read_geotiff(bad)])
