@@ -33,6 +33,7 @@ import torch
 
 from skyfall.data.orbits import nadir_grid_camera
 from skyfall.errors import MissingDependencyError, TileFormatError
+from skyfall.prepare.dense import DenseHeights
 from skyfall.prepare.geodesy import ENUFrame
 from skyfall.scene import Scene
 
@@ -381,6 +382,24 @@ def sample_bilinear(img: np.ndarray, grid: DsmGrid, x: np.ndarray, y: np.ndarray
     with np.errstate(invalid="ignore", divide="ignore"):
         out = acc / wsum
     return np.where(inside & (wsum >= 0.5 - 1e-9), out, np.nan)
+
+
+def field_grid(field: DenseHeights) -> DsmGrid:
+    """The ENU grid of ``skyfall prepare``'s dense heights (the same north-up cell convention)."""
+    h, w = field.heights.shape
+    return DsmGrid(field.x0, field.y1, field.resolution, w, h)
+
+
+def field_sampler(field: DenseHeights) -> Callable[[DsmGrid], np.ndarray]:
+    """ENU heights of a dense height field on any ENU grid (bilinear; NaN outside the field): the
+    ``render_enu`` of ``render_on_map_grid`` and ``score_truth`` for a tile's stereo heights."""
+    src = field_grid(field)
+
+    def render(g: DsmGrid) -> np.ndarray:
+        x, y = g.centres()
+        return sample_bilinear(field.heights, src, x, y)
+
+    return render
 
 
 def resample_enu_dsm(

@@ -304,7 +304,7 @@ def test_eval_scores_the_tiles_stereo_dsm_beside_the_checkpoint(
     """A tile whose dense heights (dense/field.npz) are the exact DSM: eval's stereo row recovers the
     truth's known shift and offset with no error left, on the same truth as the checkpoint's row."""
     from skyfall.prepare.dense import DenseHeights
-    from skyfall.prepare.stereo_dsm import save_field
+    from skyfall.prepare.dense_field import save_field
 
     tile = tmp_path / "tile"
     shutil.copytree(tiny_tile, tile)

@@ -1,4 +1,5 @@
-"""The stereo DSM that ``skyfall prepare`` writes from its dense heights (`skyfall.prepare.stereo_dsm`)."""
+"""The stereo DSM of a prepared tile: its dense heights on disk (`skyfall.prepare.dense_field`), as
+GeoTIFFs (`skyfall.export.stereo`), scored against a truth (`skyfall.eval.stereo`), in the CLI."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ from skyfall.prepare.geodesy import ENUFrame
 pytest.importorskip("rasterio")
 pytest.importorskip("pyproj")
 
-from skyfall.prepare.stereo_dsm import field_grid, field_sampler, write_stereo_dsm  # noqa: E402
+from skyfall.dsm import field_grid, field_sampler  # noqa: E402
+from skyfall.eval.stereo import score_stereo  # noqa: E402
+from skyfall.export.stereo import write_stereo_dsm  # noqa: E402
+from skyfall.prepare.dense_field import field_path, load_field, save_field  # noqa: E402
 
 # Jacksonville, like the synthetic RPC city; the tile's origin 20 m below the ground.
 FRAME = ENUFrame(-81.66, 30.32, -10.0)
@@ -38,6 +42,15 @@ def _field(res: float = 0.5) -> DenseHeights:
     return DenseHeights(heights, score, -HALF, HALF, res, res / 2, 100)
 
 
+def _tile(root: Path, f: DenseHeights) -> Path:
+    """A tile folder as far as the stereo DSM needs it: prepare.json's frame and AOI, the field."""
+    root.mkdir(parents=True, exist_ok=True)
+    prep = {"aoi": {"size_m": 2 * HALF}, "enu_origin": FRAME.to_dict()}
+    (root / "prepare.json").write_text(json.dumps(prep))
+    save_field(field_path(root), f)
+    return root
+
+
 def test_sampler_reads_the_field_at_its_cells_and_nothing_outside() -> None:
     f = _field()
     g = field_grid(f)
@@ -51,7 +64,7 @@ def test_dsm_cells_lie_on_the_field_in_the_enu_frame(tmp_path: Path) -> None:
     """Every written cell, taken back from (easting, northing, ellipsoidal height) to ENU, is a point of
     the field's surface: the map grid's cells land where the field says, at the field's height."""
     f = _field()
-    meta = write_stereo_dsm(tmp_path, f, FRAME, EXTENT, resolution=0.5)
+    meta = write_stereo_dsm(_tile(tmp_path, f), resolution=0.5)
     dsm = read_geotiff(tmp_path / "dense" / "dsm.tif")
     assert meta["crs"] == "EPSG:32617" and "UTM zone 17N" in dsm.crs
     assert dsm.grid.resolution == 0.5 and meta["grid"] == dsm.grid.to_json()
@@ -77,7 +90,7 @@ def test_dsm_cells_lie_on_the_field_in_the_enu_frame(tmp_path: Path) -> None:
 
 def test_score_raster_follows_the_cells_it_was_matched_in(tmp_path: Path) -> None:
     f = _field()
-    write_stereo_dsm(tmp_path, f, FRAME, EXTENT)
+    write_stereo_dsm(_tile(tmp_path, f))
     dsm = read_geotiff(tmp_path / "dense" / "dsm.tif")
     score = read_geotiff(tmp_path / "dense" / "score.tif")
     assert score.grid == dsm.grid
@@ -94,29 +107,29 @@ def test_truth_scores_register_a_shift_and_a_datum_offset(tmp_path: Path) -> Non
     """A truth that is the field moved 1 m east and 3 m up scores MAE ~0 after the registration, which
     reports the shift and the offset."""
     f = _field(res=0.25)
-    write_stereo_dsm(tmp_path / "a", f, FRAME, EXTENT)
-    dsm = read_geotiff(tmp_path / "a" / "dense" / "dsm.tif")
+    tile = _tile(tmp_path / "tile", f)
+    write_stereo_dsm(tile)
+    dsm = read_geotiff(tile / "dense" / "dsm.tif")
     g = dsm.grid
     moved = DsmGrid(g.x_min + 1.0, g.y_max, g.resolution, g.width, g.height)
     truth = write_geotiff(tmp_path / "truth.tif", dsm.heights + 3.0, moved, dsm.crs)
-    meta = write_stereo_dsm(tmp_path / "b", f, FRAME, EXTENT, truth=truth)
-    t = meta["truth"]
+    t = score_stereo(tile, truth)
     assert t["file"] == str(truth)
     assert t["shift_e_m"] == pytest.approx(1.0) and t["shift_n_m"] == 0.0
     assert t["dz_m"] == pytest.approx(3.0, abs=0.02)
     assert t["dsm_mae_m"] < 0.02 and t["dsm_mae_unregistered_m"] > 2.0
     assert t["dsm_completeness"] > 0.95
-    saved = json.loads((tmp_path / "b" / "dense" / "dsm.json").read_text())
-    assert saved["truth"] == t
+    write_stereo_dsm(tile, truth_scores=t)
+    assert json.loads((tile / "dense" / "dsm.json").read_text())["truth"] == t
 
 
 def test_a_truth_elsewhere_is_reported_not_raised(tmp_path: Path) -> None:
     f = _field()
     far = DsmGrid(500000.0, 4000000.0, 1.0, 8, 8)
     truth = write_geotiff(tmp_path / "far.tif", np.full((8, 8), 5.0), far, "EPSG:32617")
-    meta = write_stereo_dsm(tmp_path, f, FRAME, EXTENT, truth=truth)
-    assert "does not overlap the tile" in meta["truth"]["error"]
-    assert (tmp_path / "dense" / "dsm.tif").is_file()
+    tile = _tile(tmp_path / "tile", f)
+    assert "does not overlap the tile" in score_stereo(tile, truth)["error"]
+    assert score_stereo(tmp_path, truth) is None  # no dense heights there
 
 
 def test_cli_names_an_unreadable_truth_before_reading_images(tmp_path: Path) -> None:
@@ -144,7 +157,6 @@ def test_negative_dsm_cell_is_one_clear_error(tmp_path: Path) -> None:
 
 def test_field_file_round_trips_and_a_bad_one_names_itself(tmp_path: Path) -> None:
     from skyfall.errors import TileFormatError
-    from skyfall.prepare.stereo_dsm import load_field, save_field
 
     assert load_field(tmp_path) is None  # a tile without dense heights
     f = _field()
@@ -162,17 +174,28 @@ def test_field_file_round_trips_and_a_bad_one_names_itself(tmp_path: Path) -> No
 
 
 def test_prepare_without_the_geo_extra_keeps_the_tile_and_says_why(monkeypatch, tmp_path: Path) -> None:
-    """rasterio / pyproj are optional: prepare records why no stereo DSM was written, and goes on."""
-    import skyfall.prepare.stereo_dsm as sd
+    """rasterio / pyproj are optional: the CLI reports why no stereo DSM was written, and goes on."""
+    import skyfall.export.stereo as es
+    from skyfall.cli.prepare import dsm_summary, stereo_outputs
     from skyfall.errors import MissingDependencyError
-    from skyfall.prepare.pipeline import _stereo_dsm
 
     def missing(*a, **k):  # noqa: ANN002, ANN003, ANN202
         raise MissingDependencyError('GeoTIFF output needs rasterio: pip install "skyfall[geo]"')
 
-    monkeypatch.setattr(sd, "write_stereo_dsm", missing)
-    got = _stereo_dsm(tmp_path, _field(), FRAME, HALF, 0.5, None)
+    monkeypatch.setattr(es, "write_stereo_dsm", missing)
+    tile = _tile(tmp_path, _field())
+    got = stereo_outputs(tile, {"dense": {"done": True}}, 0.5)
     assert got == {"written": False, "reason": 'GeoTIFF output needs rasterio: pip install "skyfall[geo]"'}
-    from skyfall.cli.prepare import dsm_summary
-
     assert dsm_summary(got, tmp_path) == f"not written: {got['reason']}"
+    assert stereo_outputs(tile, {"dense": {"done": True}}, 0.0) is None  # --dense-dsm 0
+    assert stereo_outputs(tile, {"dense": {"done": False}}, 0.5) is None
+
+
+def test_a_tile_without_dense_heights_or_frame_is_named(tmp_path: Path) -> None:
+    from skyfall.errors import TileFormatError
+
+    with pytest.raises(TileFormatError, match="field.npz.*no dense heights"):
+        write_stereo_dsm(tmp_path)
+    save_field(field_path(tmp_path), _field())
+    with pytest.raises(TileFormatError, match="prepare.json"):
+        write_stereo_dsm(tmp_path)

@@ -174,6 +174,9 @@ def test_dsm_geotiff_is_utm_and_exact(rpc_tile: Path, meta: dict) -> None:
 
 @pytest.fixture(scope="module")
 def prepared(rpc_tile: Path, meta: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The tile as `skyfall prepare --dsm-truth` makes it: prepare_tile, then the CLI's stereo DSM
+    step (its result under the summary's ``"stereo"``)."""
+    from skyfall.cli.prepare import stereo_outputs
     from skyfall.prepare import PrepareConfig, prepare_tile
     from skyfall.prepare.pipeline import parse_aoi, parse_range
 
@@ -185,7 +188,8 @@ def prepared(rpc_tile: Path, meta: dict, tmp_path_factory: pytest.TempPathFactor
     )
     images = [rpc_tile / "rpc" / v["image"] for v in meta["views"]]
     out = tmp_path_factory.mktemp("prep") / "prep"
-    return out, prepare_tile(images, out, cfg)
+    summary = prepare_tile(images, out, cfg)
+    return out, {**summary, "stereo": stereo_outputs(out, summary, 0.5)}
 
 
 def test_prepare_recovers_the_exact_cameras(rpc_tile: Path, meta: dict, prepared: tuple[Path, dict]) -> None:
@@ -206,16 +210,17 @@ def test_prepare_recovers_the_exact_cameras(rpc_tile: Path, meta: dict, prepared
 def test_prepare_writes_a_stereo_dsm_scored_against_the_truth(
     rpc_tile: Path, prepared: tuple[Path, dict]
 ) -> None:
-    """The dense heights come out as a UTM DSM on the truth's own 0.5 m lattice, scored in
-    prepare.json like `eval --dsm-truth` would; the truth is recorded as eval's default."""
+    """The dense heights come out as a UTM DSM on the truth's own 0.5 m lattice, scored like `eval
+    --dsm-truth` would; the truth is recorded in prepare.json as eval's default."""
     from skyfall.cli.prepare import format_summary
     from skyfall.dsm import read_geotiff, tile_frame
     from skyfall.eval.geometry import dsm_metrics
 
     out, summary = prepared
-    d = summary["dense"]["dsm"]
-    assert d["written"] and d["file"] == "dense/dsm.tif" and d["completeness"] > 0.99
-    dsm = read_geotiff(out / d["file"])
+    d = summary["stereo"]
+    assert d["written"] and d["file"] == "dsm.tif" and d["completeness"] > 0.99
+    assert summary["dense"]["field"] == "dense/field.npz"
+    dsm = read_geotiff(out / "dense" / d["file"])
     truth = read_geotiff(rpc_tile / "rpc" / "dsm.tif")
     assert "UTM zone 17N" in dsm.crs and dsm.grid.resolution == 0.5
     t = d["truth"]
@@ -232,7 +237,7 @@ def test_prepare_writes_a_stereo_dsm_scored_against_the_truth(
     gt = truth.heights[r0 : r0 + dsm.grid.height, c0 : c0 + dsm.grid.width]
     direct = dsm_metrics(dsm.heights[: gt.shape[0], : gt.shape[1]], gt, radius=5, pyramid=False)
     assert direct["dsm_mae_m"] == pytest.approx(t["dsm_mae_m"], abs=0.02)
-    line = format_summary(summary, out)
+    line = format_summary(summary, out, d)
     assert f"stereo DSM: {out / 'dense/dsm.tif'}" in line and f"MAE {t['dsm_mae_m']:.3f} m" in line
 
 
@@ -268,7 +273,7 @@ def test_info_reports_what_prepare_made(prepared: tuple[Path, dict]) -> None:
     lines = summarize(load_tile(out))
     a = summary["aoi"]
     assert f"prepared     AOI {a['lon']:.6f},{a['lat']:.6f} {a['size_m']:g} m, heights" in "\n".join(lines)
-    t = summary["dense"]["dsm"]["truth"]
+    t = summary["stereo"]["truth"]
     assert f"stereo DSM   {out / 'dense/dsm.tif'} (0.5 m cells" in "\n".join(lines)
     assert f"MAE {t['dsm_mae_m']:.3f} m" in lines[-2] and lines[-1] == f"truth DSM    {summary['truth_dsm']}"
 
@@ -278,8 +283,8 @@ def test_overwriting_without_dense_heights_leaves_no_stale_stereo_dsm(
 ) -> None:
     from skyfall.prepare import PrepareConfig, prepare_tile
     from skyfall.prepare.dense import DenseConfig
+    from skyfall.prepare.dense_field import load_field
     from skyfall.prepare.pipeline import parse_aoi, parse_range
-    from skyfall.prepare.stereo_dsm import load_field
 
     out = tmp_path / "tile"
     shutil.copytree(prepared[0], out)

@@ -324,7 +324,16 @@ def _stereo_mosaic(folder: CityFolder, resolution: float, say: Callable[[str], N
 def _prepare_tile(sats: list[SatelliteImage], tile: Path, cfg: PrepareConfig, extra: dict) -> dict[str, Any]:
     from skyfall.prepare.pipeline import prepare_tile
 
-    return prepare_tile(sats, tile, cfg, extra=extra)  # type: ignore[arg-type]
+    summary = prepare_tile(sats, tile, cfg, extra=extra)  # type: ignore[arg-type]
+    if summary["dense"].get("done") and cfg.dense.dsm_resolution > 0:
+        from skyfall.errors import MissingDependencyError
+        from skyfall.export.stereo import write_stereo_dsm
+
+        try:
+            write_stereo_dsm(tile, resolution=cfg.dense.dsm_resolution)
+        except MissingDependencyError:
+            pass  # the city's stereo mosaic says so once, after the last tile
+    return summary
 
 
 # ------------------------------------------------------------------------------------ helpers

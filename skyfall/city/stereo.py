@@ -7,7 +7,7 @@
                                                heights listed in dsm.json ``missing``
 
 ``skyfall city prepare`` writes it after the last tile: each cell's ``dense/field.npz``
-(``skyfall.prepare.stereo_dsm``) sampled on the cells of the city grid its core owns, exactly as the
+(``skyfall.prepare.dense_field``) sampled on the cells of the city grid its core owns, exactly as the
 trained DSM mosaic samples each cell's model (``skyfall.city.export.DsmMosaic``). So a city has a
 DSM within minutes of its images, hours before its tiles are trained, and the two mosaics compare
 cell for cell.
@@ -19,7 +19,8 @@ from pathlib import Path
 
 from skyfall.city.export import CityDsm, DsmMosaic, georeference
 from skyfall.city.folders import CityFolder
-from skyfall.prepare.stereo_dsm import field_sampler, load_field
+from skyfall.dsm import field_sampler
+from skyfall.prepare.dense_field import load_field
 
 STEREO_DIR = "stereo"
 

@@ -81,7 +81,8 @@ def summarize(tile: Tile) -> list[str]:
 
 
 def _prepared(root: Path) -> list[str]:
-    """What ``prepare.json`` says of a tile made by ``skyfall prepare``: AOI, heights, stereo DSM, truth."""
+    """What a tile made by ``skyfall prepare`` records: AOI and heights (``prepare.json``), the stereo
+    DSM (``dense/dsm.json``), the truth DSM."""
     import json
 
     from skyfall.cli.prepare import dsm_summary
@@ -98,9 +99,12 @@ def _prepared(root: Path) -> list[str]:
         ]
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
         return [f"prepared     {path}: unreadable ({type(e).__name__}: {e})"]
-    dsm = (doc.get("dense") or {}).get("dsm")
-    if isinstance(dsm, dict):
-        lines.append(f"stereo DSM   {dsm_summary(dsm, root)}")
+    meta = root / "dense" / "dsm.json"
+    if meta.is_file():
+        try:
+            lines.append(f"stereo DSM   {dsm_summary(json.loads(meta.read_text()), root)}")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            lines.append(f"stereo DSM   {meta}: unreadable ({type(e).__name__}: {e})")
     if doc.get("truth_dsm"):
         lines.append(f"truth DSM    {doc['truth_dsm']}")
     return lines

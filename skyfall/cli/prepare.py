@@ -164,12 +164,34 @@ class Prepare:
             images, rpcs, extra, test = dfc_inputs(self.dfc, self.aoi_name)
             if test is not None and cfg.test_views == "auto":
                 cfg.test_views = ",".join(map(str, test)) or "none"  # the dataset's own split
+        if self.dsm_truth is not None:  # read it now, not after minutes of matching
+            from skyfall.eval.truth import load_truth
+
+            load_truth(self.dsm_truth)
         s = prepare_tile(images, self.out, cfg, rpc_files=rpcs, overwrite=self.overwrite, extra=extra)
-        print(format_summary(s, self.out))
+        dsm = stereo_outputs(self.out, s, self.tile.dense_dsm)
+        print(format_summary(s, self.out, dsm))
 
 
-def format_summary(s: dict, out: Path) -> str:
-    """The stdout report of ``skyfall prepare`` for a ``prepare.json`` summary."""
+def stereo_outputs(tile: Path, summary: dict, resolution: float) -> dict | None:
+    """The tile's stereo DSM (``skyfall.export.stereo``), scored against its ``truth_dsm`` when it has
+    one (``skyfall.eval.stereo``): what ``dense/dsm.json`` holds, ``{"written": False, "reason"}``
+    without rasterio / pyproj, None when there is nothing to write (no dense heights, or cell 0)."""
+    if resolution <= 0 or not (summary.get("dense") or {}).get("done"):
+        return None
+    from skyfall.errors import MissingDependencyError
+    from skyfall.eval.stereo import score_stereo
+    from skyfall.export.stereo import write_stereo_dsm
+
+    try:
+        scores = score_stereo(tile, summary["truth_dsm"]) if summary.get("truth_dsm") else None
+        return {"written": True, **write_stereo_dsm(tile, resolution=resolution, truth_scores=scores)}
+    except MissingDependencyError as e:  # the tile stands without it
+        return {"written": False, "reason": str(e)}
+
+
+def format_summary(s: dict, out: Path, dsm: dict | None = None) -> str:
+    """The stdout report of ``skyfall prepare`` for a ``prepare.json`` summary (and ``stereo_outputs``)."""
     a = s["aoi"]
     lines = [
         f"tile {out}: {len(s['views'])} views at {s['width']}x{s['height']} px, AOI "
@@ -243,19 +265,23 @@ def format_summary(s: dict, out: Path) -> str:
             )
             + (f" ({d['note']})" if d.get("note") else "")
         )
-    if d.get("dsm"):
-        lines.append("  stereo DSM: " + dsm_summary(d["dsm"], out))
+    if dsm is not None:
+        lines.append("  stereo DSM: " + dsm_summary(dsm, out))
     lines.append(f"  points3D.txt: {s['points3D']['count']} points, {s['points3D']['method']}")
     if s.get("truth_dsm"):
         lines.append(f"  truth DSM: {s['truth_dsm']}")
     return "\n".join(lines)
 
 
-def dsm_summary(dsm: dict, out: Path) -> str:
-    """What the report says of the stereo DSM (and its truth scores), after 'stereo DSM'."""
-    if not dsm.get("written"):
+def dsm_summary(dsm: dict, tile: Path) -> str:
+    """What a report says of a tile's stereo DSM (``dense/dsm.json``, or why there is none) after
+    'stereo DSM'."""
+    if not dsm.get("written", True):
         return f"not written: {dsm.get('reason')}"
-    line = f"{out / dsm['file']} ({dsm['resolution_m']:g} m cells, completeness {dsm['completeness']:.3f})"
+    line = (
+        f"{tile / 'dense' / dsm['file']} ({dsm['grid']['resolution']:g} m cells, {dsm['crs']}, "
+        f"completeness {dsm['completeness']:.3f})"
+    )
     t = dsm.get("truth")
     if t and "error" in t:
         return line + f"; not scored against {t['file']}: {t['error']}"

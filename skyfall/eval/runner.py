@@ -617,18 +617,14 @@ def _load_truth(opts: EvalOptions, data: Path | None) -> tuple | None:
 def _stereo_score(opts: EvalOptions, data: Path, truth: tuple) -> dict | None:
     """The tile's stereo DSM (``prepare``'s dense heights) scored like the checkpoints against the same
     truth: what training added over matching alone. None when the tile has no dense heights."""
-    from skyfall.prepare.stereo_dsm import field_sampler, load_field
-
-    field = load_field(data)
-    if field is None:
-        return None
-    from skyfall.eval.truth import score_truth
+    from skyfall.eval.stereo import score_stereo
 
     raster, frame, extent = truth
-    s = score_truth(field_sampler(field), raster, frame, extent=extent, oversample=opts.dsm_oversample,
-                    radius=opts.dsm_shift_radius)  # fmt: skip
-    return {**s.metrics, "file": str(raster.path),
-            "protocol": eval_dsm_protocol("stereo", shift_radius=opts.dsm_shift_radius)}  # fmt: skip
+    s = score_stereo(data, raster, frame=frame, extent=extent, oversample=opts.dsm_oversample,
+                     radius=opts.dsm_shift_radius)  # fmt: skip
+    if s is None:
+        return None
+    return {**s, "protocol": eval_dsm_protocol("stereo", shift_radius=opts.dsm_shift_radius)}
 
 
 def _geometry_cameras(opts: EvalOptions) -> Cameras | None:

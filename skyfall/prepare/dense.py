@@ -201,9 +201,10 @@ class DenseConfig:
     free_space_drop: float = 1.0
     """Cells more than this (metres) above their free-space ceiling go to the local ground beneath it."""
     dsm_resolution: float = 0.5
-    """Cell (metres) of the stereo DSM written from the dense heights, ``TILE/dense/dsm.tif`` in the
-    tile's UTM zone (:mod:`skyfall.prepare.stereo_dsm`; 0: not written). 0.5 m like ``export
-    --format dsm``, so the two compare cell for cell."""
+    """Cell (metres) of the stereo DSM that ``skyfall prepare`` and ``skyfall city prepare`` write from
+    the dense heights after the tile, ``TILE/dense/dsm.tif`` in the tile's UTM zone
+    (:mod:`skyfall.export.stereo`; 0: not written; ``prepare_tile`` itself writes the heights only,
+    ``dense/field.npz``). 0.5 m like ``export --format dsm``, so the two compare cell for cell."""
 
     def check(self) -> None:
         for name, value in (("window", self.window), ("shift", self.shift)):

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from skyfall.errors import ConfigError, SkyfallError
+from skyfall.errors import ConfigError, SkyfallError, TileFormatError
 from skyfall.prepare.adjust import (
     Correction,
     JointAdjustment,
@@ -57,6 +57,7 @@ from skyfall.prepare.adjust import (
     triangulate_tracks,
 )
 from skyfall.prepare.dense import DenseConfig
+from skyfall.prepare.dense_field import DENSE_DIR, FIELD_FILE, field_path, save_field
 from skyfall.prepare.geodesy import ENUFrame
 from skyfall.prepare.matching import MatchConfig, Matches, match_multiview, match_pair
 from skyfall.prepare.pinhole import PinholeFit, fit_pinhole
@@ -147,7 +148,8 @@ class PrepareConfig:
     """Dense heights (plane sweep + semi-global matching over the training views) for points3D.txt."""
     truth_dsm: Path | None = None
     """A ground-truth DSM GeoTIFF of the area (any CRS, heights above the WGS84 ellipsoid): recorded in
-    ``prepare.json`` (``skyfall eval``'s default ``--dsm-truth``) and scored against the stereo DSM."""
+    ``prepare.json`` as ``truth_dsm`` (``skyfall eval``'s default ``--dsm-truth``; ``skyfall prepare``
+    scores the stereo DSM against it)."""
     shared_frame: SharedFrame | None = None
     """Prepare in a frame shared with other tiles (a city's) instead of one at the AOI centre; the
     AOI is then the frame's square (``aoi`` and ``geojson`` must be None)."""
@@ -290,7 +292,9 @@ def prepare_tile(
     test_idx, test_rule = parse_test_views(cfg.test_views, len(images))
     extra = dict(extra or {})
     if cfg.truth_dsm is not None:
-        extra["truth_dsm"] = str(_checked_truth(cfg.truth_dsm))
+        if not Path(cfg.truth_dsm).is_file():
+            raise TileFormatError(cfg.truth_dsm, None, "truth DSM GeoTIFF not found")
+        extra["truth_dsm"] = str(Path(cfg.truth_dsm).resolve())
 
     sats = [
         p
@@ -400,13 +404,11 @@ def prepare_tile(
     dense: dict[str, Any] = {"done": False}
     # dense/ is written by this step alone: an earlier tile's stereo DSM must not outlive it (eval would
     # score it as this tile's)
-    shutil.rmtree(out / "dense", ignore_errors=True)
+    shutil.rmtree(out / DENSE_DIR, ignore_errors=True)
     if cfg.dense.enabled and len(train_idx) >= 2:
         dense, dense_pts, field = _dense_points(views, train_idx, width, height, half, (z_lo, z_hi), cfg)
-        if cfg.dense.dsm_resolution > 0:
-            dense["dsm"] = _stereo_dsm(
-                out, field, frame, half, cfg.dense.dsm_resolution, extra.get("truth_dsm")
-            )
+        save_field(field_path(out), field)
+        dense["field"] = f"{DENSE_DIR}/{FIELD_FILE}"
         if len(dense_pts) >= cfg.min_points:
             points, errors = dense_pts, np.zeros(len(dense_pts))
             cv = views[dense["colour_view"]]
@@ -852,31 +854,6 @@ def _to_output(v: _View, frame: ENUFrame, xyz: np.ndarray, r: int) -> np.ndarray
     """
     uv = _to_file(v.image, frame, xyz)
     return (uv - np.array([v.x0, v.y0])) / r
-
-
-def _checked_truth(path: Path) -> Path:
-    """The truth DSM's absolute path, once it is known to read as a GeoTIFF (before the long steps)."""
-    from skyfall.eval.truth import load_truth
-
-    load_truth(path)
-    return Path(path).resolve()
-
-
-def _stereo_dsm(
-    out: Path, field: Any, frame: ENUFrame, half: float, resolution: float, truth: str | None
-) -> dict[str, Any]:
-    """Write ``out/dense/dsm.tif`` (:mod:`skyfall.prepare.stereo_dsm`); what prepare.json says of it."""
-    from skyfall.errors import MissingDependencyError
-    from skyfall.prepare.stereo_dsm import DSM_DIR, write_stereo_dsm
-
-    try:
-        meta = write_stereo_dsm(
-            out, field, frame, (-half, half, -half, half), resolution=resolution, truth=truth
-        )
-    except MissingDependencyError as e:  # rasterio / pyproj are optional; the tile does not need them
-        return {"written": False, "reason": str(e)}
-    return {"written": True, "file": f"{DSM_DIR}/dsm.tif", "resolution_m": resolution,
-            "completeness": round(meta["completeness"], 4), "truth": meta.get("truth")}  # fmt: skip
 
 
 def _dense_points(
