@@ -196,8 +196,11 @@ def pyramid(tmp_path_factory: pytest.TempPathFactory, aoi: tuple[float, float, f
 
     pytest.importorskip("rasterio")
     pytest.importorskip("pyproj")
+    from skyfall.export.stereo import write_stereo_dsm
+
     out = tmp_path_factory.mktemp("giza_dsm") / "tile"
     prepare_tile(IMAGES, out, PrepareConfig(aoi=aoi, alt_range=ALT, downsample=2))
+    write_stereo_dsm(out)  # what `skyfall prepare` does after the tile
     script = Path(__file__).resolve().parents[1] / "scripts" / "giza_pyramid.py"
     spec = importlib.util.spec_from_file_location("giza_pyramid", script)
     mod = importlib.util.module_from_spec(spec)
