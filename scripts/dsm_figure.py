@@ -57,6 +57,21 @@ def _label(img: np.ndarray, text: str) -> np.ndarray:
     return np.asarray(im)
 
 
+def _legend(shape: tuple[int, ...], err: float, colorize) -> np.ndarray:  # noqa: ANN001
+    """The error colours as a bar with its ends labelled, on white, in a tile of ``shape``."""
+    h, w = shape[:2]
+    tile = np.full((h, w, 3), 255, np.uint8)
+    bar = colorize(np.tile(np.linspace(-err, err, w - 20), (16, 1)), -err, err, "diverging")
+    y = h // 2 - 8
+    tile[y : y + 16, 10 : w - 10] = bar
+    im = Image.fromarray(tile)
+    d = ImageDraw.Draw(im)
+    d.text((10, y - 28), "error after registration", fill=(0, 0, 0))
+    d.text((10, y + 20), f"-{err:g} m (low)", fill=(0, 0, 0))
+    d.text((w - 80, y + 20), f"+{err:g} m (high)", fill=(0, 0, 0))
+    return np.asarray(im)
+
+
 def figure(
     truth_path: Path, paths: list[Path], labels: list[str], err: float = 5.0, max_side: int = 400
 ) -> np.ndarray:
@@ -69,7 +84,7 @@ def figure(
     lo, hi = np.percentile(truth[fin], 1), np.percentile(truth[fin], 99)
     step = max(1, int(np.ceil(max(truth.shape) / max_side)))
     top = [_label(colorize(truth, lo, hi)[::step, ::step], "truth")]
-    bottom = [np.full_like(top[0], 255)]
+    bottom = [_legend(top[0].shape, err, colorize)]
     for pred, label in zip(preds, labels, strict=True):
         m = dsm_metrics(pred, truth, radius=5, pyramid=False)
         reg = shift_image(pred, int(m["shift_rows"]), int(m["shift_cols"])) + m["dz_m"]
