@@ -49,14 +49,6 @@ def common_window(rasters: list) -> list[np.ndarray]:  # noqa: ANN001 - skyfall.
     return out
 
 
-def _label(img: np.ndarray, text: str) -> np.ndarray:
-    im = Image.fromarray(img)
-    d = ImageDraw.Draw(im)
-    d.rectangle([0, 0, min(im.width, 6 * len(text) + 8), 13], fill=(0, 0, 0))
-    d.text((4, 1), text, fill=(255, 255, 255))
-    return np.asarray(im)
-
-
 def _legend(shape: tuple[int, ...], err: float, colorize) -> np.ndarray:  # noqa: ANN001
     """The error colours as a bar with its ends labelled, on white, in a tile of ``shape``."""
     h, w = shape[:2]
@@ -77,20 +69,21 @@ def figure(
 ) -> np.ndarray:
     from skyfall.dsm import colorize, read_geotiff
     from skyfall.eval.geometry import dsm_metrics, shift_image
+    from skyfall.eval.report import label_image
 
     rasters = [read_geotiff(truth_path), *(read_geotiff(p) for p in paths)]
     truth, *preds = common_window(rasters)
     fin = np.isfinite(truth)
     lo, hi = np.percentile(truth[fin], 1), np.percentile(truth[fin], 99)
     step = max(1, int(np.ceil(max(truth.shape) / max_side)))
-    top = [_label(colorize(truth, lo, hi)[::step, ::step], "truth")]
+    top = [label_image(colorize(truth, lo, hi)[::step, ::step], "truth")]
     bottom = [_legend(top[0].shape, err, colorize)]
     for pred, label in zip(preds, labels, strict=True):
         m = dsm_metrics(pred, truth, radius=5, pyramid=False)
         reg = shift_image(pred, int(m["shift_rows"]), int(m["shift_cols"])) + m["dz_m"]
-        top.append(_label(colorize(pred, lo, hi)[::step, ::step], label))
+        top.append(label_image(colorize(pred, lo, hi)[::step, ::step], label))
         diff = colorize(reg - truth, -err, err, "diverging")[::step, ::step]
-        bottom.append(_label(diff, f"{label}: MAE {m['dsm_mae_m']:.2f} m"))
+        bottom.append(label_image(diff, f"{label}: MAE {m['dsm_mae_m']:.2f} m"))
     gap = np.full((top[0].shape[0], 4, 3), 255, np.uint8)
     row = lambda tiles: np.concatenate([x for t in tiles for x in (t, gap)][:-1], axis=1)  # noqa: E731
     return np.concatenate([row(top), np.full((4, row(top).shape[1], 3), 255, np.uint8), row(bottom)], axis=0)

@@ -127,7 +127,8 @@ def _write_csv(path: Path, rows: list[dict], cols: tuple[str, ...]) -> None:
             w.writerow([_fmt(r.get(c)) for c in cols])
 
 
-def _label(img: np.ndarray, text: str) -> np.ndarray:
+def label_image(img: np.ndarray, text: str) -> np.ndarray:
+    """``img`` (uint8 RGB) with ``text`` in white on a black band at its top left."""
     im = Image.fromarray(img)
     d = ImageDraw.Draw(im)
     d.rectangle([0, 0, min(im.width, 7 * len(text) + 6), 12], fill=(0, 0, 0))
@@ -142,20 +143,20 @@ def _grid_png(path: Path, samples: dict[str, dict]) -> None:
     for name, s in samples.items():
         gt, pred = s["gt"], s["pred"]
         err = np.abs(gt.astype(np.float64) - pred.astype(np.float64)).mean(-1) / 255.0
-        tiles = [_label(gt, f"{name} GT"), _label(pred, "render " + " ".join(f"{k} {v:.3f}" for k, v in s["metrics"].items())),
-                 _label(colorize(err, 0, 0.5, "inferno"), "|err| 0-0.5")]  # fmt: skip
+        tiles = [label_image(gt, f"{name} GT"), label_image(pred, "render " + " ".join(f"{k} {v:.3f}" for k, v in s["metrics"].items())),
+                 label_image(colorize(err, 0, 0.5, "inferno"), "|err| 0-0.5")]  # fmt: skip
         dgt, dpr = s["gt_depth"], s["depth"]
         if dgt is not None:
             fin = np.isfinite(dgt)
             lo, hi = (np.percentile(dgt[fin], 2), np.percentile(dgt[fin], 98)) if fin.any() else (0, 1)
             derr = np.abs(dpr - dgt) / np.where(fin, dgt, np.nan)
-            tiles += [_label(colorize(dgt, lo, hi), "GT depth"), _label(colorize(dpr, lo, hi), "depth"),
-                      _label(colorize(derr, 0, 0.2, "inferno"), "|rel err| 0-0.2")]  # fmt: skip
+            tiles += [label_image(colorize(dgt, lo, hi), "GT depth"), label_image(colorize(dpr, lo, hi), "depth"),
+                      label_image(colorize(derr, 0, 0.2, "inferno"), "|rel err| 0-0.2")]  # fmt: skip
         else:
             fin = np.isfinite(dpr)
             lo, hi = (np.percentile(dpr[fin], 2), np.percentile(dpr[fin], 98)) if fin.any() else (0, 1)
             blank = np.full_like(gt, 40)
-            tiles += [blank, _label(colorize(dpr, lo, hi), "depth"), blank]
+            tiles += [blank, label_image(colorize(dpr, lo, hi), "depth"), blank]
         tiles = [np.asarray(Image.fromarray(t).resize((size, size), Image.NEAREST)) for t in tiles]
         rows.append(np.concatenate(tiles, 1))
     Image.fromarray(np.concatenate(rows, 0)).save(path)
@@ -165,16 +166,18 @@ def _dsm_png(path: Path, maps: dict[str, np.ndarray], geometry: dict[str, dict])
     gt = maps["gt"]
     fin = np.isfinite(gt)
     lo, hi = np.percentile(gt[fin], 1), np.percentile(gt[fin], 99)
-    tiles = [_label(colorize(gt, lo, hi), "GT DSM")]
+    tiles = [label_image(colorize(gt, lo, hi), "GT DSM")]
     for name, pred in maps.items():
         if name == "gt":
             continue
         g = geometry.get(name, {})
-        tiles.append(_label(colorize(pred, lo, hi), f"{name} MAE {g.get('dsm_mae_m', float('nan')):.2f} m"))
+        tiles.append(
+            label_image(colorize(pred, lo, hi), f"{name} MAE {g.get('dsm_mae_m', float('nan')):.2f} m")
+        )
         from skyfall.eval.geometry import shift_image
 
         reg = shift_image(pred, int(g.get("shift_rows", 0)), int(g.get("shift_cols", 0))) + g.get("dz_m", 0.0)
-        tiles.append(_label(colorize(np.abs(reg - gt), 0, 5, "inferno"), f"{name} |err| 0-5 m"))
+        tiles.append(label_image(colorize(np.abs(reg - gt), 0, 5, "inferno"), f"{name} |err| 0-5 m"))
     Image.fromarray(np.concatenate(tiles, 1)).save(path)
 
 
