@@ -211,8 +211,8 @@ def pyramid(tmp_path_factory: pytest.TempPathFactory, aoi: tuple[float, float, f
 def test_stereo_dsm_measures_the_great_pyramid(pyramid: dict) -> None:
     """Real imagery, known geometry: the pyramid stands 138.5 m above its base with faces at 51.84 deg
     facing the cardinal directions (UTM 36N grid north is 0.93 deg east of true north there, so the
-    faces fall towards 90.9 and 180.9 deg of grid azimuth). 1 m/px here (2x downsampled): 140.5 m,
-    53.3 / 52.5 deg; the 0.5 m/px chain of the README: 134.9 m, 51.6 / 51.8 deg."""
+    faces fall towards 90.9 and 180.9 deg of grid azimuth). 1 m/px here (2x downsampled): 136.0 m,
+    53.0 / 52.4 deg; the 0.5 m/px chain of the README: 134.9 m, 51.6 / 51.8 deg."""
     assert pyramid["height_m"] == pytest.approx(138.5, abs=10.0)
     for face, azimuth in (("east", 90.93), ("south", 180.93)):
         f = pyramid["faces"][face]
