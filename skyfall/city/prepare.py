@@ -403,8 +403,11 @@ def _check_same_grid(
 def _options_doc(cfg: PrepareConfig) -> dict[str, Any]:
     """The per-tile options as JSON values, without the ones the city sets per cell."""
     d = json.loads(json.dumps(asdict(cfg), default=str))
-    for k in ("aoi", "geojson", "alt_range", "shared_frame", "max_aoi"):
+    for k in ("aoi", "geojson", "alt_range", "shared_frame", "max_aoi", "truth_dsm"):
         d.pop(k, None)
+    # the stereo DSM's cell changes no tile's cameras, points or heights (the mosaic is rebuilt from
+    # the fields at the end), so a continued city may change it
+    d.get("dense", {}).pop("dsm_resolution", None)
     return d
 
 
