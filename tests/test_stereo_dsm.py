@@ -26,7 +26,6 @@ from skyfall.prepare.dense_field import field_path, load_field, save_field  # no
 # Jacksonville, like the synthetic RPC city; the tile's origin 20 m below the ground.
 FRAME = ENUFrame(-81.66, 30.32, -10.0)
 HALF = 32.0
-EXTENT = (-HALF, HALF, -HALF, HALF)
 
 
 def _field(res: float = 0.5) -> DenseHeights:

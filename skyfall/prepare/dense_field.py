@@ -21,6 +21,7 @@ FIELD_FILE = "field.npz"
 
 
 def field_path(tile: str | Path) -> Path:
+    """Where a tile keeps its dense heights."""
     return Path(tile) / DENSE_DIR / FIELD_FILE
 
 
