@@ -62,7 +62,7 @@ TILE=()
 
 # 2. the projected tile
 if [ $GPU = 1 ]; then
-  ( timeout "$(left 270)" $PY scripts/bench_tile.py "${TILE[@]}" --budget-s "$(( $(left 270) - 10 ))" \
+  ( timeout "$(left 270)" $PY scripts/bench_tile.py ${TILE[@]+"${TILE[@]}"} --budget-s "$(( $(left 270) - 10 ))" \
       --refiner-modes gpu,fp8-dynamic,cpu-offload --json "$OUT/bench_tile.json" ) >"$OUT/bench_tile.log" 2>&1
 else
   ( timeout "$(left 120)" $PY scripts/bench_tile.py --reduced --json "$OUT/bench_tile.json" ) >"$OUT/bench_tile.log" 2>&1
@@ -85,7 +85,7 @@ el "bench_flowedit (speed options) rc=$?: $(tail -1 "$OUT/bench_flowedit_fast.js
 
 # 5. trainer throughput
 if [ $GPU = 1 ] && [ ${#TILE[@]} -gt 0 ]; then
-  ( timeout "$(left 100)" $PY scripts/bench_step.py --preset paper-jax "${TILE[@]}" --start 1000 --steps 300 \
+  ( timeout "$(left 100)" $PY scripts/bench_step.py --preset paper-jax ${TILE[@]+"${TILE[@]}"} --start 1000 --steps 300 \
       --count-steps 20 --profile 5 --depth random-large --json "$OUT/bench_step.json" ) >"$OUT/bench_step.log" 2>&1
 else
   ( timeout "$(left 100)" env OMP_NUM_THREADS=1 $PY scripts/bench_step.py --preset tiny --steps 20 --count-steps 5 \
