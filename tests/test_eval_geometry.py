@@ -21,6 +21,7 @@ from skyfall.eval.geometry import (
     read_dfc_bounds,
     register_dsm,
     shift_image,
+    shift_image_subcell,
 )
 
 
@@ -53,6 +54,35 @@ def test_known_shift_and_offset_are_recovered():
     m = dsm_metrics(pred, gt)
     assert m["dsm_mae_m"] < 0.06 and m["dsm_mae_unregistered_m"] > 1.0
     assert m["dsm_completeness"] == pytest.approx(np.isfinite(reg).sum() / gt.size, abs=1e-12)
+
+
+def _waves(h: int, w: int, dy: float = 0.0, dx: float = 0.0) -> np.ndarray:
+    """A smooth DSM sampled at rows + dy, columns + dx (sub-cell offsets are exact)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(float)
+    y, x = yy + dy, xx + dx
+    return 10 + 6 * np.sin(x / 9.0) * np.cos(y / 7.0) + 0.05 * x
+
+
+def test_subcell_shift_matches_the_integer_shift_on_whole_cells():
+    a = np.arange(20.0).reshape(4, 5)
+    np.testing.assert_array_equal(shift_image_subcell(a, 1, -2), shift_image(a, 1, -2))
+    half = shift_image_subcell(a, 0.5, 0.0)
+    assert half[2, 1] == pytest.approx(0.5 * (a[1, 1] + a[2, 1])) and np.isnan(half[0]).all()
+
+
+@pytest.mark.parametrize("dx", [0.0, 0.3, 0.45, 0.55, 0.7, 1.4])
+def test_subcell_registration_follows_the_offset_where_the_integer_one_jumps(dx: float):
+    """pred = the truth sampled dx cells right and 0.2 cells down: the integer protocol's MAE rises
+    towards half a cell and its shift flips from 0 to 1; the refined shift follows dx continuously and
+    leaves almost nothing."""
+    gt = _waves(120, 140)
+    m = dsm_metrics(_waves(120, 140, dy=0.2, dx=dx) + 1.0, gt, radius=3, pyramid=False)
+    assert m["shift_cols"] == round(dx + 1e-9) or abs(dx - 0.5) < 0.1  # near half a cell: either
+    assert m["shift_cols_subcell"] == pytest.approx(dx, abs=0.03)
+    assert m["shift_rows_subcell"] == pytest.approx(0.2, abs=0.03)
+    assert m["dsm_mae_subcell_m"] < 0.01
+    if abs(dx - round(dx)) > 0.25:
+        assert m["dsm_mae_m"] > 5 * m["dsm_mae_subcell_m"]
 
 
 def test_multiscale_search_finds_shifts_beyond_one_level():

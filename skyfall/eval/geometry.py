@@ -236,6 +236,40 @@ def ncc_shift(gt: np.ndarray, pred: np.ndarray, *, radius: int = 5, min_size: in
     return int(di), int(dj)
 
 
+def shift_image_subcell(img: np.ndarray, di: float, dj: float) -> np.ndarray:
+    """``out[i, j] = img(i - di, j - dj)`` for fractional shifts: bilinear between the four integer
+    shifts around (di, dj) (``shift_image``); a cell that any of them leaves empty is NaN."""
+    i0, j0 = math.floor(di), math.floor(dj)
+    ti, tj = di - i0, dj - j0
+    out = np.zeros(img.shape)
+    for a, wa in ((i0, 1.0 - ti), (i0 + 1, ti)):
+        for b, wb in ((j0, 1.0 - tj), (j0 + 1, tj)):
+            if wa * wb > 0:
+                out = out + wa * wb * shift_image(img, a, b)
+    return out
+
+
+def subcell_shift(gt: np.ndarray, pred: np.ndarray, di: int, dj: int) -> tuple[float, float]:
+    """The integer NCC shift refined per axis by the vertex of the parabola through the NCC one cell
+    either side (clipped to +-0.5 cell; no refinement where the NCC does not peak there). Why: when
+    the true offset is near half a cell, two integer shifts score almost alike and the registered MAE
+    jumps by 0.05-0.1 m between near-identical reconstructions as the choice flips; the refined shift
+    moves continuously."""
+
+    def at(a: int, b: int) -> float:
+        return ncc(gt, shift_image(pred, a, b))
+
+    c = at(di, dj)
+
+    def vertex(lo: float, hi: float) -> float:
+        den = lo - 2.0 * c + hi
+        if not (math.isfinite(lo) and math.isfinite(hi) and math.isfinite(c)) or den >= 0:
+            return 0.0
+        return float(np.clip(0.5 * (lo - hi) / den, -0.5, 0.5))
+
+    return di + vertex(at(di - 1, dj), at(di + 1, dj)), dj + vertex(at(di, dj - 1), at(di, dj + 1))
+
+
 def register_dsm(
     pred: np.ndarray, gt: np.ndarray, *, radius: int = 5, pyramid: bool = True
 ) -> tuple[np.ndarray, dict]:
@@ -256,21 +290,37 @@ def register_dsm(
     return reg, {"shift_rows": di, "shift_cols": dj, "dz_m": dz, "ncc": ncc(gt, reg)}
 
 
+def _subcell_metrics(pred: np.ndarray, gt: np.ndarray, di: int, dj: int) -> dict[str, float]:
+    """MAE after the sub-cell refinement of the registration (``subcell_shift``), with its own
+    vertical offset: reported beside the integer-shift protocol's figure, not instead of it."""
+    fi, fj = subcell_shift(gt, pred, di, dj)
+    reg = shift_image_subcell(pred, fi, fj)
+    both = np.isfinite(reg) & np.isfinite(gt)
+    if not both.any():
+        return {}
+    d = gt[both] - reg[both]
+    return {"shift_rows_subcell": fi, "shift_cols_subcell": fj,
+            "dsm_mae_subcell_m": float(np.abs(d - d.mean()).mean())}  # fmt: skip
+
+
 def dsm_metrics(
     pred: np.ndarray, gt: np.ndarray, *, register: bool = True, radius: int = 5, pyramid: bool = True
 ) -> dict[str, float]:
     """MAE / RMSE / completeness (and the registration) of a predicted DSM against the ground truth.
 
     Completeness = cells valid in both / cells valid in the ground truth. ``pag2.5`` / ``pag7.5`` are
-    the share of common cells with |error| < 2.5 m / 7.5 m. Unregistered MAE is always reported too.
+    the share of common cells with |error| < 2.5 m / 7.5 m. Unregistered MAE is always reported too,
+    and with the registration the MAE after its sub-cell refinement (``dsm_mae_subcell_m``).
     """
     out: dict[str, float] = {}
     valid_gt = np.isfinite(gt)
     both0 = valid_gt & np.isfinite(pred)
     out["dsm_mae_unregistered_m"] = float(np.abs(pred[both0] - gt[both0]).mean()) if both0.any() else math.nan
     if register and both0.any():
+        raw = pred
         pred, info = register_dsm(pred, gt, radius=radius, pyramid=pyramid)
         out.update(info)
+        out.update(_subcell_metrics(raw, gt, int(info["shift_rows"]), int(info["shift_cols"])))
     both = valid_gt & np.isfinite(pred)
     if not both.any():
         out.update({"dsm_mae_m": math.nan, "dsm_rmse_m": math.nan, "dsm_completeness": 0.0})

@@ -29,7 +29,8 @@ from skyfall.storage.atomic import atomic_write_text
 
 SUMMARY_COLS = ("ckpt", "kind", "group", "n_views", "altitude_m", "psnr", "ssim", "lpips", "dreamsim",
                 "depth_absrel", "coverage", "clip_fid", "cmmd", "dsm_mae_m", "dsm_rmse_m", "dsm_completeness",
-                "dsm_mae_unregistered_m", "shift_rows", "shift_cols", "dz_m", "protocol")  # fmt: skip
+                "dsm_mae_unregistered_m", "dsm_mae_subcell_m", "shift_rows", "shift_cols", "shift_rows_subcell",
+                "shift_cols_subcell", "dz_m", "protocol")  # fmt: skip
 
 # ----------------------------------------------------------------------------- metric protocols
 # Two protocols score the same run differently, and both are printed: the trainers' summary
@@ -266,7 +267,7 @@ def markdown_table(doc: dict) -> str:
     """A compact Markdown table of the summary (for terminals and notes); each row names its protocol."""
     cols = ("ckpt", "kind", "group", "altitude_m", "psnr", "ssim", "lpips", "dreamsim", "depth_absrel",
             "coverage", "cmmd", "clip_fid", "dsm_mae_m", "dsm_rmse_m", "dsm_completeness",
-            "dsm_mae_unregistered_m", "protocol")  # fmt: skip
+            "dsm_mae_unregistered_m", "dsm_mae_subcell_m", "protocol")  # fmt: skip
     rows = summary_rows(doc)
     cols = tuple(c for c in cols if any(_fmt(r.get(c)) for r in rows))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -282,5 +283,6 @@ def protocol_lines(doc: dict) -> list[str]:
         f"psnr/ssim/lpips/dreamsim: {eval_image_protocol(rule)} (satellite views: their valid pixels); the "
         f"training summary's psnr_test: {trained}",
         f"dsm_mae_m: {REGISTERED}; dsm_mae_unregistered_m: the same DSM unregistered (dsm_nadir's is the "
-        f"training summary's dsm_mae_m, '{DSM_SUMMARY_PROTOCOL}')",
+        f"training summary's dsm_mae_m, '{DSM_SUMMARY_PROTOCOL}'); dsm_mae_subcell_m: the registration's "
+        "shift refined to a fraction of a cell (NCC parabola), steadier between near-identical runs",
     ]

@@ -14,7 +14,7 @@ from skyfall.errors import SkyfallError
 from skyfall.eval.truth import load_truth, score_truth
 from skyfall.prepare.dense_field import load_field
 
-KEEP = ("dsm_mae_m", "dsm_rmse_m", "dsm_completeness", "dsm_mae_unregistered_m", "dz_m", "shift_rows",
+KEEP = ("dsm_mae_m", "dsm_rmse_m", "dsm_completeness", "dsm_mae_unregistered_m", "dsm_mae_subcell_m", "dz_m", "shift_rows",
         "shift_cols", "shift_e_m", "shift_n_m", "ncc", "dsm_pag2.5", "dsm_pag7.5", "n_truth_cells",
         "resolution_m")  # fmt: skip
 
