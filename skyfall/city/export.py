@@ -715,12 +715,12 @@ class DsmMosaic:
         completeness = float(np.isfinite(h)[inside].mean()) if inside.any() else 0.0
         return CityDsm(h, self.grid, self.crs, completeness, dict(self.cells))
 
-    def write(self, out: Path, extra: dict[str, Any], stem: str = "dsm") -> CityDsm:
-        """``out/<stem>.tif``, ``.png`` and ``.json``."""
+    def write(self, out: Path, extra: dict[str, Any]) -> CityDsm:
+        """``out/dsm.tif``, ``dsm.png`` and ``dsm.json``."""
         from skyfall.dsm import write_geotiff, write_preview
 
         m = self.mosaic()
-        path = out / f"{stem}.tif"
+        path = out / "dsm.tif"
         if self.frame is None:
             crs_label = "local ENU"
             vertical = "metres, ENU z of the city's local frame"
@@ -732,9 +732,9 @@ class DsmMosaic:
             tags["SKYFALL_ENU_ORIGIN"] = json.dumps(self.frame.to_dict())
         write_geotiff(path, m.heights, m.grid, self.crs, tags=tags)
         # PIL writes in place: write a temporary PNG and rename it, as every other file here
-        tmp = out / f".{stem}.png.tmp.png"
+        tmp = out / ".dsm.png.tmp.png"
         write_preview(tmp, m.heights)
-        os.replace(tmp, out / f"{stem}.png")
+        os.replace(tmp, out / "dsm.png")
         meta = {
             "file": path.name,
             **m.grid.to_json(),
@@ -751,9 +751,9 @@ class DsmMosaic:
             "oversample": self.oversample if self.frame is not None else 1,
             "render_seconds": self.t,
         }
-        meta_path = out / f"{stem}.json"
+        meta_path = out / "dsm.json"
         atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
-        m.path, m.preview, m.meta = path, out / f"{stem}.png", meta_path
+        m.path, m.preview, m.meta = path, out / "dsm.png", meta_path
         return m
 
 

@@ -164,19 +164,21 @@ class Prepare:
             images, rpcs, extra, test = dfc_inputs(self.dfc, self.aoi_name)
             if test is not None and cfg.test_views == "auto":
                 cfg.test_views = ",".join(map(str, test)) or "none"  # the dataset's own split
-        if self.dsm_truth is not None:  # read it now, not after minutes of matching
+        truth = None
+        if self.dsm_truth is not None:  # read it now, not after minutes of matching; scored from memory
             from skyfall.eval.truth import load_truth
 
-            load_truth(self.dsm_truth)
+            truth = load_truth(self.dsm_truth.resolve())  # named as prepare.json records it
         s = prepare_tile(images, self.out, cfg, rpc_files=rpcs, overwrite=self.overwrite, extra=extra)
-        dsm = stereo_outputs(self.out, s, self.tile.dense_dsm)
+        dsm = stereo_outputs(self.out, s, self.tile.dense_dsm, truth=truth)
         print(format_summary(s, self.out, dsm))
 
 
-def stereo_outputs(tile: Path, summary: dict, resolution: float) -> dict | None:
+def stereo_outputs(tile: Path, summary: dict, resolution: float, *, truth: Any = None) -> dict | None:
     """The tile's stereo DSM (``skyfall.export.stereo``), scored against its ``truth_dsm`` when it has
-    one (``skyfall.eval.stereo``): what ``dense/dsm.json`` holds, ``{"written": False, "reason"}``
-    without rasterio / pyproj, None when there is nothing to write (no dense heights, or cell 0)."""
+    one (``skyfall.eval.stereo``; ``truth``: that DSM already read, a ``GeoRaster``): what
+    ``dense/dsm.json`` holds, ``{"written": False, "reason"}`` without rasterio / pyproj, None when
+    there is nothing to write (no dense heights, or cell 0)."""
     if resolution <= 0 or not (summary.get("dense") or {}).get("done"):
         return None
     from skyfall.errors import MissingDependencyError
@@ -184,7 +186,9 @@ def stereo_outputs(tile: Path, summary: dict, resolution: float) -> dict | None:
     from skyfall.export.stereo import write_stereo_dsm
 
     try:
-        scores = score_stereo(tile, summary["truth_dsm"]) if summary.get("truth_dsm") else None
+        if truth is None and summary.get("truth_dsm"):
+            truth = summary["truth_dsm"]
+        scores = score_stereo(tile, truth) if truth is not None else None
         return {"written": True, **write_stereo_dsm(tile, resolution=resolution, truth_scores=scores)}
     except MissingDependencyError as e:  # the tile stands without it
         return {"written": False, "reason": str(e)}
